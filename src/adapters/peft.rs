@@ -1,0 +1,251 @@
+//! Reading and writing LoRA adapters in the Hugging Face PEFT folder format
+//! (`adapter_config.json` + `adapter_model.safetensors`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::lora::{LoraAdapter, LoraPair, LoraTarget};
+use super::shapes::Module;
+use crate::error::{read_json, DndError, Result};
+
+/// The file names of a PEFT adapter folder.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file of a PEFT adapter folder.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The subset of PEFT's `LoraConfig` that decides how the weights are applied.
+#[derive(Debug, Deserialize)]
+struct PeftConfigIn {
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    rank_pattern: Option<HashMap<String, Value>>,
+    #[serde(default)]
+    alpha_pattern: Option<HashMap<String, Value>>,
+    #[serde(default)]
+    bias: Option<String>,
+}
+
+/// `adapter_config.json` as written: the fields PEFT needs to rebuild the `LoraConfig`.
+#[derive(Debug, Serialize)]
+struct PeftConfigOut<'a> {
+    peft_type: &'static str,
+    task_type: &'static str,
+    base_model_name_or_path: Option<&'a str>,
+    r: usize,
+    lora_alpha: f64,
+    lora_dropout: f64,
+    target_modules: Vec<&'static str>,
+    bias: &'static str,
+    fan_in_fan_out: bool,
+    use_rslora: bool,
+    use_dora: bool,
+    inference_mode: bool,
+    init_lora_weights: bool,
+    modules_to_save: Option<()>,
+    layers_to_transform: Option<()>,
+    rank_pattern: BTreeMap<String, usize>,
+    alpha_pattern: BTreeMap<String, f64>,
+}
+
+/// Parses a PEFT weight key such as
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` into (target, is_a).
+fn parse_key(key: &str) -> Option<(LoraTarget, bool)> {
+    let rest = key.strip_prefix("base_model.model.").unwrap_or(key);
+    let rest = rest.strip_prefix("model.")?;
+    let rest = rest.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (block, rest) = rest.split_once('.')?;
+    let (name, rest) = rest.split_once('.')?;
+    let module = Module::from_name(name)?;
+    if module.path() != format!("{block}.{name}") {
+        return None;
+    }
+    let is_a = match rest {
+        "lora_A.weight" | "lora_A.default.weight" => true,
+        "lora_B.weight" | "lora_B.default.weight" => false,
+        _ => return None,
+    };
+    Some((LoraTarget { layer, module }, is_a))
+}
+
+/// The PEFT key of one matrix.
+pub fn peft_key(target: LoraTarget, is_a: bool) -> String {
+    format!(
+        "base_model.model.model.layers.{}.{}.lora_{}.weight",
+        target.layer,
+        target.module.path(),
+        if is_a { "A" } else { "B" }
+    )
+}
+
+impl LoraAdapter {
+    /// Loads a PEFT LoRA folder onto `device` (weights converted to f32).
+    ///
+    /// Refused with a clear error: DoRA, `fan_in_fan_out`, trained biases, per-module rank or
+    /// alpha patterns, and weights for anything but the seven decoder projections.
+    pub fn load_peft(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg_path = dir.join(CONFIG_FILE);
+        let cfg: PeftConfigIn = read_json(&cfg_path)?;
+        let refuse = |what: &str| {
+            Err(DndError::Incompatible(format!(
+                "{}: {what} is not supported",
+                cfg_path.display()
+            )))
+        };
+        if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
+            return refuse(&format!("peft_type {:?}", cfg.peft_type.unwrap()));
+        }
+        if cfg.use_dora {
+            return refuse("DoRA (use_dora)");
+        }
+        if cfg.fan_in_fan_out {
+            return refuse("fan_in_fan_out");
+        }
+        if cfg.bias.as_deref().is_some_and(|b| b != "none") {
+            return refuse("a trained bias");
+        }
+        if cfg.rank_pattern.as_ref().is_some_and(|p| !p.is_empty())
+            || cfg.alpha_pattern.as_ref().is_some_and(|p| !p.is_empty())
+        {
+            return refuse("a per-module rank_pattern or alpha_pattern");
+        }
+        // rsLoRA scales by alpha / sqrt(r); fold it into an equivalent plain alpha.
+        let alpha = if cfg.use_rslora {
+            cfg.lora_alpha * (cfg.r as f64).sqrt()
+        } else {
+            cfg.lora_alpha
+        };
+
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&weights_path, device)?;
+        let mut a_map = BTreeMap::new();
+        let mut b_map = BTreeMap::new();
+        for (key, t) in tensors {
+            let Some((target, is_a)) = parse_key(&key) else {
+                return Err(DndError::Incompatible(format!(
+                    "{}: tensor {key} is not a LoRA matrix of a decoder projection",
+                    weights_path.display()
+                )));
+            };
+            let t = t.to_dtype(DType::F32)?;
+            if is_a {
+                a_map.insert(target, t);
+            } else {
+                b_map.insert(target, t);
+            }
+        }
+        let mut pairs = BTreeMap::new();
+        for (target, a) in a_map {
+            let b = b_map.remove(&target).ok_or_else(|| {
+                DndError::Incompatible(format!(
+                    "{}: {} has lora_A but no lora_B",
+                    weights_path.display(),
+                    peft_key(target, true)
+                ))
+            })?;
+            pairs.insert(target, LoraPair { a, b });
+        }
+        if let Some(target) = b_map.keys().next() {
+            return Err(DndError::Incompatible(format!(
+                "{}: {} has lora_B but no lora_A",
+                weights_path.display(),
+                peft_key(*target, false)
+            )));
+        }
+        if pairs.is_empty() {
+            return Err(DndError::Incompatible(format!(
+                "{}: no LoRA weights",
+                weights_path.display()
+            )));
+        }
+        LoraAdapter::new(cfg.r, alpha, pairs)
+    }
+
+    /// Writes the adapter as a PEFT folder (created if needed), weights in f32.
+    ///
+    /// `base_model` is recorded as `base_model_name_or_path`.
+    pub fn save_peft(&self, dir: impl AsRef<Path>, base_model: Option<&str>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| DndError::io(dir, e))?;
+        let cfg = PeftConfigOut {
+            peft_type: "LORA",
+            task_type: "CAUSAL_LM",
+            base_model_name_or_path: base_model,
+            r: self.rank(),
+            lora_alpha: self.alpha(),
+            lora_dropout: 0.0,
+            target_modules: self.target_modules().iter().map(|m| m.name()).collect(),
+            bias: "none",
+            fan_in_fan_out: false,
+            use_rslora: false,
+            use_dora: false,
+            inference_mode: true,
+            init_lora_weights: true,
+            modules_to_save: None,
+            layers_to_transform: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        };
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&cfg).expect("config serialises");
+        std::fs::write(&cfg_path, text).map_err(|e| DndError::io(&cfg_path, e))?;
+
+        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(self.pairs().len() * 2);
+        for (t, p) in self.pairs() {
+            tensors.push((peft_key(*t, true), p.a.to_dtype(DType::F32)?.contiguous()?));
+            tensors.push((peft_key(*t, false), p.b.to_dtype(DType::F32)?.contiguous()?));
+        }
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(metadata),
+            &weights_path,
+        )
+        .map_err(|e| DndError::Incompatible(format!("{}: {e}", weights_path.display())))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_both_ways() {
+        let t = LoraTarget {
+            layer: 12,
+            module: Module::Down,
+        };
+        let k = peft_key(t, false);
+        assert_eq!(k, "base_model.model.model.layers.12.mlp.down_proj.lora_B.weight");
+        assert_eq!(parse_key(&k), Some((t, false)));
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
+            Some((
+                LoraTarget {
+                    layer: 0,
+                    module: Module::Q
+                },
+                true
+            ))
+        );
+        // A module under the wrong block, or something that is no projection, is rejected.
+        assert_eq!(parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"), None);
+        assert_eq!(parse_key("base_model.model.lm_head.lora_A.weight"), None);
+    }
+}

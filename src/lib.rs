@@ -1,0 +1,13 @@
+//! Drag-and-Drop LLMs (DnD) for mistral.rs: a hypernetwork that turns a handful of unlabeled
+//! prompts of a task into LoRA weights in one forward pass.
+//!
+//! - [`encoder`]: the frozen Sentence-BERT that turns prompts into the condition tensor.
+//! - [`generator`]: the hyper-convolutional decoder, its checkpoint format and the
+//!   [`Generator`](generator::Generator) API (`load`, then `generate(&prompts)`).
+//! - [`adapters`]: the LoRA adapter type, PEFT I/O and the parameter tokens.
+//! - [`convert`]: importing the authors' released PyTorch checkpoints.
+
+pub mod adapters;
+pub mod error;
+
+pub use error::{DndError, Result};

@@ -1,0 +1,69 @@
+//! Helpers shared by the integration tests: golden fixtures and tolerance checks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures/golden/<name>`.
+pub fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(name)
+}
+
+/// A golden safetensors file: its tensors (f32, CPU) and its `json` metadata entry.
+pub struct Golden {
+    pub tensors: HashMap<String, Tensor>,
+    pub meta: serde_json::Value,
+}
+
+impl Golden {
+    pub fn load(name: &str) -> Golden {
+        let path = golden_path(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let json = md
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("json"))
+            .expect("fixture has a json metadata entry");
+        let meta = serde_json::from_str(json).unwrap();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+        Golden { tensors, meta }
+    }
+
+    pub fn get(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture lacks {key}"))
+    }
+
+    /// The tensors under `prefix.` with the prefix removed.
+    pub fn with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
+        let p = format!("{prefix}.");
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v.clone())))
+            .collect()
+    }
+}
+
+/// Max |actual - expected| relative to max |expected|.
+pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
+    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
+    let a = actual.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let e = expected.to_dtype(DType::F32).unwrap();
+    let diff = (a - &e).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
+}
+
+/// The tolerance the golden README states for a float32 port.
+pub const GOLDEN_TOL: f32 = 1e-4;
+
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
+    let e = rel_err(actual, expected);
+    assert!(e <= tol, "{what}: relative max error {e:e} > {tol:e}");
+}
