@@ -11,3 +11,8 @@ pub mod adapters;
 pub mod error;
 
 pub use error::{DndError, Result};
+pub mod encoder;
+pub mod generator;
+
+pub use adapters::LoraAdapter;
+pub use generator::{Generator, LoadOptions};

@@ -67,3 +67,18 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
     let e = rel_err(actual, expected);
     assert!(e <= tol, "{what}: relative max error {e:e} > {tol:e}");
 }
+
+/// The all-MiniLM-L6-v2 folder installed by `scripts/fetch-assets.sh` (or `$DND_ENCODER_DIR`).
+pub fn encoder_dir() -> PathBuf {
+    let dir = std::env::var_os("DND_ENCODER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".assets/all-MiniLM-L6-v2")
+        });
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} has no encoder: run scripts/fetch-assets.sh first",
+        dir.display()
+    );
+    dir
+}

@@ -1,0 +1,290 @@
+//! The DnD generator: prompts to a LoRA adapter in one forward pass.
+//!
+//! `prompts -> TextEncoder -> condition (1, N, L, C) -> [ConditionProjection] ->
+//! HyperConvDecoder -> tokens (1, T, r+2, c+2) -> TokenLayout::detokenize -> LoraAdapter`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod hyperconv;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Module as _, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::adapters::{BaseModelShape, LoraAdapter, TokenLayout};
+use crate::encoder::TextEncoder;
+use crate::error::{DndError, Result};
+pub use config::{EncoderInfo, GeneratorConfig};
+pub use hyperconv::{ConditionProjection, Features, HyperConvDecoder};
+
+/// The decoder half of a generator (no text encoder): condition to tokens.
+///
+/// Training and the benchmarks use it directly; [`Generator`] wraps it with an encoder.
+pub struct ConditionDecoder {
+    config: GeneratorConfig,
+    layout: TokenLayout,
+    projection: Option<ConditionProjection>,
+    decoder: HyperConvDecoder,
+}
+
+impl ConditionDecoder {
+    /// Builds the modules from a builder rooted at the checkpoint's top level
+    /// (`decoder.module_list...`, `down_proj`, `gate_proj`).
+    pub fn new(config: GeneratorConfig, vb: VarBuilder) -> Result<Self> {
+        let layout = config.validate()?;
+        let projection = match config.modified_length {
+            Some(m) => Some(ConditionProjection::new(config.max_length, m, vb.clone())?),
+            None => None,
+        };
+        let decoder = HyperConvDecoder::new(&config.stages, config.kernel_size, vb.pp("decoder"))?;
+        Ok(Self {
+            config,
+            layout,
+            projection,
+            decoder,
+        })
+    }
+
+    /// A decoder with freshly initialised weights (PyTorch's default initialisation), returned
+    /// with the `VarMap` that owns them.
+    pub fn random(config: GeneratorConfig, device: &Device, dtype: DType) -> Result<(Self, VarMap)> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, dtype, device);
+        let dec = Self::new(config, vb)?;
+        Ok((dec, map))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GeneratorConfig {
+        &self.config
+    }
+
+    /// The token layout of the generated adapters.
+    pub fn layout(&self) -> &TokenLayout {
+        &self.layout
+    }
+
+    /// The hyper-convolutional decoder.
+    pub fn decoder(&self) -> &HyperConvDecoder {
+        &self.decoder
+    }
+
+    /// `(B, N, L, C)` condition to `(B, T, r+2, c+2)` tokens.
+    pub fn forward(&self, condition: &Tensor) -> Result<Tensor> {
+        let x = match &self.projection {
+            Some(p) => p.forward(condition)?,
+            None => condition.clone(),
+        };
+        Ok(self.decoder.forward(&x)?)
+    }
+}
+
+/// Where and in which precision a generator runs.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Device for the encoder, the decoder and the generated adapters.
+    pub device: Device,
+    /// Compute dtype: f32 (reference numerics) or bf16 (half the memory).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Wall-clock split of one generation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Tokenization and BERT.
+    pub encode: Duration,
+    /// Projection and hyper-convolutional decoder.
+    pub decode: Duration,
+    /// Tokens back to LoRA matrices.
+    pub detokenize: Duration,
+}
+
+/// A loaded generator: `generate(&prompts)` returns a LoRA adapter for the base model it was
+/// trained for.
+pub struct Generator {
+    encoder: TextEncoder,
+    decoder: ConditionDecoder,
+    device: Device,
+}
+
+impl Generator {
+    /// Loads a checkpoint and a Sentence-BERT folder.
+    pub fn load(
+        checkpoint: impl AsRef<Path>,
+        encoder_dir: impl AsRef<Path>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let (config, vb) = checkpoint::open(checkpoint, &opts.device, opts.dtype)?;
+        let decoder = ConditionDecoder::new(config, vb)?;
+        let encoder = TextEncoder::load(encoder_dir, &opts.device, opts.dtype)?;
+        Self::from_parts(encoder, decoder)
+    }
+
+    /// Joins an encoder and a decoder, checking that their widths agree.
+    pub fn from_parts(encoder: TextEncoder, decoder: ConditionDecoder) -> Result<Self> {
+        let want = decoder.config().encoder.hidden;
+        if encoder.hidden() != want {
+            return Err(DndError::Incompatible(format!(
+                "the generator expects {want}-wide conditions ({}), the encoder at {} gives {}",
+                decoder.config().encoder.name,
+                encoder.dir().display(),
+                encoder.hidden()
+            )));
+        }
+        let device = decoder.decoder().stages()[0].conv_weight_device();
+        Ok(Self {
+            encoder,
+            decoder,
+            device,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GeneratorConfig {
+        self.decoder.config()
+    }
+
+    /// The token layout (base model shape and LoRA spec) of generated adapters.
+    pub fn layout(&self) -> &TokenLayout {
+        self.decoder.layout()
+    }
+
+    /// The text encoder.
+    pub fn encoder(&self) -> &TextEncoder {
+        &self.encoder
+    }
+
+    /// The decoder half.
+    pub fn condition_decoder(&self) -> &ConditionDecoder {
+        &self.decoder
+    }
+
+    /// Fails unless this generator makes adapters for a base model of this shape.
+    pub fn check_base_model(&self, shape: &BaseModelShape) -> Result<()> {
+        let own = &self.config().base_model;
+        if own.same_widths(shape) {
+            return Ok(());
+        }
+        Err(DndError::Incompatible(format!(
+            "this generator was trained for {} ({} layers, hidden {}, intermediate {}, q {}, kv {}); \
+             the base model has {} layers, hidden {}, intermediate {}, q {}, kv {}",
+            self.config().base_model_name.as_deref().unwrap_or(&own.model_type),
+            own.num_layers,
+            own.hidden,
+            own.intermediate,
+            own.q_dim,
+            own.kv_dim,
+            shape.num_layers,
+            shape.hidden,
+            shape.intermediate,
+            shape.q_dim,
+            shape.kv_dim
+        )))
+    }
+
+    /// The condition `(1, N, L, C)` for a prompt set (see [`fill_prompts`] for the rule).
+    pub fn condition(&self, prompts: &[impl AsRef<str>]) -> Result<Tensor> {
+        let cfg = self.config();
+        let filled = fill_prompts(prompts, cfg.num_prompts)?;
+        let refs: Vec<&str> = filled.iter().map(String::as_str).collect();
+        Ok(self.encoder.encode(&refs, cfg.max_length)?.unsqueeze(0)?)
+    }
+
+    /// Generates an adapter for the task the prompts show.
+    pub fn generate(&self, prompts: &[impl AsRef<str>]) -> Result<LoraAdapter> {
+        Ok(self.generate_timed(prompts)?.0)
+    }
+
+    /// As [`Self::generate`], with the time spent in each step.
+    pub fn generate_timed(&self, prompts: &[impl AsRef<str>]) -> Result<(LoraAdapter, Timings)> {
+        let t0 = Instant::now();
+        let cond = self.condition(prompts)?;
+        sync(&self.device)?;
+        let t1 = Instant::now();
+        let tokens = self.decoder.forward(&cond)?.squeeze(0)?;
+        sync(&self.device)?;
+        let t2 = Instant::now();
+        let adapter = self.layout().detokenize(&tokens, &self.device)?;
+        let t3 = Instant::now();
+        Ok((
+            adapter,
+            Timings {
+                encode: t1 - t0,
+                decode: t2 - t1,
+                detokenize: t3 - t2,
+            },
+        ))
+    }
+}
+
+fn sync(device: &Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+/// Expands a caller's prompt set to exactly `n` condition prompts.
+///
+/// The reference always feeds exactly `n` prompts of one task. Here fewer are accepted and
+/// repeated in order (`p0, p1, .., pk-1, p0, p1, ..`) until there are `n`: every prompt weighs
+/// the same (up to one extra copy) and the result is deterministic. An empty list, a blank prompt,
+/// or more than `n` prompts is an error.
+pub fn fill_prompts(prompts: &[impl AsRef<str>], n: usize) -> Result<Vec<String>> {
+    if prompts.is_empty() {
+        return Err(DndError::InvalidInput(
+            "no prompts: a generator needs at least one example prompt of the task".into(),
+        ));
+    }
+    if prompts.len() > n {
+        return Err(DndError::InvalidInput(format!(
+            "{} prompts given; this generator takes at most {n}",
+            prompts.len()
+        )));
+    }
+    if let Some(i) = prompts.iter().position(|p| p.as_ref().trim().is_empty()) {
+        return Err(DndError::InvalidInput(format!(
+            "prompt {i} is empty or only whitespace"
+        )));
+    }
+    Ok(prompts
+        .iter()
+        .cycle()
+        .take(n)
+        .map(|p| p.as_ref().to_string())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_prompts;
+
+    #[test]
+    fn prompts_are_cycled_to_n() {
+        let got = fill_prompts(&["a", "b"], 5).unwrap();
+        assert_eq!(got, ["a", "b", "a", "b", "a"]);
+        assert_eq!(fill_prompts(&["x"; 3], 3).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn bad_prompt_sets_are_refused() {
+        let none: [&str; 0] = [];
+        assert!(fill_prompts(&none, 4).unwrap_err().to_string().contains("no prompts"));
+        assert!(fill_prompts(&["a", "  \n"], 4)
+            .unwrap_err()
+            .to_string()
+            .contains("prompt 1"));
+        assert!(fill_prompts(&["a"; 5], 4)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 4"));
+    }
+}

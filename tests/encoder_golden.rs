@@ -1,0 +1,69 @@
+//! The MiniLM condition encoder against the reference (needs `scripts/fetch-assets.sh`).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, encoder_dir, Golden, GOLDEN_TOL};
+use mistralrs_dnd::encoder::TextEncoder;
+
+fn prompts(g: &Golden) -> Vec<String> {
+    serde_json::from_value(g.meta["prompts"].clone()).unwrap()
+}
+
+fn check(name: &str) {
+    let g = Golden::load(name);
+    let len = g.meta["max_length"].as_u64().unwrap() as usize;
+    let enc = TextEncoder::load(encoder_dir(), &Device::Cpu, DType::F32).unwrap();
+    let p = prompts(&g);
+    let refs: Vec<&str> = p.iter().map(String::as_str).collect();
+
+    // Token ids and masks are exact.
+    let (ids, mask) = enc.tokenize(&refs, len).unwrap();
+    let want_ids: Vec<u32> = g.get("input_ids").flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        .into_iter().map(|v| v as u32).collect();
+    let want_mask: Vec<u32> = g.get("attention_mask").flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        .into_iter().map(|v| v as u32).collect();
+    assert_eq!(ids, want_ids, "token ids");
+    assert_eq!(mask, want_mask, "attention mask");
+
+    let cond = enc.encode(&refs, len).unwrap().unsqueeze(0).unwrap();
+    assert_close(name, &cond, g.get("condition"), GOLDEN_TOL);
+}
+
+#[test]
+fn minilm_l48_matches_reference() {
+    check("encoder_minilm_L48.safetensors");
+}
+
+#[test]
+fn minilm_l1024_is_chunked_like_the_reference() {
+    check("encoder_minilm_L1024.safetensors");
+}
+
+#[test]
+fn long_prompts_are_truncated_to_l() {
+    let enc = TextEncoder::load(encoder_dir(), &Device::Cpu, DType::F32).unwrap();
+    let long = "word ".repeat(400);
+    let (ids, mask) = enc.tokenize(&[long.as_str()], 16).unwrap();
+    assert_eq!(ids.len(), 16);
+    assert!(mask.iter().all(|&m| m == 1));
+    assert_eq!(ids[15], 102, "truncation keeps the closing [SEP]");
+}
+
+#[test]
+fn lengths_above_512_must_be_multiples() {
+    let enc = TextEncoder::load(encoder_dir(), &Device::Cpu, DType::F32).unwrap();
+    let err = enc.encode(&["hello"], 600).unwrap_err();
+    assert!(err.to_string().contains("multiple"), "{err}");
+}
+
+#[test]
+fn bf16_conditions_follow_f32() {
+    let g = Golden::load("encoder_minilm_L48.safetensors");
+    let enc = TextEncoder::load(encoder_dir(), &Device::Cpu, DType::BF16).unwrap();
+    let p = prompts(&g);
+    let refs: Vec<&str> = p.iter().map(String::as_str).collect();
+    let cond: Tensor = enc.encode(&refs, 48).unwrap();
+    assert_eq!(cond.dtype(), DType::BF16);
+    assert_close("bf16", &cond.unsqueeze(0).unwrap(), g.get("condition"), 1e-2);
+}
