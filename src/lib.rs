@@ -8,6 +8,7 @@
 //! - [`convert`]: importing the authors' released PyTorch checkpoints.
 
 pub mod adapters;
+pub mod convert;
 pub mod error;
 
 pub use error::{DndError, Result};
