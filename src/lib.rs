@@ -14,6 +14,7 @@ pub mod error;
 pub use error::{DndError, Result};
 pub mod encoder;
 pub mod generator;
+pub mod prompts;
 
 pub use adapters::LoraAdapter;
 pub use generator::{Generator, LoadOptions};

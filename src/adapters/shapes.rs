@@ -149,6 +149,59 @@ impl BaseModelShape {
         })
     }
 
+    /// Reads the shape from a GGUF file's metadata (`llama`, `qwen2` and other architectures
+    /// that use the standard `{arch}.block_count`, `{arch}.attention.*` keys).
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        use candle_core::quantized::gguf_file;
+        let path = path.as_ref();
+        let mut f = std::fs::File::open(path).map_err(|e| DndError::io(path, e))?;
+        let content = gguf_file::Content::read(&mut f)
+            .map_err(|e| DndError::Incompatible(format!("{}: {e}", path.display())))?;
+        let md = &content.metadata;
+        let missing = |k: &str| DndError::Incompatible(format!("{}: no `{k}` in the GGUF metadata", path.display()));
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| missing("general.architecture"))?
+            .clone();
+        let int = |k: &str| -> Result<Option<usize>> {
+            let key = format!("{arch}.{k}");
+            Ok(match md.get(&key) {
+                None => None,
+                Some(v) => Some(
+                    v.to_u32()
+                        .map(|x| x as usize)
+                        .or_else(|_| v.to_u64().map(|x| x as usize))
+                        .or_else(|_| v.to_i32().map(|x| x as usize))
+                        .map_err(|e| DndError::Incompatible(format!("{key}: {e}")))?,
+                ),
+            })
+        };
+        let need = |k: &str| int(k)?.ok_or_else(|| missing(&format!("{arch}.{k}")));
+        let hidden = need("embedding_length")?;
+        let heads = need("attention.head_count")?;
+        let kv_heads = int("attention.head_count_kv")?.unwrap_or(heads);
+        let head_dim = int("attention.key_length")?.unwrap_or(hidden / heads.max(1));
+        Ok(Self {
+            model_type: arch.clone(),
+            num_layers: need("block_count")?,
+            hidden,
+            intermediate: need("feed_forward_length")?,
+            q_dim: heads * head_dim,
+            kv_dim: kv_heads * head_dim,
+        })
+    }
+
+    /// The shape of a base model given as a model folder, a `config.json` or a `.gguf` file.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            Self::from_gguf(path)
+        } else {
+            Self::from_config_file(path)
+        }
+    }
+
     /// (input width, output width) of a module, as in `nn.Linear(in, out)`.
     pub fn in_out(&self, module: Module) -> (usize, usize) {
         match module {

@@ -1,1 +1,346 @@
-fn main(){}
+//! `dnd`: make, convert, inspect and run DnD generators from the command line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mistralrs_dnd::adapters::{BaseModelShape, LoraSpec, Module};
+use mistralrs_dnd::convert::{convert_pth, ConvertOptions};
+use mistralrs_dnd::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
+use mistralrs_dnd::prompts::{read_prompts, sample_prompts};
+use mistralrs_dnd::{Generator, LoadOptions};
+
+#[derive(Parser)]
+#[command(name = "dnd", version, about = "Drag-and-Drop LLMs: prompts to LoRA adapters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl From<Dtype> for DType {
+    fn from(d: Dtype) -> DType {
+        match d {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct LoraArgs {
+    /// Base model: a model folder, its config.json, or a .gguf file.
+    #[arg(long)]
+    base_model: PathBuf,
+    /// Name recorded in the checkpoint (defaults to the base model's file or folder name).
+    #[arg(long)]
+    base_model_name: Option<String>,
+    /// LoRA rank of the adapters.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha of the adapters.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Chunk width of the parameter tokens.
+    #[arg(long)]
+    chunk_width: usize,
+    /// Adapted modules, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,up_proj,gate_proj,down_proj")]
+    modules: Vec<String>,
+}
+
+impl LoraArgs {
+    fn resolve(&self) -> Result<(BaseModelShape, String, LoraSpec)> {
+        let shape = BaseModelShape::from_path(&self.base_model)?;
+        let name = self.base_model_name.clone().unwrap_or_else(|| {
+            let p = if self.base_model.ends_with("config.json") {
+                self.base_model.parent().unwrap_or(&self.base_model)
+            } else {
+                &self.base_model
+            };
+            p.file_stem().map_or("base".into(), |s| s.to_string_lossy().into_owned())
+        });
+        let target_modules = self
+            .modules
+            .iter()
+            .map(|m| Module::from_name(m.trim()).with_context(|| format!("unknown module {m:?}")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
+            shape,
+            name,
+            LoraSpec {
+                rank: self.rank,
+                alpha: self.alpha,
+                chunk_width: self.chunk_width,
+                target_modules,
+            },
+        ))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a generator with random weights (for timing, tests, or as training's start).
+    Init {
+        /// A named configuration (see --help for the list): smollm2-135m-small,
+        /// qwen25-05b-common-sense.
+        #[arg(long, conflicts_with_all = ["base_model", "stages"])]
+        preset: Option<String>,
+        #[command(flatten)]
+        lora: Option<LoraArgs>,
+        /// Prompts per condition N.
+        #[arg(long, default_value_t = 16)]
+        num_prompts: usize,
+        /// Encoder tokens per prompt L.
+        #[arg(long, default_value_t = 64)]
+        max_length: usize,
+        /// Hidden stages between condition and tokens, e.g. "64x32x256,256x16x200".
+        #[arg(long)]
+        stages: Option<String>,
+        /// Odd convolution kernel size.
+        #[arg(long, default_value_t = 3)]
+        kernel: usize,
+        /// Seed of the initial weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output checkpoint (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Convert an authors' released .pth generator into this project's checkpoint format.
+    Convert {
+        /// The PyTorch state dict.
+        #[arg(long)]
+        pth: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Name of the condition encoder the generator was trained with.
+        #[arg(long, default_value = "all-MiniLM-L12-v2")]
+        encoder_name: String,
+        /// Output checkpoint (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a named configuration as JSON.
+    Preset {
+        /// smollm2-135m-small or qwen25-05b-common-sense.
+        name: String,
+    },
+    /// Print a checkpoint's configuration.
+    Inspect {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+    },
+    /// Generate a LoRA adapter (PEFT folder) from prompts.
+    Generate {
+        /// The generator checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The Sentence-BERT folder (scripts/fetch-assets.sh installs all-MiniLM-L6-v2).
+        #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
+        encoder: PathBuf,
+        /// Prompt file: a task file, a JSON list of strings, or one prompt per line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Use this many prompts of the file, sampled with --seed (default: the generator's N).
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Seed of the prompt sample.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Refuse unless the generator fits this base model (folder, config.json or .gguf).
+        #[arg(long)]
+        base_model: Option<PathBuf>,
+        /// Compute dtype.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Run on CUDA device N (needs the `cuda` feature).
+        #[arg(long)]
+        cuda: Option<usize>,
+        /// Output PEFT folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_stages(s: &str) -> Result<Vec<[usize; 3]>> {
+    s.split(',')
+        .map(|st| {
+            let v: Vec<usize> = st
+                .trim()
+                .split('x')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .with_context(|| format!("stage {st:?} is not NxHxW"))?;
+            <[usize; 3]>::try_from(v).map_err(|_| anyhow::anyhow!("stage {st:?} is not NxHxW"))
+        })
+        .collect()
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap());
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Init {
+            preset,
+            lora,
+            num_prompts,
+            max_length,
+            stages,
+            kernel,
+            seed,
+            out,
+        } => {
+            let mut cfg: GeneratorConfig = match (preset, lora) {
+                (Some(p), _) => presets::by_name(&p).with_context(|| {
+                    format!("unknown preset {p:?}; known: {}", presets::NAMES.join(", "))
+                })??,
+                (None, Some(lora)) => {
+                    let (shape, name, spec) = lora.resolve()?;
+                    let hidden = match stages {
+                        Some(s) => parse_stages(&s)?,
+                        None => vec![],
+                    };
+                    let mut cfg = GeneratorConfig::new(
+                        shape,
+                        spec,
+                        presets::minilm(),
+                        num_prompts,
+                        max_length,
+                        None,
+                        &hidden,
+                        kernel,
+                    )?;
+                    cfg.base_model_name = Some(name);
+                    cfg
+                }
+                (None, None) => bail!("give --preset, or --base-model with --chunk-width"),
+            };
+            cfg.note = Some(format!("RANDOM WEIGHTS (seed {seed}): untrained, adapters are noise"));
+            let pb = spinner("initialising weights");
+            let (dec, tensors) = ConditionDecoder::random(cfg.clone(), seed, &Device::Cpu, DType::F32)?;
+            checkpoint::save(&out, &cfg, &tensors)?;
+            pb.finish_and_clear();
+            eprintln!(
+                "wrote {} ({:.1} M parameters, {} tokens of {:?} per adapter)",
+                out.display(),
+                dec.decoder().num_params() as f64 / 1e6,
+                dec.layout().num_tokens(),
+                dec.layout().token_shape()
+            );
+        }
+        Command::Convert {
+            pth,
+            lora,
+            encoder_name,
+            out,
+        } => {
+            let (shape, name, spec) = lora.resolve()?;
+            let pb = spinner("converting");
+            let conv = convert_pth(
+                &pth,
+                &out,
+                &ConvertOptions {
+                    base_model: shape,
+                    base_model_name: Some(name),
+                    lora: spec,
+                    encoder_name,
+                },
+            )?;
+            pb.finish_and_clear();
+            if !conv.dropped.is_empty() {
+                eprintln!("not carried over ({}): {}", conv.dropped.len(), conv.dropped.join(", "));
+            }
+            eprintln!("wrote {}", out.display());
+            println!("{}", serde_json::to_string_pretty(&conv.config)?);
+        }
+        Command::Preset { name } => {
+            let cfg = presets::by_name(&name).with_context(|| {
+                format!("unknown preset {name:?}; known: {}", presets::NAMES.join(", "))
+            })??;
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+        }
+        Command::Inspect { checkpoint: path } => {
+            let cfg = checkpoint::read_config(&path)?;
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+        }
+        Command::Generate {
+            checkpoint: ckpt,
+            encoder,
+            prompts,
+            sample,
+            seed,
+            base_model,
+            dtype,
+            cuda,
+            out,
+        } => {
+            let device = match cuda {
+                Some(i) => Device::new_cuda(i).context("CUDA device (build with --features cuda)")?,
+                None => Device::Cpu,
+            };
+            let t0 = Instant::now();
+            let pb = spinner("loading generator");
+            let gen = Generator::load(
+                &ckpt,
+                &encoder,
+                &LoadOptions {
+                    device,
+                    dtype: dtype.into(),
+                },
+            )?;
+            pb.finish_and_clear();
+            if let Some(note) = &gen.config().note {
+                if note.contains("RANDOM") {
+                    eprintln!("WARNING: {note}");
+                }
+            }
+            if let Some(bm) = base_model {
+                gen.check_base_model(&BaseModelShape::from_path(&bm)?)?;
+            }
+            let all = read_prompts(&prompts)?;
+            let n = sample.unwrap_or(gen.config().num_prompts);
+            let chosen = sample_prompts(&all, n, seed);
+            eprintln!(
+                "loaded in {:.2}s; {} of {} prompts",
+                t0.elapsed().as_secs_f64(),
+                chosen.len(),
+                all.len()
+            );
+            let pb = spinner("generating");
+            let (adapter, t) = gen.generate_timed(&chosen)?;
+            pb.finish_and_clear();
+            adapter.check_finite()?;
+            adapter.save_peft(&out, gen.config().base_model_name.as_deref())?;
+            eprintln!(
+                "wrote {} (rank {}, {} pairs, {:.1} MB): encode {:.3}s, decode {:.3}s, detokenize {:.3}s",
+                out.display(),
+                adapter.rank(),
+                adapter.pairs().len(),
+                adapter.size_in_bytes() as f64 / 1e6,
+                t.encode.as_secs_f64(),
+                t.decode.as_secs_f64(),
+                t.detokenize.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}

@@ -144,6 +144,24 @@ impl HyperConvStage {
         self.output
     }
 
+    /// Number of weights.
+    pub fn num_params(&self) -> usize {
+        [
+            &self.norm_weight,
+            &self.norm_bias,
+            &self.conv1w,
+            &self.conv1h,
+            &self.conv2h,
+            &self.conv2w,
+            &self.bias,
+            &self.conv_l_weight,
+            &self.conv_l_bias,
+        ]
+        .iter()
+        .map(|t| t.elem_count())
+        .sum()
+    }
+
     /// Multiply-adds of one forward pass for a batch of one.
     pub fn macs(&self, k: usize) -> u64 {
         let [ni, hi, wi] = self.input;
@@ -197,6 +215,11 @@ impl HyperConvDecoder {
     /// Multiply-adds of one forward pass for a batch of one.
     pub fn macs(&self) -> u64 {
         self.stages.iter().map(|s| s.macs(self.kernel_size)).sum()
+    }
+
+    /// Number of weights.
+    pub fn num_params(&self) -> usize {
+        self.stages.iter().map(HyperConvStage::num_params).sum()
     }
 }
 

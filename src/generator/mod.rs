@@ -6,12 +6,15 @@
 pub mod checkpoint;
 pub mod config;
 pub mod hyperconv;
+pub mod init;
+pub mod presets;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module as _, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 
 use crate::adapters::{BaseModelShape, LoraAdapter, TokenLayout};
 use crate::encoder::TextEncoder;
@@ -47,13 +50,17 @@ impl ConditionDecoder {
         })
     }
 
-    /// A decoder with freshly initialised weights (PyTorch's default initialisation), returned
-    /// with the `VarMap` that owns them.
-    pub fn random(config: GeneratorConfig, device: &Device, dtype: DType) -> Result<(Self, VarMap)> {
-        let map = VarMap::new();
-        let vb = VarBuilder::from_varmap(&map, dtype, device);
+    /// A decoder with freshly initialised weights (PyTorch's default initialisation, seeded),
+    /// returned with its tensors by checkpoint name.
+    pub fn random(
+        config: GeneratorConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, HashMap<String, Tensor>)> {
+        let (vb, init) = init::SeededInit::builder(seed, dtype, device);
         let dec = Self::new(config, vb)?;
-        Ok((dec, map))
+        Ok((dec, init.take()))
     }
 
     /// The configuration.
