@@ -49,9 +49,11 @@ fn run_one(name: &str) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if cfg.num_prompts >= 128 { 1 } else { 3 });
     let dev = Device::Cpu;
-    let enc_dir = std::env::var("DND_ENCODER_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.assets/all-MiniLM-L6-v2").into());
-    let encoder = TextEncoder::load(&enc_dir, &dev, DType::F32).expect("encoder (run scripts/fetch-assets.sh)");
+    let enc_dir = std::env::var("DND_ENCODER_DIR").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.assets/all-MiniLM-L6-v2").into()
+    });
+    let encoder = TextEncoder::load(&enc_dir, &dev, DType::F32)
+        .expect("encoder (run scripts/fetch-assets.sh)");
     let (dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
     let p = prompts(cfg.num_prompts);
     let refs: Vec<&str> = p.iter().map(String::as_str).collect();
@@ -61,7 +63,11 @@ fn run_one(name: &str) {
     let runs = if reps > 1 { reps + 1 } else { reps };
     for i in 0..runs {
         let t0 = Instant::now();
-        let cond = encoder.encode(&refs, cfg.max_length).unwrap().unsqueeze(0).unwrap();
+        let cond = encoder
+            .encode(&refs, cfg.max_length)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let t1 = Instant::now();
         let tokens = dec.forward(&cond).unwrap().squeeze(0).unwrap();
         let t2 = Instant::now();
@@ -121,13 +127,19 @@ fn main() {
         for (name, row) in rows {
             let f: Vec<&str> = row.split('|').collect();
             let out = Command::new(&python)
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pytorch_baseline.py"))
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/benches/pytorch_baseline.py"
+                ))
                 .args(["--config", &name, "--threads", &threads.to_string()])
                 .output()
                 .expect("baseline python runs");
             let text = String::from_utf8_lossy(&out.stdout);
             let Some(b) = text.lines().find_map(|l| l.strip_prefix("ROW|")) else {
-                eprintln!("baseline {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "baseline {name} failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 continue;
             };
             let b: Vec<f64> = b.split('|').map(|v| v.parse().unwrap()).collect();

@@ -44,7 +44,10 @@ pub fn read_prompts(path: impl AsRef<Path>) -> Result<Vec<String>> {
             .collect()
     };
     if prompts.is_empty() {
-        return Err(DndError::InvalidInput(format!("{}: no prompts", path.display())));
+        return Err(DndError::InvalidInput(format!(
+            "{}: no prompts",
+            path.display()
+        )));
     }
     Ok(prompts)
 }
@@ -70,7 +73,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dnd-prompts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let task = dir.join("task.json");
-        std::fs::write(&task, r#"[{"prompt":"q1\nA: x","response":"[A]"},{"prompt":"q2"}]"#).unwrap();
+        std::fs::write(
+            &task,
+            r#"[{"prompt":"q1\nA: x","response":"[A]"},{"prompt":"q2"}]"#,
+        )
+        .unwrap();
         assert_eq!(read_prompts(&task).unwrap(), ["q1\nA: x", "q2"]);
         let list = dir.join("list.json");
         std::fs::write(&list, r#"["a","b"]"#).unwrap();
@@ -80,7 +87,10 @@ mod tests {
         assert_eq!(read_prompts(&txt).unwrap(), ["one", "two"]);
         let bad = dir.join("bad.json");
         std::fs::write(&bad, r#"[{"question":"x"}]"#).unwrap();
-        assert!(read_prompts(&bad).unwrap_err().to_string().contains("item 0"));
+        assert!(read_prompts(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("item 0"));
     }
 
     #[test]

@@ -61,7 +61,12 @@ fn assert_adapter_matches(layout: &TokenLayout, got: &LoraAdapter, g: &Golden, p
     for layer in 0..2 {
         for m in Module::ALL {
             let p = got.get(layer, m).unwrap();
-            let key = |ab: &str| format!("{prefix}.model.layers.{layer}.{}.lora_{ab}.weight", m.path());
+            let key = |ab: &str| {
+                format!(
+                    "{prefix}.model.layers.{layer}.{}.lora_{ab}.weight",
+                    m.path()
+                )
+            };
             assert_close(&key("A"), &p.a, g.get(&key("A")), GOLDEN_TOL);
             assert_close(&key("B"), &p.b, g.get(&key("B")), GOLDEN_TOL);
         }
@@ -77,7 +82,9 @@ fn detokenize_matches_reference_roundtrip_and_noisy() {
     let rt = layout.detokenize(g.get("tokens"), &Device::Cpu).unwrap();
     assert_adapter_matches(&layout, &rt, &g, "roundtrip");
     // A generator's output is never an exact token: the noisy decode pins the averaging rule.
-    let noisy = layout.detokenize(g.get("noisy_tokens"), &Device::Cpu).unwrap();
+    let noisy = layout
+        .detokenize(g.get("noisy_tokens"), &Device::Cpu)
+        .unwrap();
     assert_adapter_matches(&layout, &noisy, &g, "from_noisy");
 }
 
@@ -112,6 +119,8 @@ fn peft_adapter_round_trips_through_tokens_and_disk() {
 #[test]
 fn tokenize_refuses_a_mismatched_adapter() {
     let adapter = LoraAdapter::load_peft(golden_path("tiny-qwen2/adapter1"), &Device::Cpu).unwrap();
-    let err = qwen_two_layers().tokenize(&adapter, &Device::Cpu).unwrap_err();
+    let err = qwen_two_layers()
+        .tokenize(&adapter, &Device::Cpu)
+        .unwrap_err();
     assert!(err.to_string().contains("rank"), "{err}");
 }

@@ -44,7 +44,10 @@ fn residual_path_matters() {
     let y = dec.stages()[0].forward(x).unwrap();
     let with_res = (x + &y).unwrap();
     let err = common::rel_err(&y, &with_res);
-    assert!(err > 1e-2, "residual contributes nothing measurable ({err})");
+    assert!(
+        err > 1e-2,
+        "residual contributes nothing measurable ({err})"
+    );
 }
 
 #[test]
@@ -53,7 +56,9 @@ fn bf16_decoder_stays_near_f32() {
     let k = g.meta["kernel_size"].as_u64().unwrap() as usize;
     let vb = VarBuilder::from_tensors(g.with_prefix("weights"), DType::BF16, &Device::Cpu);
     let dec = HyperConvDecoder::new(&features(&g.meta), k, vb.pp("decoder")).unwrap();
-    let out = dec.forward(&g.get("input").to_dtype(DType::BF16).unwrap()).unwrap();
+    let out = dec
+        .forward(&g.get("input").to_dtype(DType::BF16).unwrap())
+        .unwrap();
     assert_eq!(out.dtype(), DType::BF16);
     let err = common::rel_err(&out, g.get("output"));
     assert!(err < 5e-2, "bf16 error {err}");

@@ -19,10 +19,24 @@ fn check(name: &str) {
 
     // Token ids and masks are exact.
     let (ids, mask) = enc.tokenize(&refs, len).unwrap();
-    let want_ids: Vec<u32> = g.get("input_ids").flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        .into_iter().map(|v| v as u32).collect();
-    let want_mask: Vec<u32> = g.get("attention_mask").flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        .into_iter().map(|v| v as u32).collect();
+    let want_ids: Vec<u32> = g
+        .get("input_ids")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let want_mask: Vec<u32> = g
+        .get("attention_mask")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
     assert_eq!(ids, want_ids, "token ids");
     assert_eq!(mask, want_mask, "attention mask");
 
@@ -65,5 +79,10 @@ fn bf16_conditions_follow_f32() {
     let refs: Vec<&str> = p.iter().map(String::as_str).collect();
     let cond: Tensor = enc.encode(&refs, 48).unwrap();
     assert_eq!(cond.dtype(), DType::BF16);
-    assert_close("bf16", &cond.unsqueeze(0).unwrap(), g.get("condition"), 1e-2);
+    assert_close(
+        "bf16",
+        &cond.unsqueeze(0).unwrap(),
+        g.get("condition"),
+        1e-2,
+    );
 }

@@ -12,8 +12,11 @@ use mistralrs_dnd::convert::{convert_pth, convert_state_dict, ConvertOptions};
 use mistralrs_dnd::generator::checkpoint;
 use mistralrs_dnd::{Generator, LoadOptions};
 
+/// A fresh path per call: tests run in parallel and must not share files.
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dnd-pipeline-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("dnd-pipeline-{}-{i}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
 }
@@ -72,7 +75,10 @@ fn fullcond_pipeline_matches_reference() {
         .layout()
         .detokenize(&g.get("output").squeeze(0).unwrap(), &Device::Cpu)
         .unwrap();
-    let (a, b) = (adapter.get(0, Module::Q).unwrap(), want.get(0, Module::Q).unwrap());
+    let (a, b) = (
+        adapter.get(0, Module::Q).unwrap(),
+        want.get(0, Module::Q).unwrap(),
+    );
     assert_close("A", &a.a, &b.a, 1e-3);
     assert_close("B", &a.b, &b.b, 1e-3);
     assert_eq!(adapter.get(0, Module::Q).unwrap().a.dims(), [8, 54]);
@@ -109,9 +115,21 @@ fn fewer_prompts_are_cycled() {
 fn bad_prompt_sets_get_clear_errors() {
     let (_, gen) = fullcond_generator();
     let empty: [&str; 0] = [];
-    assert!(gen.generate(&empty).unwrap_err().to_string().contains("no prompts"));
-    assert!(gen.generate(&["ok", ""]).unwrap_err().to_string().contains("prompt 1"));
-    assert!(gen.generate(&["a", "b", "c", "d"]).unwrap_err().to_string().contains("at most 3"));
+    assert!(gen
+        .generate(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("no prompts"));
+    assert!(gen
+        .generate(&["ok", ""])
+        .unwrap_err()
+        .to_string()
+        .contains("prompt 1"));
+    assert!(gen
+        .generate(&["a", "b", "c", "d"])
+        .unwrap_err()
+        .to_string()
+        .contains("at most 3"));
 }
 
 #[test]
@@ -120,7 +138,8 @@ fn another_base_model_is_refused() {
     let tiny = BaseModelShape::from_config_file(golden_path("tiny-qwen2")).unwrap();
     let err = gen.check_base_model(&tiny).unwrap_err().to_string();
     assert!(err.contains("trained for fixture"), "{err}");
-    gen.check_base_model(&gen.config().base_model.clone()).unwrap();
+    gen.check_base_model(&gen.config().base_model.clone())
+        .unwrap();
 }
 
 #[test]

@@ -44,7 +44,9 @@ impl LoraAdapter {
             return Err(DndError::InvalidInput("LoRA rank must be positive".into()));
         }
         if !alpha.is_finite() {
-            return Err(DndError::InvalidInput(format!("LoRA alpha {alpha} is not finite")));
+            return Err(DndError::InvalidInput(format!(
+                "LoRA alpha {alpha} is not finite"
+            )));
         }
         for (t, p) in &pairs {
             let (ra, _) = p.a.dims2()?;
@@ -139,7 +141,9 @@ impl LoraAdapter {
         let Some(p) = self.get(layer, module) else {
             return Ok(None);
         };
-        let d = p.b.to_dtype(DType::F32)?.matmul(&p.a.to_dtype(DType::F32)?)?;
+        let d =
+            p.b.to_dtype(DType::F32)?
+                .matmul(&p.a.to_dtype(DType::F32)?)?;
         Ok(Some((d * self.scale())?))
     }
 

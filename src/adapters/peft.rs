@@ -232,7 +232,10 @@ mod tests {
             module: Module::Down,
         };
         let k = peft_key(t, false);
-        assert_eq!(k, "base_model.model.model.layers.12.mlp.down_proj.lora_B.weight");
+        assert_eq!(
+            k,
+            "base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"
+        );
         assert_eq!(parse_key(&k), Some((t, false)));
         assert_eq!(
             parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
@@ -245,7 +248,10 @@ mod tests {
             ))
         );
         // A module under the wrong block, or something that is no projection, is rejected.
-        assert_eq!(parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"), None);
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"),
+            None
+        );
         assert_eq!(parse_key("base_model.model.lm_head.lora_A.weight"), None);
     }
 }

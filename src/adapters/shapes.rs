@@ -158,7 +158,9 @@ impl BaseModelShape {
         let content = gguf_file::Content::read(&mut f)
             .map_err(|e| DndError::Incompatible(format!("{}: {e}", path.display())))?;
         let md = &content.metadata;
-        let missing = |k: &str| DndError::Incompatible(format!("{}: no `{k}` in the GGUF metadata", path.display()));
+        let missing = |k: &str| {
+            DndError::Incompatible(format!("{}: no `{k}` in the GGUF metadata", path.display()))
+        };
         let arch = md
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
@@ -195,7 +197,10 @@ impl BaseModelShape {
     /// The shape of a base model given as a model folder, a `config.json` or a `.gguf` file.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             Self::from_gguf(path)
         } else {
             Self::from_config_file(path)

@@ -173,37 +173,37 @@ impl TokenLayout {
                 "adapter has {} LoRA pairs; the layout expects {} layers x {:?}",
                 adapter.pairs().len(),
                 self.shape.num_layers,
-                self.spec.target_modules.iter().map(|m| m.name()).collect::<Vec<_>>()
+                self.spec
+                    .target_modules
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
             )));
         }
         let c = self.spec.chunk_width;
         let (th, tw) = self.token_shape();
         let mut out = vec![0f32; self.num_tokens() * th * tw];
-        // Host copies of A and B^T, (r, width) row-major, cached per target.
-        let mut cache: Option<(LoraTarget, Vec<f32>, usize, Vec<f32>, usize)> = None;
+        // Host copies of A and B^T, (r, width) row-major, for the target being written.
+        let mut host: Option<HostPair> = None;
         for (i, slot) in self.slots().into_iter().enumerate() {
-            if cache.as_ref().is_none_or(|c| c.0 != slot.target) {
-                let p = adapter.get(slot.target.layer, slot.target.module).ok_or_else(|| {
-                    DndError::Incompatible(format!(
-                        "adapter lacks layer {} {}",
-                        slot.target.layer,
-                        slot.target.module.name()
-                    ))
-                })?;
-                let a = p.a.to_dtype(candle_core::DType::F32)?;
-                let bt = p.b.to_dtype(candle_core::DType::F32)?.t()?.contiguous()?;
-                let wa = a.dim(1)?;
-                let wb = bt.dim(1)?;
-                cache = Some((
-                    slot.target,
-                    a.flatten_all()?.to_vec1()?,
-                    wa,
-                    bt.flatten_all()?.to_vec1()?,
-                    wb,
-                ));
+            if host.as_ref().is_none_or(|h| h.target != slot.target) {
+                let p = adapter
+                    .get(slot.target.layer, slot.target.module)
+                    .ok_or_else(|| {
+                        DndError::Incompatible(format!(
+                            "adapter lacks layer {} {}",
+                            slot.target.layer,
+                            slot.target.module.name()
+                        ))
+                    })?;
+                host = Some(HostPair::new(slot.target, p)?);
             }
-            let (_, a, wa, bt, wb) = cache.as_ref().unwrap();
-            let (m, width) = if slot.is_a { (a, *wa) } else { (bt, *wb) };
+            let h = host.as_ref().expect("set above");
+            let (m, width) = if slot.is_a {
+                (&h.a, h.a_width)
+            } else {
+                (&h.bt, h.bt_width)
+            };
             let col0 = slot.chunk * c;
             let chunk: Vec<f64> = (0..r)
                 .flat_map(|row| m[row * width + col0..row * width + col0 + c].iter())
@@ -262,6 +262,29 @@ impl TokenLayout {
             pairs.insert(target, LoraPair { a, b });
         }
         LoraAdapter::new(r, self.spec.alpha, pairs)
+    }
+}
+
+/// A LoRA pair copied to the host as `A` and `B^T`, both `(r, width)` row-major.
+struct HostPair {
+    target: LoraTarget,
+    a: Vec<f32>,
+    a_width: usize,
+    bt: Vec<f32>,
+    bt_width: usize,
+}
+
+impl HostPair {
+    fn new(target: LoraTarget, p: &LoraPair) -> Result<Self> {
+        let a = p.a.to_dtype(candle_core::DType::F32)?;
+        let bt = p.b.to_dtype(candle_core::DType::F32)?.t()?.contiguous()?;
+        Ok(Self {
+            target,
+            a_width: a.dim(1)?,
+            bt_width: bt.dim(1)?,
+            a: a.flatten_all()?.to_vec1()?,
+            bt: bt.flatten_all()?.to_vec1()?,
+        })
     }
 }
 

@@ -14,7 +14,11 @@ use mistralrs_dnd::prompts::{read_prompts, sample_prompts};
 use mistralrs_dnd::{Generator, LoadOptions};
 
 #[derive(Parser)]
-#[command(name = "dnd", version, about = "Drag-and-Drop LLMs: prompts to LoRA adapters")]
+#[command(
+    name = "dnd",
+    version,
+    about = "Drag-and-Drop LLMs: prompts to LoRA adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +57,11 @@ struct LoraArgs {
     #[arg(long)]
     chunk_width: usize,
     /// Adapted modules, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,up_proj,gate_proj,down_proj")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,up_proj,gate_proj,down_proj"
+    )]
     modules: Vec<String>,
 }
 
@@ -66,7 +74,8 @@ impl LoraArgs {
             } else {
                 &self.base_model
             };
-            p.file_stem().map_or("base".into(), |s| s.to_string_lossy().into_owned())
+            p.file_stem()
+                .map_or("base".into(), |s| s.to_string_lossy().into_owned())
         });
         let target_modules = self
             .modules
@@ -234,9 +243,12 @@ fn main() -> Result<()> {
                 }
                 (None, None) => bail!("give --preset, or --base-model with --chunk-width"),
             };
-            cfg.note = Some(format!("RANDOM WEIGHTS (seed {seed}): untrained, adapters are noise"));
+            cfg.note = Some(format!(
+                "RANDOM WEIGHTS (seed {seed}): untrained, adapters are noise"
+            ));
             let pb = spinner("initialising weights");
-            let (dec, tensors) = ConditionDecoder::random(cfg.clone(), seed, &Device::Cpu, DType::F32)?;
+            let (dec, tensors) =
+                ConditionDecoder::random(cfg.clone(), seed, &Device::Cpu, DType::F32)?;
             checkpoint::save(&out, &cfg, &tensors)?;
             pb.finish_and_clear();
             eprintln!(
@@ -267,14 +279,21 @@ fn main() -> Result<()> {
             )?;
             pb.finish_and_clear();
             if !conv.dropped.is_empty() {
-                eprintln!("not carried over ({}): {}", conv.dropped.len(), conv.dropped.join(", "));
+                eprintln!(
+                    "not carried over ({}): {}",
+                    conv.dropped.len(),
+                    conv.dropped.join(", ")
+                );
             }
             eprintln!("wrote {}", out.display());
             println!("{}", serde_json::to_string_pretty(&conv.config)?);
         }
         Command::Preset { name } => {
             let cfg = presets::by_name(&name).with_context(|| {
-                format!("unknown preset {name:?}; known: {}", presets::NAMES.join(", "))
+                format!(
+                    "unknown preset {name:?}; known: {}",
+                    presets::NAMES.join(", ")
+                )
             })??;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
         }
@@ -294,7 +313,9 @@ fn main() -> Result<()> {
             out,
         } => {
             let device = match cuda {
-                Some(i) => Device::new_cuda(i).context("CUDA device (build with --features cuda)")?,
+                Some(i) => {
+                    Device::new_cuda(i).context("CUDA device (build with --features cuda)")?
+                }
                 None => Device::Cpu,
             };
             let t0 = Instant::now();

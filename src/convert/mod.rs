@@ -112,7 +112,9 @@ pub fn convert_state_dict(
         let [hi, wi] = get("norm.weight")?;
         let [ho, wo] = get("bias")?;
         if kh != kw {
-            return Err(DndError::Incompatible(format!("{k}: non-square kernel {kh}x{kw}")));
+            return Err(DndError::Incompatible(format!(
+                "{k}: non-square kernel {kh}x{kw}"
+            )));
         }
         stages.insert(i, ([ni, hi, wi], [no, ho, wo], kh));
     }

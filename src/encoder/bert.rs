@@ -62,6 +62,15 @@ impl Embeddings {
     }
 }
 
+/// A linear layer over (batch, len, in) as one 2-D product: candle's batched path for 3-D
+/// inputs multiplies per batch row, several times slower on the CPU.
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let (b, len, h) = x.dims3()?;
+    let y = l.forward(&x.reshape((b * len, h))?)?;
+    let out = y.dim(1)?;
+    y.reshape((b, len, out))
+}
+
 struct Layer {
     query: Linear,
     key: Linear,
@@ -98,32 +107,54 @@ impl Layer {
         })
     }
 
-    /// `mask_bias`: (batch, 1, 1, len), 0 where attended and a huge negative where padded;
-    /// `has_keys`: (batch, 1, 1, 1), 0 for a row with no attended position at all.
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, has_keys: &Tensor) -> Result<Tensor> {
+    /// Self-attention context for every position, (batch, len, hidden).
+    ///
+    /// Rows are right-padded: `valid[i]` leading positions of row i are attended. A masked key
+    /// gets weight exp(min - max) = 0 exactly, so attending only to the valid keys gives the
+    /// same context at a fraction of the cost (prompts are often far shorter than L). Queries at
+    /// padding positions are still computed: their outputs are part of the condition. A row with
+    /// no valid key gets a zero context, as PyTorch's attention returns for fully masked rows.
+    fn attention(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let hd = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, len, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask_bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.broadcast_mul(has_keys)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, len, h))?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let inner = self.intermediate.forward(&x)?;
+        let q = (split(lin(&self.query, x)?)? / (hd as f64).sqrt())?;
+        let k = split(lin(&self.key, x)?)?;
+        let v = split(lin(&self.value, x)?)?;
+        let mut rows = Vec::with_capacity(b);
+        for (i, &n) in valid.iter().enumerate() {
+            if n == 0 {
+                rows.push(Tensor::zeros((1, len, h), x.dtype(), x.device())?);
+                continue;
+            }
+            let qi = q.narrow(0, i, 1)?.squeeze(0)?; // (heads, len, hd)
+            let ki = k.narrow(0, i, 1)?.squeeze(0)?.narrow(1, 0, n)?;
+            let vi = v
+                .narrow(0, i, 1)?
+                .squeeze(0)?
+                .narrow(1, 0, n)?
+                .contiguous()?;
+            let probs = candle_nn::ops::softmax_last_dim(&qi.matmul(&ki.t()?)?)?;
+            let ctx = probs.matmul(&vi)?; // (heads, len, hd)
+            rows.push(ctx.transpose(0, 1)?.reshape((1, len, h))?);
+        }
+        Tensor::cat(&rows, 0)
+    }
+
+    fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
+        let ctx = self.attention(x, valid)?;
+        let x = self.attn_norm.forward(&(lin(&self.attn_out, &ctx)? + x)?)?;
+        let inner = lin(&self.intermediate, &x)?;
         let inner = if self.exact_gelu {
-            inner.gelu_erf()?
+            super::gelu::gelu_erf(&inner)?
         } else {
             inner.gelu()?
         };
-        self.out_norm.forward(&(self.out.forward(&inner)? + x)?)
+        self.out_norm.forward(&(lin(&self.out, &inner)? + x)?)
     }
 }
 
@@ -145,7 +176,11 @@ impl BertModel {
                 cfg.hidden_size,
                 e.pp("position_embeddings"),
             )?,
-            token_type: embedding(cfg.type_vocab_size, cfg.hidden_size, e.pp("token_type_embeddings"))?,
+            token_type: embedding(
+                cfg.type_vocab_size,
+                cfg.hidden_size,
+                e.pp("token_type_embeddings"),
+            )?,
             norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, e.pp("LayerNorm"))?,
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -163,30 +198,20 @@ impl BertModel {
         self.max_positions
     }
 
-    /// `ids` (batch, len) u32 and `mask` (batch, len) of 0/1 to `last_hidden_state`
-    /// (batch, len, hidden). Padding positions are computed too, as the reference returns them.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `ids` (batch, len) u32 and the number of leading attended positions of each row (the
+    /// rest is right padding) to `last_hidden_state` (batch, len, hidden). Padding positions are
+    /// computed too, as the reference returns them.
+    pub fn forward(&self, ids: &Tensor, valid: &[usize]) -> Result<Tensor> {
+        let (b, len) = ids.dims2()?;
+        if valid.len() != b || valid.iter().any(|&n| n > len) {
+            candle_core::bail!(
+                "{} valid lengths for {b} rows of {len}: {valid:?}",
+                valid.len()
+            );
+        }
         let mut x = self.embeddings.forward(ids)?;
-        let dtype = x.dtype();
-        // (1 - mask) * finfo(dtype).min is added to the scores. A row with no attended position
-        // (a 512-token piece made only of padding) gets a zero attention context, as PyTorch's
-        // scaled_dot_product_attention returns for fully masked rows; the reference carries that.
-        let min = match dtype {
-            DType::BF16 => half::bf16::MIN.to_f64(),
-            DType::F16 => half::f16::MIN.to_f64(),
-            _ => f32::MIN as f64,
-        };
-        let (b, len) = mask.dims2()?;
-        let bias = ((1.0 - mask.to_dtype(DType::F32)?)? * min)?
-            .to_dtype(dtype)?
-            .reshape((b, 1, 1, len))?;
-        let has_keys = mask
-            .to_dtype(DType::F32)?
-            .max_keepdim(1)?
-            .to_dtype(dtype)?
-            .reshape((b, 1, 1, 1))?;
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, &has_keys)?;
+            x = layer.forward(&x, valid)?;
         }
         Ok(x)
     }

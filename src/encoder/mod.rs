@@ -6,6 +6,7 @@
 //! 512-token pieces encoded independently (positions restart at 0, no extra special tokens).
 
 pub mod bert;
+mod gelu;
 
 use std::path::{Path, PathBuf};
 
@@ -26,8 +27,6 @@ pub struct TextEncoder {
     hidden: usize,
     pad_id: u32,
     device: Device,
-    /// Dtype BERT computes in.
-    compute: DType,
     /// Dtype of the returned condition.
     dtype: DType,
     dir: PathBuf,
@@ -73,7 +72,6 @@ impl TextEncoder {
             hidden: cfg.hidden_size,
             pad_id,
             device: device.clone(),
-            compute,
             dtype,
             dir: dir.to_path_buf(),
         })
@@ -140,14 +138,25 @@ impl TextEncoder {
         } else {
             (n, len)
         };
+        let valid = mask
+            .chunks(row_len)
+            .map(|row| {
+                let n = row.iter().take_while(|&&m| m == 1).count();
+                if row[n..].iter().any(|&m| m != 0) {
+                    return Err(DndError::InvalidInput(
+                        "attention mask is not right-padded (ones, then zeros)".into(),
+                    ));
+                }
+                Ok(n)
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let ids = Tensor::from_slice(ids, (rows, row_len), &self.device)?;
-        let mask = Tensor::from_slice(mask, (rows, row_len), &self.device)?.to_dtype(self.compute)?;
         let mut outs = Vec::with_capacity(rows.div_ceil(ROWS_PER_PASS));
         for start in (0..rows).step_by(ROWS_PER_PASS) {
             let take = ROWS_PER_PASS.min(rows - start);
             outs.push(
                 self.model
-                    .forward(&ids.narrow(0, start, take)?, &mask.narrow(0, start, take)?)?,
+                    .forward(&ids.narrow(0, start, take)?, &valid[start..start + take])?,
             );
         }
         Ok(Tensor::cat(&outs, 0)?

@@ -28,7 +28,7 @@ fn conv_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             .conv2d(&w.to_dtype(DType::F32)?, k / 2, 1, 1, 1)?;
         return y.to_dtype(DType::BF16);
     }
-    x.contiguous()?.conv2d(w, k / 2, 1, 1, 1)
+    super::conv::conv2d_same(x, w)
 }
 
 /// `x W^T + b` with the same CPU bf16 rule as [`conv_same`].

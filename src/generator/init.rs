@@ -22,7 +22,11 @@ pub struct SeededInit {
 
 impl SeededInit {
     /// A builder over a fresh backend; `take` the tensors once the modules are built.
-    pub fn builder(seed: u64, dtype: DType, device: &Device) -> (VarBuilder<'static>, std::sync::Arc<Self>) {
+    pub fn builder(
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> (VarBuilder<'static>, std::sync::Arc<Self>) {
         let backend = std::sync::Arc::new(Self {
             seed,
             created: Mutex::new(HashMap::new()),

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod conv;
 pub mod hyperconv;
 pub mod init;
 pub mod presets;
@@ -284,7 +285,10 @@ mod tests {
     #[test]
     fn bad_prompt_sets_are_refused() {
         let none: [&str; 0] = [];
-        assert!(fill_prompts(&none, 4).unwrap_err().to_string().contains("no prompts"));
+        assert!(fill_prompts(&none, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("no prompts"));
         assert!(fill_prompts(&["a", "  \n"], 4)
             .unwrap_err()
             .to_string()

@@ -53,9 +53,20 @@ impl Golden {
 /// Max |actual - expected| relative to max |expected|.
 pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
     assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
-    let a = actual.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let a = actual
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let e = expected.to_dtype(DType::F32).unwrap();
-    let diff = (a - &e).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let diff = (a - &e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     let scale = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
 }

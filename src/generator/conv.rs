@@ -1,0 +1,163 @@
+//! "Same"-padded stride-1 2-D convolution for the CPU, as k*k accumulated matrix products.
+//!
+//! candle's CPU `conv2d` builds im2col tiles and reaches a fraction of the matrix-product
+//! speed on the decoder's shapes (hundreds of channels, k up to 9). Here the input is padded
+//! once and flattened per channel; then for each kernel tap (dy, dx) the shifted input for *all*
+//! output pixels is one strided window of that buffer (rows of width W+2p, the 2p extra columns
+//! per row are computed and dropped). Each tap is one GEMM `(Co x Ci) @ (Ci x H(W+2p))`
+//! accumulated in place, with the weights read straight from their `(Co, Ci, k, k)` layout: no
+//! im2col copy at all. Other devices and dtypes use candle's kernel.
+
+use candle_core::{DType, Result, Tensor};
+
+/// `x (B, Ci, H, W)` convolved with `w (Co, Ci, k, k)`, odd k, padding k/2, no bias.
+pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let k = w.dim(3)?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
+    }
+    let (b, ci, h, wd) = x.dims4()?;
+    let (co, ci_w, kh, kw) = w.dims4()?;
+    if ci_w != ci || kh != kw || kh % 2 == 0 {
+        candle_core::bail!(
+            "conv2d_same: input {:?} and kernel {:?} do not fit (odd square kernel expected)",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let p = k / 2;
+    let (hp, wp) = (h + 2 * p, wd + 2 * p);
+    let plane = hp * wp;
+    // One spare row: the last taps' windows run up to 2p elements past the padded plane.
+    let per_batch = ci * plane;
+    let mut padded = vec![0f32; b * per_batch + wp];
+    {
+        let xc = x.contiguous()?;
+        let (storage, layout) = xc.storage_and_layout();
+        let src = match &*storage {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
+            _ => unreachable!("checked cpu above"),
+        };
+        let src = &src[layout.start_offset()..];
+        for bc in 0..b * ci {
+            let dst = &mut padded[bc * plane..(bc + 1) * plane];
+            for y in 0..h {
+                let s = &src[(bc * h + y) * wd..(bc * h + y + 1) * wd];
+                dst[(y + p) * wp + p..(y + p) * wp + p + wd].copy_from_slice(s);
+            }
+        }
+    }
+    let wc = w.contiguous()?;
+    let (w_storage, w_layout) = wc.storage_and_layout();
+    let wts = match &*w_storage {
+        candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
+        _ => unreachable!("checked cpu above"),
+    };
+    let wts = &wts[w_layout.start_offset()..];
+
+    let n = h * wp; // output pixels on the padded-width grid
+    let mut out = vec![0f32; b * co * n];
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let kk = k * k;
+    for bi in 0..b {
+        let dst = out[bi * co * n..].as_mut_ptr();
+        for dy in 0..k {
+            for dx in 0..k {
+                let tap = dy * k + dx;
+                let rhs_off = bi * per_batch + dy * wp + dx;
+                // SAFETY: dst is (co x n) row-major inside `out`; lhs element (o, i) of this tap
+                // is wts[o*ci*kk + i*kk + tap]; rhs element (i, j) is padded[rhs_off + i*plane + j]
+                // with j < n = h*wp, and rhs_off + (ci-1)*plane + n - 1 stays below
+                // b*per_batch + wp, the buffer's length.
+                unsafe {
+                    gemm::gemm(
+                        co,
+                        n,
+                        ci,
+                        dst,
+                        1,
+                        n as isize,
+                        tap > 0,
+                        wts.as_ptr().add(tap),
+                        kk as isize,
+                        (ci * kk) as isize,
+                        padded.as_ptr().add(rhs_off),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+        }
+    }
+    let out = Tensor::from_vec(out, (b, co, h, wp), x.device())?;
+    if p == 0 {
+        Ok(out)
+    } else {
+        out.narrow(3, 0, wd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        for (b, ci, co, h, w, k) in [
+            (2, 3, 4, 5, 7, 3),
+            (1, 5, 2, 4, 3, 5),
+            (1, 2, 3, 6, 6, 1),
+            (1, 4, 4, 3, 9, 9),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
+            let want = x.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
+            let got = conv2d_same(&x, &wt).unwrap();
+            let err = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-4, "b{b} ci{ci} co{co} {h}x{w} k{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn strided_input_is_read_correctly() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 4, 3), &dev)
+            .unwrap()
+            .transpose(1, 3)
+            .unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (2, 3, 3, 3), &dev).unwrap();
+        let want = x.contiguous().unwrap().conv2d(&wt, 1, 1, 1, 1).unwrap();
+        let got = conv2d_same(&x, &wt).unwrap();
+        let err = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+}
