@@ -10,6 +10,22 @@
 
 use candle_core::{DType, Result, Tensor};
 
+/// The elements of a contiguous f32 CPU tensor.
+fn cpu_f32(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => {
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+            Ok(std::borrow::Cow::Owned(
+                s.as_slice::<f32>()?[start..end].to_vec(),
+            ))
+        }
+        _ => candle_core::bail!("expected a CPU tensor"),
+    }
+}
+
 /// `x (B, Ci, H, W)` convolved with `w (Co, Ci, k, k)`, odd k, padding k/2, no bias.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let k = w.dim(3)?;
@@ -24,6 +40,19 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             x.dims(),
             w.dims()
         );
+    }
+    if super::fftconv::worth_it(h, wd, k) {
+        let out = super::fftconv::conv2d_same_fft(
+            &cpu_f32(&x.contiguous()?)?,
+            b,
+            ci,
+            h,
+            wd,
+            &cpu_f32(&w.contiguous()?)?,
+            co,
+            k,
+        );
+        return Tensor::from_vec(out, (b, co, h, wd), x.device());
     }
     let p = k / 2;
     let (hp, wp) = (h + 2 * p, wd + 2 * p);

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod conv;
+mod fftconv;
 pub mod hyperconv;
 pub mod init;
 pub mod presets;

@@ -1,0 +1,362 @@
+//! "Same" 2-D convolution through tiled FFTs, for the decoder's large kernels.
+//!
+//! A k x k convolution costs k^2 multiply-adds per input channel, output channel and pixel;
+//! the authors' configuration uses k = 9 (81 taps). Cutting the padded input into overlapping
+//! tiles of at most 32 x 32 and working per frequency bin costs about 4 real multiply-adds per
+//! (channel pair, bin) instead, roughly 15x fewer for k = 9:
+//!
+//! 1. every input tile is transformed (real FFT along the width, complex FFT along the height);
+//! 2. every kernel is transformed directly from its k x k taps (conjugated: PyTorch's convolution
+//!    is a cross-correlation);
+//! 3. per bin, output spectra = kernel spectra (Co x Ci) @ input spectra (Ci x tiles): one complex
+//!    GEMM per bin;
+//! 4. each output tile is transformed back and its `th x tw` valid corner kept (overlap-save).
+//!
+//! Output channels are processed in chunks so that the kernel spectra, which are larger than the
+//! kernels, stay within a fixed memory budget.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
+use rustfft::num_complex::Complex32 as C32;
+use rustfft::{Fft, FftPlanner};
+
+/// Largest FFT tile side.
+const MAX_TILE: usize = 32;
+/// Bytes of kernel spectra (and of output spectra) held at once.
+const CHUNK_BYTES: usize = 64 << 20;
+
+/// Tiling of one spatial axis: FFT length, valid outputs per tile, tile count.
+fn axis(len: usize, k: usize) -> (usize, usize, usize) {
+    let full = len + k - 1;
+    if full <= MAX_TILE {
+        (full, len, 1)
+    } else {
+        let t = MAX_TILE - k + 1;
+        (MAX_TILE, t, len.div_ceil(t))
+    }
+}
+
+/// Whether the FFT path is cheaper than `k^2` accumulated GEMMs for this shape.
+pub fn worth_it(h: usize, w: usize, k: usize) -> bool {
+    if !(5..=MAX_TILE / 2).contains(&k) {
+        return false;
+    }
+    let (fh, _, nth) = axis(h, k);
+    let (fw, _, ntw) = axis(w, k);
+    let bins = fh * (fw / 2 + 1);
+    // Complex MAC = 4 real ones; the transforms and the lower efficiency of narrow complex
+    // GEMMs are covered by requiring a 3x saving.
+    let fft = 4 * bins * nth * ntw;
+    let direct = h * w * k * k;
+    3 * fft < direct
+}
+
+/// A pointer shared by parallel tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: every use writes elements no other task writes (documented at each use).
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The element at `i` (a method, so closures capture the whole `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `i` is in bounds of the allocation and no other task accesses that element.
+    unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+}
+
+struct Plans {
+    r2c: Arc<dyn RealToComplex<f32>>,
+    c2r: Arc<dyn ComplexToReal<f32>>,
+    fwd_h: Arc<dyn Fft<f32>>,
+    inv_h: Arc<dyn Fft<f32>>,
+}
+
+/// `x (b, ci, h, w)` row-major, `wts (co, ci, k, k)`: returns `(b, co, h, w)`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_same_fft(
+    x: &[f32],
+    b: usize,
+    ci: usize,
+    h: usize,
+    w: usize,
+    wts: &[f32],
+    co: usize,
+    k: usize,
+) -> Vec<f32> {
+    let p = k / 2;
+    let (fh, th, nth) = axis(h, k);
+    let (fw, tw, ntw) = axis(w, k);
+    let fwc = fw / 2 + 1;
+    let nb = fh * fwc; // bins, laid out [fx][fy]
+    let ntiles = b * nth * ntw;
+    let tile_origin = |t: usize| {
+        let bi = t / (nth * ntw);
+        let r = t % (nth * ntw);
+        (bi, (r / ntw) * th, (r % ntw) * tw)
+    };
+    let mut rp = RealFftPlanner::<f32>::new();
+    let mut cp = FftPlanner::<f32>::new();
+    let plans = Plans {
+        r2c: rp.plan_fft_forward(fw),
+        c2r: rp.plan_fft_inverse(fw),
+        fwd_h: cp.plan_fft_forward(fh),
+        inv_h: cp.plan_fft_inverse(fh),
+    };
+
+    // 1. Input spectra, planar: X[bin][ci][re|im][tile] (real f32).
+    let mut xs = vec![0f32; nb * ci * 2 * ntiles];
+    let xp = SyncPtr(xs.as_mut_ptr());
+    (0..ci).into_par_iter().for_each(|c| {
+        let mut local = vec![C32::default(); ntiles * nb]; // [tile][bin]
+        let mut row = plans.r2c.make_input_vec();
+        let mut row_out = plans.r2c.make_output_vec();
+        let mut r2c_scratch = plans.r2c.make_scratch_vec();
+        let mut h_scratch = vec![C32::default(); plans.fwd_h.get_inplace_scratch_len()];
+        for t in 0..ntiles {
+            let (bi, y0, x0) = tile_origin(t);
+            let spec = &mut local[t * nb..(t + 1) * nb];
+            let plane = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
+            for r in 0..fh {
+                // Padded-input row y0 + r is input row y0 + r - p.
+                let y = (y0 + r) as isize - p as isize;
+                row.iter_mut().for_each(|v| *v = 0.0);
+                if (0..h as isize).contains(&y) {
+                    let src = &plane[y as usize * w..(y as usize + 1) * w];
+                    for (col, v) in row.iter_mut().enumerate() {
+                        let xx = (x0 + col) as isize - p as isize;
+                        if (0..w as isize).contains(&xx) {
+                            *v = src[xx as usize];
+                        }
+                    }
+                }
+                plans
+                    .r2c
+                    .process_with_scratch(&mut row, &mut row_out, &mut r2c_scratch)
+                    .expect("buffer sizes come from the plan");
+                for (fx, v) in row_out.iter().enumerate() {
+                    spec[fx * fh + r] = *v;
+                }
+            }
+            plans.fwd_h.process_with_scratch(spec, &mut h_scratch);
+        }
+        for bin in 0..nb {
+            let base = (bin * ci + c) * 2 * ntiles;
+            for t in 0..ntiles {
+                let v = local[t * nb + bin];
+                // SAFETY: this task alone writes X[bin][c][..].
+                unsafe {
+                    *xp.at(base + t) = v.re;
+                    *xp.at(base + ntiles + t) = v.im;
+                }
+            }
+        }
+    });
+
+    // The kernel transform as one matrix: M[(dy, dx)][(bin, re|im)] = exp(+i 2pi (fx dx / fw +
+    // fy dy / fh)), conjugated for cross-correlation. Spectra of many kernels are then one GEMM.
+    let kk = k * k;
+    let mut m = vec![0f32; kk * 2 * nb];
+    for dy in 0..k {
+        for dx in 0..k {
+            for fx in 0..fwc {
+                for fy in 0..fh {
+                    let a = std::f64::consts::TAU
+                        * ((fx * dx) as f64 / fw as f64 + (fy * dy) as f64 / fh as f64);
+                    let col = 2 * (fx * fh + fy);
+                    m[(dy * k + dx) * 2 * nb + col] = a.cos() as f32;
+                    m[(dy * k + dx) * 2 * nb + col + 1] = a.sin() as f32;
+                }
+            }
+        }
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+
+    let mut out = vec![0f32; b * co * h * w];
+    let op = SyncPtr(out.as_mut_ptr());
+    let per_co = nb * (2 * ci).max(4 * ntiles) * std::mem::size_of::<f32>();
+    let chunk = (CHUNK_BYTES / per_co).clamp(1, co);
+    let scale = 1.0 / (fh * fw) as f32;
+    // Reused by every chunk: fresh multi-megabyte buffers cost page faults each time.
+    let mut ks = vec![0f32; 2 * nb * chunk * ci];
+    let mut ys = vec![0f32; nb * 4 * chunk * ntiles];
+    for c0 in (0..co).step_by(chunk) {
+        let cc = chunk.min(co - c0);
+        let pairs = cc * ci;
+
+        // 2. Kernel spectra, planar: K[bin][re|im][o][ci] = (M^T @ W^T), W the chunk's kernels
+        //    as (pairs x k^2).
+        let wc = &wts[c0 * ci * kk..(c0 + cc) * ci * kk];
+        // SAFETY: dst (2nb x pairs) row-major; lhs M^T read from M (k^2 x 2nb) row-major;
+        // rhs W^T read from W (pairs x k^2) row-major.
+        unsafe {
+            gemm::gemm(
+                2 * nb,
+                pairs,
+                kk,
+                ks.as_mut_ptr(),
+                1,
+                pairs as isize,
+                false,
+                m.as_ptr(),
+                (2 * nb) as isize,
+                1,
+                wc.as_ptr(),
+                kk as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        };
+
+        // 3. Per bin, one real GEMM: [Kr; Ki] (2cc x ci) @ [Xr | Xi] (ci x 2 tiles) gives the
+        //    four products KrXr, KrXi, KiXr, KiXi of the complex product.
+        let ks = &ks[..2 * nb * pairs];
+        let ys = &mut ys[..nb * 4 * cc * ntiles];
+        ys.par_chunks_mut(4 * cc * ntiles)
+            .enumerate()
+            .for_each(|(bin, y)| {
+                let kb = &ks[bin * 2 * pairs..(bin + 1) * 2 * pairs];
+                let xb = &xs[bin * ci * 2 * ntiles..(bin + 1) * ci * 2 * ntiles];
+                // SAFETY: row-major operands of exactly these sizes.
+                unsafe {
+                    gemm::gemm(
+                        2 * cc,
+                        2 * ntiles,
+                        ci,
+                        y.as_mut_ptr(),
+                        1,
+                        (2 * ntiles) as isize,
+                        false,
+                        kb.as_ptr(),
+                        1,
+                        ci as isize,
+                        xb.as_ptr(),
+                        1,
+                        (2 * ntiles) as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+            });
+
+        // 4. Back to pixels, keeping each tile's valid corner.
+        (0..cc).into_par_iter().for_each(|o| {
+            // Y = (KrXr - KiXi) + i (KrXi + KiXr), gathered as [bin][tile].
+            let mut local = vec![C32::default(); nb * ntiles];
+            let nt2 = 2 * ntiles;
+            for bin in 0..nb {
+                let p = &ys[bin * 4 * cc * ntiles..(bin + 1) * 4 * cc * ntiles];
+                let kr = &p[o * nt2..(o + 1) * nt2];
+                let ki = &p[(cc + o) * nt2..(cc + o + 1) * nt2];
+                for t in 0..ntiles {
+                    local[bin * ntiles + t] =
+                        C32::new(kr[t] - ki[ntiles + t], kr[ntiles + t] + ki[t]);
+                }
+            }
+            let mut spec = vec![C32::default(); nb];
+            let mut h_scratch = vec![C32::default(); plans.inv_h.get_inplace_scratch_len()];
+            let mut row_in = plans.c2r.make_input_vec();
+            let mut row_out = plans.c2r.make_output_vec();
+            let mut c2r_scratch = plans.c2r.make_scratch_vec();
+            for t in 0..ntiles {
+                for bin in 0..nb {
+                    spec[bin] = local[bin * ntiles + t];
+                }
+                plans.inv_h.process_with_scratch(&mut spec, &mut h_scratch);
+                let (bi, y0, x0) = tile_origin(t);
+                for fy in 0..th.min(h - y0) {
+                    for (fx, v) in row_in.iter_mut().enumerate() {
+                        *v = spec[fx * fh + fy];
+                    }
+                    // A real signal's DC (and even-length Nyquist) bins are real; drop the
+                    // rounding residue as an inverse real FFT must.
+                    row_in[0].im = 0.0;
+                    if fw % 2 == 0 {
+                        row_in[fwc - 1].im = 0.0;
+                    }
+                    plans
+                        .c2r
+                        .process_with_scratch(&mut row_in, &mut row_out, &mut c2r_scratch)
+                        .expect("buffer sizes come from the plan");
+                    let y = y0 + fy;
+                    let base = ((bi * co + c0 + o) * h + y) * w + x0;
+                    for (i, v) in row_out.iter().take(tw.min(w - x0)).enumerate() {
+                        // SAFETY: output channel c0+o is written by this task alone.
+                        unsafe { *op.at(base + i) = v * scale };
+                    }
+                }
+            }
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        for (b, ci, co, h, w, k) in [
+            (1, 3, 4, 10, 40, 9),
+            (2, 5, 3, 37, 29, 5),
+            (1, 4, 2, 6, 70, 7),
+            (1, 2, 3, 33, 33, 9),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
+            let want = x.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
+            let got = conv2d_same_fft(
+                &x.flatten_all().unwrap().to_vec1().unwrap(),
+                b,
+                ci,
+                h,
+                w,
+                &wt.flatten_all().unwrap().to_vec1().unwrap(),
+                co,
+                k,
+            );
+            let got = Tensor::from_vec(got, (b, co, h, w), &dev).unwrap();
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let err = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            assert!(rel < 1e-5, "b{b} ci{ci} co{co} {h}x{w} k{k}: {rel}");
+        }
+    }
+
+    #[test]
+    fn only_large_kernels_take_the_fft_path() {
+        assert!(!worth_it(384, 128, 3));
+        assert!(!worth_it(10, 200, 1));
+        assert!(worth_it(384, 128, 9));
+        assert!(worth_it(10, 200, 9));
+    }
+}
