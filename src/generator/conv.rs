@@ -10,17 +10,32 @@
 
 use candle_core::{DType, Result, Tensor};
 
-/// The elements of a contiguous f32 CPU tensor.
-fn cpu_f32(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+/// A pointer shared by parallel jobs that write disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+// SAFETY: every use writes elements no other job writes (documented at each use).
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The element at `i` (a method, so closures capture the whole `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `i` is in bounds of the allocation and no other job accesses that element.
+    pub(crate) unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor, borrowed (no copy).
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(s) => {
             let (start, end) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
-            Ok(std::borrow::Cow::Owned(
-                s.as_slice::<f32>()?[start..end].to_vec(),
-            ))
+            Ok(f(&s.as_slice::<f32>()?[start..end]))
         }
         _ => candle_core::bail!("expected a CPU tensor"),
     }
@@ -42,16 +57,12 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         );
     }
     if super::fftconv::worth_it(h, wd, k) {
-        let out = super::fftconv::conv2d_same_fft(
-            &cpu_f32(&x.contiguous()?)?,
-            b,
-            ci,
-            h,
-            wd,
-            &cpu_f32(&w.contiguous()?)?,
-            co,
-            k,
-        );
+        let (xc, wc) = (x.contiguous()?, w.contiguous()?);
+        let out = with_cpu_f32(&xc, |xs| {
+            with_cpu_f32(&wc, |ws| {
+                super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k)
+            })
+        })??;
         return Tensor::from_vec(out, (b, co, h, wd), x.device());
     }
     let p = k / 2;

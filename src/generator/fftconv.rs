@@ -53,22 +53,7 @@ pub fn worth_it(h: usize, w: usize, k: usize) -> bool {
     3 * fft < direct
 }
 
-/// A pointer shared by parallel tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-// SAFETY: every use writes elements no other task writes (documented at each use).
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
-
-impl<T> SyncPtr<T> {
-    /// The element at `i` (a method, so closures capture the whole `Sync` wrapper).
-    ///
-    /// # Safety
-    /// `i` is in bounds of the allocation and no other task accesses that element.
-    unsafe fn at(self, i: usize) -> *mut T {
-        self.0.add(i)
-    }
-}
+use super::conv::SyncPtr;
 
 struct Plans {
     r2c: Arc<dyn RealToComplex<f32>>,
