@@ -284,6 +284,26 @@ mod tests {
     }
 
     #[test]
+    fn gguf_metadata_gives_the_same_shape() {
+        use candle_core::quantized::gguf_file::{write, Value};
+        let path = std::env::temp_dir().join(format!("dnd-shape-{}.gguf", std::process::id()));
+        let md: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", Value::U32(30)),
+            ("llama.embedding_length", Value::U32(576)),
+            ("llama.feed_forward_length", Value::U32(1536)),
+            ("llama.attention.head_count", Value::U32(9)),
+            ("llama.attention.head_count_kv", Value::U32(3)),
+        ];
+        let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        write(&mut std::fs::File::create(&path).unwrap(), &refs, &[]).unwrap();
+        let s = BaseModelShape::from_path(&path).unwrap();
+        assert!(s.same_widths(&BaseModelShape::smollm2_135m()), "{s:?}");
+        assert_eq!(s.model_type, "llama");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn module_names_round_trip() {
         for m in Module::ALL {
             assert_eq!(Module::from_name(m.name()), Some(m));

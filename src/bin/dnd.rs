@@ -43,7 +43,7 @@ impl From<Dtype> for DType {
 struct LoraArgs {
     /// Base model: a model folder, its config.json, or a .gguf file.
     #[arg(long)]
-    base_model: PathBuf,
+    base_model: Option<PathBuf>,
     /// Name recorded in the checkpoint (defaults to the base model's file or folder name).
     #[arg(long)]
     base_model_name: Option<String>,
@@ -55,7 +55,7 @@ struct LoraArgs {
     alpha: f64,
     /// Chunk width of the parameter tokens.
     #[arg(long)]
-    chunk_width: usize,
+    chunk_width: Option<usize>,
     /// Adapted modules, comma-separated.
     #[arg(
         long,
@@ -67,12 +67,15 @@ struct LoraArgs {
 
 impl LoraArgs {
     fn resolve(&self) -> Result<(BaseModelShape, String, LoraSpec)> {
-        let shape = BaseModelShape::from_path(&self.base_model)?;
+        let (Some(base_model), Some(chunk_width)) = (&self.base_model, self.chunk_width) else {
+            bail!("--base-model and --chunk-width are required here");
+        };
+        let shape = BaseModelShape::from_path(base_model)?;
         let name = self.base_model_name.clone().unwrap_or_else(|| {
-            let p = if self.base_model.ends_with("config.json") {
-                self.base_model.parent().unwrap_or(&self.base_model)
+            let p = if base_model.ends_with("config.json") {
+                base_model.parent().unwrap_or(base_model)
             } else {
-                &self.base_model
+                base_model
             };
             p.file_stem()
                 .map_or("base".into(), |s| s.to_string_lossy().into_owned())
@@ -88,7 +91,7 @@ impl LoraArgs {
             LoraSpec {
                 rank: self.rank,
                 alpha: self.alpha,
-                chunk_width: self.chunk_width,
+                chunk_width,
                 target_modules,
             },
         ))
@@ -104,7 +107,7 @@ enum Command {
         #[arg(long, conflicts_with_all = ["base_model", "stages"])]
         preset: Option<String>,
         #[command(flatten)]
-        lora: Option<LoraArgs>,
+        lora: LoraArgs,
         /// Prompts per condition N.
         #[arg(long, default_value_t = 16)]
         num_prompts: usize,
@@ -218,11 +221,11 @@ fn main() -> Result<()> {
             seed,
             out,
         } => {
-            let mut cfg: GeneratorConfig = match (preset, lora) {
-                (Some(p), _) => presets::by_name(&p).with_context(|| {
+            let mut cfg: GeneratorConfig = match preset {
+                Some(p) => presets::by_name(&p).with_context(|| {
                     format!("unknown preset {p:?}; known: {}", presets::NAMES.join(", "))
                 })??,
-                (None, Some(lora)) => {
+                None => {
                     let (shape, name, spec) = lora.resolve()?;
                     let hidden = match stages {
                         Some(s) => parse_stages(&s)?,
@@ -241,7 +244,6 @@ fn main() -> Result<()> {
                     cfg.base_model_name = Some(name);
                     cfg
                 }
-                (None, None) => bail!("give --preset, or --base-model with --chunk-width"),
             };
             cfg.note = Some(format!(
                 "RANDOM WEIGHTS (seed {seed}): untrained, adapters are noise"

@@ -1,0 +1,151 @@
+//! The `dnd` tool end to end: init, inspect, generate; its adapter equals the library's.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::Device;
+use common::{assert_close, encoder_dir, golden_path};
+use mistralrs_dnd::{Generator, LoadOptions, LoraAdapter};
+
+fn dnd(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dnd"))
+        .args(args)
+        .output()
+        .expect("dnd runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "dnd {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
+}
+
+fn dnd_err(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dnd"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "dnd {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn init_inspect_generate() {
+    let dir = std::env::temp_dir().join(format!("dnd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("gen.safetensors");
+    let tiny = golden_path("tiny-llama");
+    let (ckpt_s, tiny_s) = (ckpt.to_str().unwrap(), tiny.to_str().unwrap());
+    let enc = encoder_dir();
+    let enc_s = enc.to_str().unwrap();
+
+    let msg = dnd(&[
+        "init",
+        "--base-model",
+        tiny_s,
+        "--chunk-width",
+        "16",
+        "--num-prompts",
+        "4",
+        "--max-length",
+        "16",
+        "--stages",
+        "8x8x32",
+        "--seed",
+        "3",
+        "--out",
+        ckpt_s,
+    ]);
+    assert!(msg.contains("tokens of (10, 18)"), "{msg}");
+    let cfg: serde_json::Value = serde_json::from_str(&dnd(&["inspect", ckpt_s])).unwrap();
+    assert_eq!(cfg["num_prompts"], 4);
+    assert_eq!(cfg["base_model"]["kv_dim"], 32);
+    assert!(cfg["note"].as_str().unwrap().contains("RANDOM"));
+
+    // Seeded: the same seed writes the same weights.
+    let again = dir.join("again.safetensors");
+    dnd(&[
+        "init",
+        "--base-model",
+        tiny_s,
+        "--chunk-width",
+        "16",
+        "--num-prompts",
+        "4",
+        "--max-length",
+        "16",
+        "--stages",
+        "8x8x32",
+        "--seed",
+        "3",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+
+    let prompts = dir.join("p.txt");
+    std::fs::write(&prompts, "Is water wet?\nCan fish fly?\n").unwrap();
+    let out = dir.join("adapter");
+    let msg = dnd(&[
+        "generate",
+        "--checkpoint",
+        ckpt_s,
+        "--encoder",
+        enc_s,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--base-model",
+        tiny_s,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(msg.contains("WARNING: RANDOM WEIGHTS"), "{msg}");
+    let from_cli = LoraAdapter::load_peft(&out, &Device::Cpu).unwrap();
+    let gen = Generator::load(&ckpt, &enc, &LoadOptions::default()).unwrap();
+    let from_lib = gen.generate(&["Is water wet?", "Can fish fly?"]).unwrap();
+    assert_eq!(from_cli.pairs().len(), 14);
+    for (t, p) in from_lib.pairs() {
+        let q = from_cli.get(t.layer, t.module).unwrap();
+        assert_close("A", &q.a, &p.a, 1e-6);
+        assert_close("B", &q.b, &p.b, 1e-6);
+    }
+
+    // A base model of other widths is refused before anything is written.
+    let other = dir.join("other.json");
+    std::fs::write(
+        &other,
+        r#"{"hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":2}"#,
+    )
+    .unwrap();
+    let err = dnd_err(&[
+        "generate",
+        "--checkpoint",
+        ckpt_s,
+        "--encoder",
+        enc_s,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--base-model",
+        other.to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert!(err.contains("trained for tiny-llama"), "{err}");
+    assert!(!Path::new(&dir.join("x")).exists());
+
+    let err = dnd_err(&[
+        "init",
+        "--base-model",
+        tiny_s,
+        "--chunk-width",
+        "24",
+        "--out",
+        ckpt_s,
+    ]);
+    assert!(
+        err.contains("chunk width 24") && err.contains("[2, 4, 8, 16, 32]"),
+        "{err}"
+    );
+}
