@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 assets="${DND_ASSETS:-$PWD/.assets}"
 scripts/fetch-assets.sh encoder smollm2 >/dev/null
-cargo build --release --bin dnd
-dnd=target/release/dnd
+cargo build --bin dnd
+dnd=target/debug/dnd
 gen="${DND_GENERATOR:-$assets/generators/smollm2-135m-small.safetensors}"
 if [ ! -f "$gen" ]; then
   echo "No trained generator for SmolLM2-135M ships yet: making one with RANDOM weights." >&2

@@ -15,6 +15,8 @@ pub use error::{DndError, Result};
 pub mod encoder;
 pub mod generator;
 pub mod prompts;
+#[cfg(test)]
+mod test_util;
 
 pub use adapters::LoraAdapter;
 pub use generator::{Generator, LoadOptions};

@@ -38,23 +38,26 @@ fn init_inspect_generate() {
     let enc = encoder_dir();
     let enc_s = enc.to_str().unwrap();
 
-    let msg = dnd(&[
-        "init",
-        "--base-model",
-        tiny_s,
-        "--chunk-width",
-        "16",
-        "--num-prompts",
-        "4",
-        "--max-length",
-        "16",
-        "--stages",
-        "8x8x32",
-        "--seed",
-        "3",
-        "--out",
-        ckpt_s,
-    ]);
+    let init = |out: &str| {
+        dnd(&[
+            "init",
+            "--base-model",
+            tiny_s,
+            "--chunk-width",
+            "16",
+            "--num-prompts",
+            "4",
+            "--max-length",
+            "16",
+            "--stages",
+            "8x8x32",
+            "--seed",
+            "3",
+            "--out",
+            out,
+        ])
+    };
+    let msg = init(ckpt_s);
     assert!(msg.contains("tokens of (10, 18)"), "{msg}");
     let cfg: serde_json::Value = serde_json::from_str(&dnd(&["inspect", ckpt_s])).unwrap();
     assert_eq!(cfg["num_prompts"], 4);
@@ -63,23 +66,7 @@ fn init_inspect_generate() {
 
     // Seeded: the same seed writes the same weights.
     let again = dir.join("again.safetensors");
-    dnd(&[
-        "init",
-        "--base-model",
-        tiny_s,
-        "--chunk-width",
-        "16",
-        "--num-prompts",
-        "4",
-        "--max-length",
-        "16",
-        "--stages",
-        "8x8x32",
-        "--seed",
-        "3",
-        "--out",
-        again.to_str().unwrap(),
-    ]);
+    init(again.to_str().unwrap());
     assert_eq!(
         std::fs::read(&ckpt).unwrap(),
         std::fs::read(&again).unwrap()

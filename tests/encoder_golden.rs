@@ -10,6 +10,12 @@ fn prompts(g: &Golden) -> Vec<String> {
     serde_json::from_value(g.meta["prompts"].clone()).unwrap()
 }
 
+/// The fixture stores ids and masks as floats.
+fn as_u32(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v.into_iter().map(|x| x as u32).collect()
+}
+
 fn check(name: &str) {
     let g = Golden::load(name);
     let len = g.meta["max_length"].as_u64().unwrap() as usize;
@@ -19,24 +25,8 @@ fn check(name: &str) {
 
     // Token ids and masks are exact.
     let (ids, mask) = enc.tokenize(&refs, len).unwrap();
-    let want_ids: Vec<u32> = g
-        .get("input_ids")
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let want_mask: Vec<u32> = g
-        .get("attention_mask")
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
+    let want_ids = as_u32(g.get("input_ids"));
+    let want_mask = as_u32(g.get("attention_mask"));
     assert_eq!(ids, want_ids, "token ids");
     assert_eq!(mask, want_mask, "attention mask");
 

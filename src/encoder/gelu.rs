@@ -96,14 +96,7 @@ mod tests {
         let x = Tensor::randn(0f32, 3.0, 10_000, &candle_core::Device::Cpu).unwrap();
         let a = gelu_erf(&x).unwrap();
         let b = x.gelu_erf().unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::test_util::max_abs_diff(&a, &b);
         assert!(d < 1e-6, "{d}");
     }
 }

@@ -151,6 +151,7 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -166,16 +167,7 @@ mod tests {
             let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
             let want = x.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
             let got = conv2d_same(&x, &wt).unwrap();
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&got, &want);
             assert!(err < 1e-4, "b{b} ci{ci} co{co} {h}x{w} k{k}: {err}");
         }
     }
@@ -190,14 +182,6 @@ mod tests {
         let wt = Tensor::randn(0f32, 1.0, (2, 3, 3, 3), &dev).unwrap();
         let want = x.contiguous().unwrap().conv2d(&wt, 1, 1, 1, 1).unwrap();
         let got = conv2d_same(&x, &wt).unwrap();
-        let err = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(err.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(max_abs_diff(&got, &want) < 1e-4);
     }
 }

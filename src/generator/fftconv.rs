@@ -298,6 +298,7 @@ pub fn conv2d_same_fft(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::rel_err;
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -323,16 +324,7 @@ mod tests {
                 k,
             );
             let got = Tensor::from_vec(got, (b, co, h, w), &dev).unwrap();
-            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            let rel = rel_err(&got, &want);
             assert!(rel < 1e-5, "b{b} ci{ci} co{co} {h}x{w} k{k}: {rel}");
         }
     }
