@@ -9,7 +9,7 @@ use candle_core::Device;
 use common::{assert_close, encoder_dir, golden_path};
 use mistralrs_dnd::{Generator, LoadOptions, LoraAdapter};
 
-fn dnd(args: &[&str]) -> String {
+fn dnd<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_dnd"))
         .args(args)
         .output()
@@ -19,7 +19,7 @@ fn dnd(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
 }
 
-fn dnd_err(args: &[&str]) -> String {
+fn dnd_err<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_dnd"))
         .args(args)
         .output()
@@ -74,20 +74,25 @@ fn init_inspect_generate() {
 
     let prompts = dir.join("p.txt");
     std::fs::write(&prompts, "Is water wet?\nCan fish fly?\n").unwrap();
+    let generate_args = |base: &str, out: &Path| -> Vec<String> {
+        [
+            "generate",
+            "--checkpoint",
+            ckpt_s,
+            "--encoder",
+            enc_s,
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--base-model",
+            base,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
     let out = dir.join("adapter");
-    let msg = dnd(&[
-        "generate",
-        "--checkpoint",
-        ckpt_s,
-        "--encoder",
-        enc_s,
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--base-model",
-        tiny_s,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let msg = dnd(&generate_args(tiny_s, &out));
     assert!(msg.contains("WARNING: RANDOM WEIGHTS"), "{msg}");
     let from_cli = LoraAdapter::load_peft(&out, &Device::Cpu).unwrap();
     let gen = Generator::load(&ckpt, &enc, &LoadOptions::default()).unwrap();
@@ -106,19 +111,7 @@ fn init_inspect_generate() {
         r#"{"hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":2}"#,
     )
     .unwrap();
-    let err = dnd_err(&[
-        "generate",
-        "--checkpoint",
-        ckpt_s,
-        "--encoder",
-        enc_s,
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--base-model",
-        other.to_str().unwrap(),
-        "--out",
-        dir.join("x").to_str().unwrap(),
-    ]);
+    let err = dnd_err(&generate_args(other.to_str().unwrap(), &dir.join("x")));
     assert!(err.contains("trained for tiny-llama"), "{err}");
     assert!(!Path::new(&dir.join("x")).exists());
 

@@ -298,35 +298,25 @@ pub fn conv2d_same_fft(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::rel_err;
-    use candle_core::{Device, Tensor};
+    use crate::test_util::check_conv_same;
+    use candle_core::Tensor;
 
     #[test]
     fn matches_candle_conv2d() {
-        let dev = Device::Cpu;
-        for (b, ci, co, h, w, k) in [
+        let cases = [
             (1, 3, 4, 10, 40, 9),
             (2, 5, 3, 37, 29, 5),
             (1, 4, 2, 6, 70, 7),
             (1, 2, 3, 33, 33, 9),
-        ] {
-            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
-            let want = x.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
-            let got = conv2d_same_fft(
-                &x.flatten_all().unwrap().to_vec1().unwrap(),
-                b,
-                ci,
-                h,
-                w,
-                &wt.flatten_all().unwrap().to_vec1().unwrap(),
-                co,
-                k,
-            );
-            let got = Tensor::from_vec(got, (b, co, h, w), &dev).unwrap();
-            let rel = rel_err(&got, &want);
-            assert!(rel < 1e-5, "b{b} ci{ci} co{co} {h}x{w} k{k}: {rel}");
-        }
+        ];
+        check_conv_same(&cases, 1e-5, |x, w| {
+            let (b, ci, h, wd) = x.dims4().unwrap();
+            let (co, _, k, _) = w.dims4().unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let y = conv2d_same_fft(&xs, b, ci, h, wd, &ws, co, k);
+            Tensor::from_vec(y, (b, co, h, wd), x.device()).unwrap()
+        });
     }
 
     #[test]
