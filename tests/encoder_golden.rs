@@ -76,3 +76,29 @@ fn bf16_conditions_follow_f32() {
         1e-2,
     );
 }
+
+#[test]
+fn bert_prefixed_weights_load_the_same() {
+    // Checkpoints saved from a full BertModel name tensors `bert.embeddings...`; the package's
+    // copy has no prefix. Both must give the same condition.
+    let src = encoder_dir();
+    let dir = std::env::temp_dir().join(format!("dnd-bert-prefix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let prefixed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (format!("bert.{k}"), v))
+        .collect();
+    candle_core::safetensors::save(&prefixed, dir.join("model.safetensors")).unwrap();
+
+    let plain = TextEncoder::load(&src, &Device::Cpu, DType::F32).unwrap();
+    let with_prefix = TextEncoder::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let p = ["Is the sky blue on a clear day?"];
+    let a = plain.encode(&p, 16).unwrap();
+    let b = with_prefix.encode(&p, 16).unwrap();
+    assert_close("bert. prefix", &b, &a, 0.0);
+}

@@ -162,3 +162,22 @@ fn plain_safetensors_is_not_a_checkpoint() {
     std::fs::write(&junk, b"not a zip").unwrap();
     assert!(mistralrs_dnd::convert::read_pth(&junk).is_err());
 }
+
+#[test]
+fn bf16_generator_follows_f32() {
+    let (g, _) = fullcond_generator();
+    let conv = convert_state_dict(g.with_prefix("weights"), &q_only(54, 54, 8, 18)).unwrap();
+    let path = tmp("fullcond-bf16.safetensors");
+    checkpoint::save(&path, &conv.config, &conv.tensors).unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: candle_core::DType::BF16,
+    };
+    let gen = Generator::load(&path, encoder_dir(), &opts).unwrap();
+    let cond = gen.condition(&prompts(&g)).unwrap();
+    assert_eq!(cond.dtype(), candle_core::DType::BF16);
+    let tokens = gen.condition_decoder().forward(&cond).unwrap();
+    assert_close("bf16 pipeline", &tokens, g.get("output"), 5e-2);
+    let adapter = gen.generate(&prompts(&g)).unwrap();
+    adapter.check_finite().unwrap();
+}
