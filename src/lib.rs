@@ -13,6 +13,8 @@ pub mod error;
 
 pub use error::{DndError, Result};
 pub mod encoder;
+#[cfg(feature = "engine")]
+pub mod engine;
 pub mod generator;
 pub mod prompts;
 #[cfg(test)]
