@@ -21,11 +21,8 @@ fn needs_f32(x: &Tensor) -> bool {
 
 /// A "same"-padded, stride-1, bias-free 2-D convolution as the reference uses it.
 fn conv_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let k = w.dim(3)?;
     if needs_f32(x) {
-        let y = x
-            .to_dtype(DType::F32)?
-            .conv2d(&w.to_dtype(DType::F32)?, k / 2, 1, 1, 1)?;
+        let y = super::conv::conv2d_same(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?;
         return y.to_dtype(DType::BF16);
     }
     super::conv::conv2d_same(x, w)
