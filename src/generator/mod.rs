@@ -277,6 +277,14 @@ mod tests {
     use super::fill_prompts;
 
     #[test]
+    fn generator_and_adapters_can_be_shared_across_threads() {
+        // A server holds one generator for all requests and hands adapters between tasks.
+        fn shared<T: Send + Sync>() {}
+        shared::<super::Generator>();
+        shared::<crate::adapters::LoraAdapter>();
+    }
+
+    #[test]
     fn prompts_are_cycled_to_n() {
         let got = fill_prompts(&["a", "b"], 5).unwrap();
         assert_eq!(got, ["a", "b", "a", "b", "a"]);
