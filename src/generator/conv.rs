@@ -56,53 +56,60 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.dims()
         );
     }
-    if super::fftconv::worth_it(h, wd, k) {
-        let (xc, wc) = (x.contiguous()?, w.contiguous()?);
-        let out = with_cpu_f32(&xc, |xs| {
-            with_cpu_f32(&wc, |ws| {
+    let (xc, wc) = (x.contiguous()?, w.contiguous()?);
+    let fft = super::fftconv::worth_it(h, wd, k);
+    let out = with_cpu_f32(&xc, |xs| {
+        with_cpu_f32(&wc, |ws| {
+            if fft {
                 super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k)
-            })
-        })??;
-        return Tensor::from_vec(out, (b, co, h, wd), x.device());
+            } else {
+                conv2d_same_taps(xs, b, ci, h, wd, ws, co, k)
+            }
+        })
+    })??;
+    Tensor::from_vec(out, (b, co, h, wd), x.device())
+}
+
+/// The GEMM thread setting for one large product: every thread candle uses.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
     }
+}
+
+/// `x (b, ci, h, w)` and `wts (co, ci, k, k)` row-major: k*k accumulated GEMMs over the once
+/// padded input; returns `(b, co, h, w)`.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_same_taps(
+    src: &[f32],
+    b: usize,
+    ci: usize,
+    h: usize,
+    wd: usize,
+    wts: &[f32],
+    co: usize,
+    k: usize,
+) -> Vec<f32> {
     let p = k / 2;
     let (hp, wp) = (h + 2 * p, wd + 2 * p);
     let plane = hp * wp;
     // One spare row: the last taps' windows run up to 2p elements past the padded plane.
     let per_batch = ci * plane;
     let mut padded = vec![0f32; b * per_batch + wp];
-    {
-        let xc = x.contiguous()?;
-        let (storage, layout) = xc.storage_and_layout();
-        let src = match &*storage {
-            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
-            _ => unreachable!("checked cpu above"),
-        };
-        let src = &src[layout.start_offset()..];
-        for bc in 0..b * ci {
-            let dst = &mut padded[bc * plane..(bc + 1) * plane];
-            for y in 0..h {
-                let s = &src[(bc * h + y) * wd..(bc * h + y + 1) * wd];
-                dst[(y + p) * wp + p..(y + p) * wp + p + wd].copy_from_slice(s);
-            }
+    for bc in 0..b * ci {
+        let dst = &mut padded[bc * plane..(bc + 1) * plane];
+        for y in 0..h {
+            let s = &src[(bc * h + y) * wd..(bc * h + y + 1) * wd];
+            dst[(y + p) * wp + p..(y + p) * wp + p + wd].copy_from_slice(s);
         }
     }
-    let wc = w.contiguous()?;
-    let (w_storage, w_layout) = wc.storage_and_layout();
-    let wts = match &*w_storage {
-        candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
-        _ => unreachable!("checked cpu above"),
-    };
-    let wts = &wts[w_layout.start_offset()..];
 
     let n = h * wp; // output pixels on the padded-width grid
     let mut out = vec![0f32; b * co * n];
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = gemm_parallelism();
     let kk = k * k;
     for bi in 0..b {
         let dst = out[bi * co * n..].as_mut_ptr();
@@ -140,12 +147,15 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             }
         }
     }
-    let out = Tensor::from_vec(out, (b, co, h, wp), x.device())?;
+    // Keep the first `wd` columns of each padded-width output row.
     if p == 0 {
-        Ok(out)
-    } else {
-        out.narrow(3, 0, wd)
+        return out;
     }
+    let mut cropped = Vec::with_capacity(b * co * h * wd);
+    for row in out.chunks(wp) {
+        cropped.extend_from_slice(&row[..wd]);
+    }
+    cropped
 }
 
 #[cfg(test)]

@@ -160,12 +160,7 @@ pub fn conv2d_same_fft(
             }
         }
     }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = super::conv::gemm_parallelism();
 
     let mut out = vec![0f32; b * co * h * w];
     let op = SyncPtr(out.as_mut_ptr());
