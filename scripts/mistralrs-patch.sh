@@ -45,8 +45,8 @@ fetch_pristine() { # crate-version: unpack the crates.io source under $pristine 
   rm -rf "$m"
 }
 
-stamp_of() { # the patch set of a crate, as one hash
-  { cat "$patches/$1"/*.patch 2>/dev/null || true; } | sha256sum | cut -d' ' -f1
+stamp_of() { # the patch set of a crate, concatenated (build.rs compares it too)
+  cat "$patches/$1"/*.patch 2>/dev/null || true
 }
 
 apply_all() { # crate-version target-dir [--dry-run]
@@ -65,9 +65,7 @@ prepare() {
   local cv
   for cv in $(crates); do
     fetch_pristine "$cv"
-    local want
-    want="$(stamp_of "$cv")"
-    if [ -f "$work/$cv/.dnd-stamp" ] && [ "$(cat "$work/$cv/.dnd-stamp")" = "$want" ]; then
+    if [ -f "$work/$cv/.dnd-stamp" ] && stamp_of "$cv" | cmp -s - "$work/$cv/.dnd-stamp"; then
       continue # up to date (and any local edits in progress are kept)
     fi
     rm -rf "$work/$cv"
@@ -75,7 +73,7 @@ prepare() {
     cp -a "$pristine/$cv" "$work/$cv"
     chmod -R u+w "$work/$cv"
     apply_all "$cv" "$work/$cv"
-    echo "$want" >"$work/$cv/.dnd-stamp"
+    stamp_of "$cv" >"$work/$cv/.dnd-stamp"
     echo "patched $cv" >&2
   done
 }

@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 assets="${DND_ASSETS:-$PWD/.assets}"
 scripts/fetch-assets.sh encoder smollm2 >/dev/null
+# Cargo needs the patched mistral.rs folder named in Cargo.toml's [patch] to exist.
+scripts/mistralrs-patch.sh prepare
 cargo build --bin dnd
 dnd=target/debug/dnd
 gen="${DND_GENERATOR:-$assets/generators/smollm2-135m-small.safetensors}"

@@ -1,8 +1,14 @@
 //! Integration with mistral.rs (feature `engine`).
 //!
-//! [`lora_layer`] holds the per-sequence LoRA projection: a `QuantMethod` that wraps any base
-//! projection (unquantized, GGUF, ISQ...) and adds each batch row's own adapter at forward time,
-//! leaving the base weights untouched. Hooking it into the engine's models and scheduler is the
-//! mistral.rs patch's job (issue 3, `patches/`).
+//! The patched mistralrs-core (see `patches/`) applies a per-sequence LoRA adapter to every
+//! q/k/v/o/gate/up/down projection of Qwen2 and Llama models (safetensors and GGUF) and asks a
+//! registered `AdapterProvider` for each request's adapter. This module turns our adapters into
+//! the engine's [`SequenceLora`](mistralrs_core::adapter_provider::SequenceLora).
 
-pub mod lora_layer;
+pub mod sequence_lora;
+
+pub use mistralrs_core::adapter_provider::{
+    set_adapter_provider, AdapterError, AdapterProvider, AdapterRequest, LoraModule, SequenceLora,
+    ANY_MODEL,
+};
+pub use sequence_lora::{engine_module, to_sequence_lora};

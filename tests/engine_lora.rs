@@ -1,0 +1,322 @@
+//! Per-sequence LoRA through the real (patched) mistral.rs engine: the golden tiny models with
+//! adapter1 / adapter2 / no adapter reproduce the transformers+peft logits and greedy tokens,
+//! also when submitted together so that they share batches; the prefix cache never crosses
+//! adapters; provider errors become request errors; a slow provider stalls only its request.
+#![cfg(feature = "engine")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, golden_path, Golden};
+use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
+use mistralrs_core::{NormalRequest, Request, RequestMessage, Response, SamplingParams};
+use mistralrs_dnd::adapters::LoraAdapter;
+use mistralrs_dnd::engine::{
+    set_adapter_provider, to_sequence_lora, AdapterError, AdapterProvider, AdapterRequest,
+    SequenceLora,
+};
+use tokio::sync::mpsc::Receiver;
+
+/// Request ids encode what the test provider does: `kind * 1000 + n`.
+const BASE: usize = 0;
+const ADAPTER1: usize = 1;
+const ADAPTER2: usize = 2;
+const REFUSE: usize = 5;
+const FAIL: usize = 6;
+const SLOW_ADAPTER1: usize = 7;
+
+struct TestProvider {
+    adapters: [Arc<SequenceLora>; 2],
+}
+
+#[async_trait::async_trait]
+impl AdapterProvider for TestProvider {
+    async fn adapter_for(
+        &self,
+        request: &AdapterRequest<'_>,
+    ) -> Result<Option<Arc<SequenceLora>>, AdapterError> {
+        match request.request_id / 1000 {
+            BASE => Ok(None),
+            ADAPTER1 => Ok(Some(self.adapters[0].clone())),
+            ADAPTER2 => Ok(Some(self.adapters[1].clone())),
+            REFUSE => Err(AdapterError::InvalidRequest(
+                "test: too many prompts".into(),
+            )),
+            FAIL => Err(AdapterError::Failed("test: generator produced NaN".into())),
+            SLOW_ADAPTER1 => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok(Some(self.adapters[0].clone()))
+            }
+            other => panic!("no test behaviour for request kind {other}"),
+        }
+    }
+}
+
+/// Loads golden model `name` and registers the test provider for it.
+async fn load(name: &str) -> mistralrs::Model {
+    let path = golden_path(name).to_str().unwrap().to_string();
+    let model = TextModelBuilder::new(&path)
+        .with_token_source(TokenSource::None)
+        .with_dtype(ModelDType::F32)
+        .with_force_cpu()
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    let lora = |dir: &str| {
+        let a = LoraAdapter::load_peft(golden_path(name).join(dir), &Device::Cpu).unwrap();
+        Arc::new(to_sequence_lora(&a, format!("{name}/{dir}"), &Device::Cpu, DType::F32).unwrap())
+    };
+    let provider = TestProvider {
+        adapters: [lora("adapter1"), lora("adapter2")],
+    };
+    let models = model.inner().list_models().unwrap();
+    assert_eq!(models.len(), 1, "one model: {models:?}");
+    set_adapter_provider(&models[0], Some(Arc::new(provider)));
+    model
+}
+
+async fn submit(
+    model: &mistralrs::Model,
+    ids: Vec<u32>,
+    id: usize,
+    raw_logits: bool,
+) -> Receiver<Response> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut sampling = SamplingParams::deterministic();
+    sampling.max_len = Some(if raw_logits { 1 } else { 8 });
+    sampling.top_n_logprobs = 1;
+    let mut req = NormalRequest::new_simple(
+        RequestMessage::CompletionTokens(ids),
+        sampling,
+        tx,
+        id,
+        None,
+        None,
+    );
+    req.return_raw_logits = raw_logits;
+    req.return_logprobs = !raw_logits;
+    model
+        .inner()
+        .get_sender(None)
+        .unwrap()
+        .send(Request::Normal(Box::new(req)))
+        .await
+        .unwrap();
+    rx
+}
+
+async fn logits_of(rx: &mut Receiver<Response>) -> Tensor {
+    match rx.recv().await {
+        Some(Response::Raw { logits_chunks, .. }) => {
+            let chunks: Vec<Tensor> = logits_chunks
+                .into_iter()
+                .map(|t| t.to_device(&Device::Cpu).unwrap())
+                .collect();
+            Tensor::cat(&chunks, 0).unwrap()
+        }
+        other => panic!("expected raw logits, got {}", describe(&other)),
+    }
+}
+
+async fn text_of(rx: &mut Receiver<Response>) -> String {
+    match rx.recv().await {
+        Some(Response::CompletionDone(done)) => done.choices[0].text.clone(),
+        other => panic!("expected a completion, got {}", describe(&other)),
+    }
+}
+
+/// Per generated step, the top logprobs as (token id, logprob), best first.
+async fn steps_of(rx: &mut Receiver<Response>) -> Vec<Vec<(u32, f32)>> {
+    match rx.recv().await {
+        Some(Response::CompletionDone(done)) => done.choices[0]
+            .logprobs
+            .as_ref()
+            .and_then(|l| l.content.as_ref())
+            .expect("logprobs were requested")
+            .iter()
+            .map(|step| {
+                step.top_logprobs
+                    .iter()
+                    .map(|t| (t.token, t.logprob))
+                    .collect()
+            })
+            .collect(),
+        other => panic!("expected a completion, got {}", describe(&other)),
+    }
+}
+
+fn describe(r: &Option<Response>) -> String {
+    match r {
+        None => "a closed channel".into(),
+        Some(Response::ValidationError(e)) => format!("validation error: {e}"),
+        Some(Response::InternalError(e)) => format!("internal error: {e}"),
+        Some(Response::CompletionModelError(e, _)) => format!("model error: {e}"),
+        Some(_) => "another response".into(),
+    }
+}
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
+/// EOS of both tiny models (generation_config.json).
+const EOS: u32 = 258;
+
+const VARIANTS: [(&str, usize); 3] = [
+    ("base", BASE),
+    ("adapter1", ADAPTER1),
+    ("adapter2", ADAPTER2),
+];
+
+/// The text the engine should print for the golden greedy tokens (up to the first EOS).
+fn expected_text(name: &str, g: &Golden, key: &str) -> String {
+    let tok = tokenizers::Tokenizer::from_file(golden_path(name).join("tokenizer.json")).unwrap();
+    let eos = 258; // generation_config.json of both tiny models
+    let toks: Vec<u32> = ids(g.get(key))
+        .into_iter()
+        .take_while(|&t| t != eos)
+        .collect();
+    tok.decode(&toks, true).unwrap()
+}
+
+/// Base, adapter1 and adapter2 on both golden prompts.
+///
+/// Full-prompt logits one request at a time (mistral.rs returns raw logits only at batch size
+/// 1); then the six greedy generations submitted together, so that the scheduler batches the
+/// variants together through prefill and decode. Each generation's token ids (the top-1
+/// logprob entry of every step) must be the golden greedy tokens.
+async fn mixed_batches_match_peft(name: &str) {
+    let g = Golden::load(&format!("{name}/expected.safetensors"));
+    let model = load(name).await;
+    let cases: Vec<(usize, &str, usize)> = (0..2)
+        .flat_map(|seq| VARIANTS.map(|(variant, kind)| (seq, variant, kind)))
+        .collect();
+    let prompt = |seq: usize| ids(g.get(&format!("input.seq{seq}.ids")));
+
+    for &(seq, variant, kind) in &cases {
+        let mut rx = submit(&model, prompt(seq), kind * 1000 + seq * 10, true).await;
+        let want = g.get(&format!("{variant}.seq{seq}.logits"));
+        let got = logits_of(&mut rx).await.reshape(want.dims()).unwrap();
+        assert_close(
+            &format!("{name} {variant} seq{seq} logits"),
+            &got,
+            want,
+            1e-4,
+        );
+    }
+
+    let mut pending = Vec::new();
+    for &(seq, variant, kind) in &cases {
+        let id = kind * 1000 + seq * 10 + 1;
+        pending.push((seq, variant, submit(&model, prompt(seq), id, false).await));
+    }
+    for (seq, variant, mut rx) in pending {
+        let steps = steps_of(&mut rx).await;
+        let what = format!("{name} {variant} seq{seq} (batched)");
+        let greedy = ids(g.get(&format!("{variant}.seq{seq}.greedy")));
+        let got: Vec<u32> = steps.iter().map(|s| s[0].0).collect();
+        // Generation stops after EOS; the golden run went on.
+        let n = greedy
+            .iter()
+            .position(|&t| t == EOS)
+            .map_or(greedy.len(), |i| i + 1);
+        assert_eq!(got, greedy[..n], "{what}: greedy tokens");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_qwen2_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-qwen2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_llama_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-llama").await;
+}
+
+/// The same prompt with and without an adapter, one after the other, twice: each answer is its
+/// own variant's, so no request reused KV state (prefix cache) computed under the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternating_adapter_and_base_never_share_cache() {
+    let name = "tiny-llama";
+    let g = Golden::load(&format!("{name}/expected.safetensors"));
+    let model = load(name).await;
+    let prompt = ids(g.get("input.seq1.ids"));
+    let base = expected_text(name, &g, "base.seq1.greedy");
+    let adapted = expected_text(name, &g, "adapter1.seq1.greedy");
+    // Otherwise a wrongly shared cache could go unnoticed.
+    assert_ne!(base, adapted, "the fixture's variants must differ");
+    for round in 0..2 {
+        for (kind, want) in [(BASE, &base), (ADAPTER1, &adapted)] {
+            let mut rx = submit(&model, prompt.clone(), kind * 1000 + 500 + round, false).await;
+            assert_eq!(&text_of(&mut rx).await, want, "round {round} kind {kind}");
+        }
+    }
+}
+
+/// Provider errors reach the client as that request's error; the engine keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_errors_fail_only_their_request() {
+    let name = "tiny-qwen2";
+    let g = Golden::load(&format!("{name}/expected.safetensors"));
+    let model = load(name).await;
+    let prompt = ids(g.get("input.seq0.ids"));
+
+    let mut refused = submit(&model, prompt.clone(), REFUSE * 1000, false).await;
+    match refused.recv().await {
+        Some(Response::ValidationError(e)) => assert!(e.to_string().contains("too many prompts")),
+        other => panic!("expected a validation error, got {}", describe(&other)),
+    }
+    let mut failed = submit(&model, prompt.clone(), FAIL * 1000, false).await;
+    match failed.recv().await {
+        Some(Response::InternalError(e)) => {
+            assert!(e.to_string().contains("generator produced NaN"), "{e}")
+        }
+        other => panic!("expected an internal error, got {}", describe(&other)),
+    }
+    let mut ok = submit(&model, prompt.clone(), ADAPTER2 * 1000 + 900, false).await;
+    assert_eq!(
+        text_of(&mut ok).await,
+        expected_text(name, &g, "adapter2.seq0.greedy")
+    );
+}
+
+/// A provider that takes seconds for one request does not hold up another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_provider_stalls_only_its_request() {
+    let name = "tiny-qwen2";
+    let g = Golden::load(&format!("{name}/expected.safetensors"));
+    let model = load(name).await;
+    let prompt = ids(g.get("input.seq1.ids"));
+
+    let mut slow = submit(&model, prompt.clone(), SLOW_ADAPTER1 * 1000, false).await;
+    let mut fast = submit(&model, prompt.clone(), BASE * 1000 + 700, false).await;
+    let first = tokio::select! {
+        _ = slow.recv() => "slow",
+        r = fast.recv() => {
+            match r {
+                Some(Response::CompletionDone(d)) => assert_eq!(
+                    d.choices[0].text,
+                    expected_text(name, &g, "base.seq1.greedy")
+                ),
+                other => panic!("expected a completion, got {}", describe(&other)),
+            }
+            "fast"
+        }
+    };
+    assert_eq!(
+        first, "fast",
+        "the base request waited for the slow provider"
+    );
+    assert_eq!(
+        text_of(&mut slow).await,
+        expected_text(name, &g, "adapter1.seq1.greedy")
+    );
+}
