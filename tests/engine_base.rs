@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden_path, Golden};
 use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
-use mistralrs_core::{NormalRequest, Request, RequestMessage, Response, SamplingParams};
+use mistralrs_core::Response;
 
 async fn load(name: &str) -> mistralrs::Model {
     TextModelBuilder::new(golden_path(name).to_str().unwrap())
@@ -21,26 +21,9 @@ async fn load(name: &str) -> mistralrs::Model {
 
 /// The full-prompt logits `(len, vocab)` the engine computes for `ids`.
 async fn prompt_logits(model: &mistralrs::Model, ids: Vec<u32>, id: usize) -> Tensor {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let mut sampling = SamplingParams::deterministic();
-    // deterministic() clears max_len; set it after.
-    sampling.max_len = Some(1);
-    let mut req = NormalRequest::new_simple(
-        RequestMessage::CompletionTokens(ids),
-        sampling,
-        tx,
-        id,
-        None,
-        None,
-    );
+    let (mut req, mut rx) = common::engine::token_request(ids, id, 1);
     req.return_raw_logits = true;
-    model
-        .inner()
-        .get_sender(None)
-        .unwrap()
-        .send(Request::Normal(Box::new(req)))
-        .await
-        .unwrap();
+    common::engine::send(model, req).await;
     match rx.recv().await {
         Some(Response::Raw { logits_chunks, .. }) => {
             let chunks: Vec<Tensor> = logits_chunks

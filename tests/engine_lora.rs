@@ -12,7 +12,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden_path, Golden};
 use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
-use mistralrs_core::{NormalRequest, Request, RequestMessage, Response, SamplingParams};
+use mistralrs_core::Response;
 use mistralrs_dnd::adapters::LoraAdapter;
 use mistralrs_dnd::engine::{
     set_adapter_provider, to_sequence_lora, AdapterError, AdapterProvider, AdapterRequest,
@@ -84,27 +84,11 @@ async fn submit(
     id: usize,
     raw_logits: bool,
 ) -> Receiver<Response> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut sampling = SamplingParams::deterministic();
-    sampling.max_len = Some(if raw_logits { 1 } else { 8 });
-    sampling.top_n_logprobs = 1;
-    let mut req = NormalRequest::new_simple(
-        RequestMessage::CompletionTokens(ids),
-        sampling,
-        tx,
-        id,
-        None,
-        None,
-    );
+    let (mut req, rx) = common::engine::token_request(ids, id, if raw_logits { 1 } else { 8 });
+    req.sampling_params.top_n_logprobs = 1;
     req.return_raw_logits = raw_logits;
     req.return_logprobs = !raw_logits;
-    model
-        .inner()
-        .get_sender(None)
-        .unwrap()
-        .send(Request::Normal(Box::new(req)))
-        .await
-        .unwrap();
+    common::engine::send(model, req).await;
     rx
 }
 
