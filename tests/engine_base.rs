@@ -44,19 +44,11 @@ async fn prompt_logits(model: &mistralrs::Model, ids: Vec<u32>, id: usize) -> Te
     }
 }
 
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect()
-}
-
 async fn base_matches(name: &str) {
     let g = Golden::load(&format!("{name}/expected.safetensors"));
     let model = load(name).await;
     for seq in 0..2 {
-        let prompt = ids(g.get(&format!("input.seq{seq}.ids")));
+        let prompt = common::token_ids(g.get(&format!("input.seq{seq}.ids")));
         let want = g.get(&format!("base.seq{seq}.logits"));
         let got = prompt_logits(&model, prompt.clone(), 100 + seq).await;
         let got = got.reshape(want.dims()).unwrap();
@@ -74,7 +66,7 @@ async fn base_matches(name: &str) {
         }
         assert_eq!(
             &toks[prompt.len()..],
-            ids(g.get(&format!("base.seq{seq}.greedy"))).as_slice(),
+            common::token_ids(g.get(&format!("base.seq{seq}.greedy"))).as_slice(),
             "{name} seq{seq} greedy tokens"
         );
     }

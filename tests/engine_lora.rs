@@ -142,14 +142,6 @@ fn describe(r: &Option<Response>) -> String {
     }
 }
 
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect()
-}
-
 /// EOS of both tiny models (generation_config.json).
 const EOS: u32 = 258;
 
@@ -163,7 +155,7 @@ const VARIANTS: [(&str, usize); 3] = [
 fn expected_text(name: &str, g: &Golden, key: &str) -> String {
     let tok = tokenizers::Tokenizer::from_file(golden_path(name).join("tokenizer.json")).unwrap();
     let eos = 258; // generation_config.json of both tiny models
-    let toks: Vec<u32> = ids(g.get(key))
+    let toks: Vec<u32> = common::token_ids(g.get(key))
         .into_iter()
         .take_while(|&t| t != eos)
         .collect();
@@ -182,7 +174,7 @@ async fn mixed_batches_match_peft(name: &str) {
     let cases: Vec<(usize, &str, usize)> = (0..2)
         .flat_map(|seq| VARIANTS.map(|(variant, kind)| (seq, variant, kind)))
         .collect();
-    let prompt = |seq: usize| ids(g.get(&format!("input.seq{seq}.ids")));
+    let prompt = |seq: usize| common::token_ids(g.get(&format!("input.seq{seq}.ids")));
 
     for &(seq, variant, kind) in &cases {
         let mut rx = submit(&model, prompt(seq), kind * 1000 + seq * 10, true).await;
@@ -204,7 +196,7 @@ async fn mixed_batches_match_peft(name: &str) {
     for (seq, variant, mut rx) in pending {
         let steps = steps_of(&mut rx).await;
         let what = format!("{name} {variant} seq{seq} (batched)");
-        let greedy = ids(g.get(&format!("{variant}.seq{seq}.greedy")));
+        let greedy = common::token_ids(g.get(&format!("{variant}.seq{seq}.greedy")));
         let got: Vec<u32> = steps.iter().map(|s| s[0].0).collect();
         // Generation stops after EOS; the golden run went on.
         let n = greedy
@@ -232,7 +224,7 @@ async fn alternating_adapter_and_base_never_share_cache() {
     let name = "tiny-llama";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
     let model = load(name).await;
-    let prompt = ids(g.get("input.seq1.ids"));
+    let prompt = common::token_ids(g.get("input.seq1.ids"));
     let base = expected_text(name, &g, "base.seq1.greedy");
     let adapted = expected_text(name, &g, "adapter1.seq1.greedy");
     // Otherwise a wrongly shared cache could go unnoticed.
@@ -251,7 +243,7 @@ async fn provider_errors_fail_only_their_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
     let model = load(name).await;
-    let prompt = ids(g.get("input.seq0.ids"));
+    let prompt = common::token_ids(g.get("input.seq0.ids"));
 
     let mut refused = submit(&model, prompt.clone(), REFUSE * 1000, false).await;
     match refused.recv().await {
@@ -278,7 +270,7 @@ async fn slow_provider_stalls_only_its_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
     let model = load(name).await;
-    let prompt = ids(g.get("input.seq1.ids"));
+    let prompt = common::token_ids(g.get("input.seq1.ids"));
 
     let mut slow = submit(&model, prompt.clone(), SLOW_ADAPTER1 * 1000, false).await;
     let mut fast = submit(&model, prompt.clone(), BASE * 1000 + 700, false).await;

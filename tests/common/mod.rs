@@ -94,6 +94,15 @@ pub fn encoder_dir() -> PathBuf {
     dir
 }
 
+/// Token ids stored as f32 in a fixture.
+pub fn token_ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
 /// Requests to the mistral.rs engine (feature `engine`).
 #[cfg(feature = "engine")]
 pub mod engine {
