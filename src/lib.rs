@@ -8,6 +8,7 @@
 //! - [`convert`]: importing the authors' released PyTorch checkpoints.
 
 pub mod adapters;
+pub mod cache;
 pub mod convert;
 pub mod error;
 
@@ -16,7 +17,12 @@ pub mod encoder;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod generator;
+pub mod policy;
 pub mod prompts;
+#[cfg(feature = "engine")]
+pub mod provider;
+#[cfg(feature = "server")]
+pub mod server;
 #[cfg(test)]
 mod test_util;
 

@@ -158,7 +158,7 @@ impl LoraAdapter {
                     .iter()
                     .any(|v| !v.is_finite());
                 if bad {
-                    return Err(DndError::Incompatible(format!(
+                    return Err(DndError::NonFinite(format!(
                         "layer {} {} lora_{name} holds non-finite values",
                         t.layer,
                         t.module.name()

@@ -230,7 +230,7 @@ impl TokenLayout {
             .flatten_all()?
             .to_vec1()?;
         if let Some(pos) = host.iter().position(|v| !v.is_finite()) {
-            return Err(DndError::Incompatible(format!(
+            return Err(DndError::NonFinite(format!(
                 "generated token {} holds a non-finite value",
                 pos / (th * tw)
             )));

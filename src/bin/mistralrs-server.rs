@@ -1,0 +1,304 @@
+//! `mistralrs-server`: an OpenAI-compatible mistral.rs server; with `--adapter-provider dnd`
+//! every request is served with a LoRA adapter generated from its own prompts.
+//!
+//!   mistralrs-server --port 1234 --cpu --adapter-provider dnd --dnd-generator G.safetensors \
+//!       gguf -m .assets/smollm2 -f SmolLM2-135M-Instruct.Q4_1.gguf
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use mistralrs::{GgufModelBuilder, ModelDType, TextModelBuilder, TokenSource};
+use mistralrs_dnd::adapters::BaseModelShape;
+use mistralrs_dnd::cache::CacheLimits;
+use mistralrs_dnd::engine::set_adapter_provider;
+use mistralrs_dnd::policy::{PromptPolicy, PromptSource};
+use mistralrs_dnd::provider::{DndProvider, ProviderOptions};
+use mistralrs_dnd::server::{router, ServerState};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "OpenAI-compatible mistral.rs server with per-request DnD adapters"
+)]
+struct Args {
+    /// IP to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    serve_ip: String,
+    /// Port to listen on (0: any free port; the address is printed on stdout).
+    #[arg(short, long, default_value_t = 1234)]
+    port: u16,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 16)]
+    max_seqs: usize,
+    /// Run on the CPU even when an accelerator is available.
+    #[arg(long)]
+    cpu: bool,
+    /// A chat template (Jinja literal, or a .json / .jinja file) overriding the model's.
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Per-request adapters: `dnd` generates them from each request's prompts.
+    #[arg(long, value_enum)]
+    adapter_provider: Option<ProviderKind>,
+    #[command(flatten)]
+    dnd: DndArgs,
+    #[command(subcommand)]
+    model: ModelArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProviderKind {
+    /// Drag-and-Drop LLMs: a generator turns the request's prompts into a LoRA adapter.
+    Dnd,
+}
+
+#[derive(clap::Args)]
+struct DndArgs {
+    /// Generator checkpoint (.safetensors) made for this base model.
+    #[arg(long)]
+    dnd_generator: Option<PathBuf>,
+    /// Sentence-BERT folder of the generator (scripts/fetch-assets.sh installs it).
+    #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
+    dnd_encoder: PathBuf,
+    /// Most cached adapters.
+    #[arg(long, default_value_t = 16)]
+    dnd_cache_entries: usize,
+    /// Cache budget on the model's device: bytes, or with a KiB / MiB / GiB suffix.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    dnd_cache_size: usize,
+    /// Seconds a request waits for cache room while every cached adapter is in use.
+    #[arg(long, default_value_t = 60.0)]
+    dnd_cache_wait_secs: f64,
+    /// Where prompts come from when a request lists none: system, user or auto.
+    #[arg(long, default_value = "auto")]
+    dnd_prompt_source: PromptSource,
+    /// Most prompts per adapter (0: the generator's N).
+    #[arg(long, default_value_t = 0)]
+    dnd_max_prompts: usize,
+    /// Most characters per prompt.
+    #[arg(long, default_value_t = 4000)]
+    dnd_max_prompt_chars: usize,
+}
+
+#[derive(Subcommand)]
+enum ModelArgs {
+    /// A safetensors model folder (config.json, tokenizer.json, weights).
+    Plain {
+        /// The model folder.
+        #[arg(short = 'm', long)]
+        model_id: PathBuf,
+        /// Architecture (qwen2, llama, ...); detected from config.json when absent.
+        #[arg(short = 'a', long)]
+        arch: Option<String>,
+        /// Weight and activation dtype: auto, f32, bf16, f16.
+        #[arg(short = 'd', long, default_value = "auto")]
+        dtype: String,
+    },
+    /// A GGUF file (tokenizer and chat template inside).
+    Gguf {
+        /// Folder holding the file.
+        #[arg(short = 'm', long)]
+        quantized_model_id: PathBuf,
+        /// The .gguf file name in that folder.
+        #[arg(short = 'f', long)]
+        quantized_filename: String,
+    },
+}
+
+/// `1234`, `64KiB`, `256MiB`, `1GiB` to bytes.
+fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("GiB", 1usize << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n.trim(), *m)))
+    .unwrap_or((s, 1));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 256MiB, 64KiB, 1048576)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?}: the size must be positive"));
+    }
+    Ok((v * mult as f64).round() as usize)
+}
+
+fn model_dtype(s: &str) -> Result<ModelDType> {
+    Ok(match s {
+        "auto" => ModelDType::Auto,
+        "f32" => ModelDType::F32,
+        "bf16" => ModelDType::BF16,
+        "f16" => ModelDType::F16,
+        other => bail!("unknown dtype {other:?} (auto, f32, bf16, f16)"),
+    })
+}
+
+/// Builds the engine; returns it with the served name and the base model's shape file.
+async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, DType)> {
+    let str_path = |p: &Path| p.to_string_lossy().into_owned();
+    match &args.model {
+        ModelArgs::Plain {
+            model_id,
+            arch,
+            dtype,
+        } => {
+            let mut b = TextModelBuilder::new(str_path(model_id))
+                .with_token_source(TokenSource::None)
+                .with_dtype(model_dtype(dtype)?)
+                .with_max_num_seqs(args.max_seqs);
+            if let Some(a) = arch {
+                b = b.with_loader_type(a.parse().map_err(anyhow::Error::msg)?);
+            }
+            if args.cpu {
+                b = b.with_force_cpu();
+            }
+            if let Some(t) = &args.chat_template {
+                b = b.with_chat_template(t);
+            }
+            let name = model_id
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+            let act = match dtype.as_str() {
+                "bf16" => DType::BF16,
+                "f16" => DType::F16,
+                _ => DType::F32,
+            };
+            Ok((b.build().await?, name, model_id.clone(), act))
+        }
+        ModelArgs::Gguf {
+            quantized_model_id,
+            quantized_filename,
+        } => {
+            let mut b = GgufModelBuilder::new(
+                str_path(quantized_model_id),
+                vec![quantized_filename.clone()],
+            )
+            .with_token_source(TokenSource::None)
+            .with_max_num_seqs(args.max_seqs);
+            if args.cpu {
+                b = b.with_force_cpu();
+            }
+            if let Some(t) = &args.chat_template {
+                b = b.with_chat_template(t);
+            }
+            Ok((
+                b.build().await?,
+                quantized_filename.clone(),
+                quantized_model_id.join(quantized_filename),
+                DType::F32,
+            ))
+        }
+    }
+}
+
+fn build_provider(
+    args: &Args,
+    name: &str,
+    shape_path: &Path,
+    device: Device,
+    act: DType,
+) -> Result<Arc<DndProvider>> {
+    let d = &args.dnd;
+    let gen = d
+        .dnd_generator
+        .as_ref()
+        .context("--adapter-provider dnd needs --dnd-generator")?;
+    let shape = BaseModelShape::from_path(shape_path)
+        .with_context(|| format!("reading the base model shape from {}", shape_path.display()))?;
+    // Adapters are stored in the activation dtype (f32 on CPU).
+    let dtype = if device.is_cpu() { DType::F32 } else { act };
+    let provider = DndProvider::load(
+        gen,
+        &d.dnd_encoder,
+        Some(&shape),
+        ProviderOptions {
+            policy: PromptPolicy {
+                source: d.dnd_prompt_source,
+                max_prompts: d.dnd_max_prompts,
+                max_chars: d.dnd_max_prompt_chars,
+            },
+            limits: CacheLimits {
+                max_entries: d.dnd_cache_entries.max(1),
+                max_bytes: d.dnd_cache_size,
+                wait_timeout: Duration::from_secs_f64(d.dnd_cache_wait_secs),
+            },
+            device,
+            dtype,
+            base_model_id: name.to_string(),
+        },
+    )
+    .with_context(|| format!("loading the generator {}", gen.display()))?;
+    let note = provider
+        .generator()
+        .config()
+        .note
+        .clone()
+        .unwrap_or_default();
+    if note.contains("RANDOM WEIGHTS") {
+        let bar = "!".repeat(78);
+        eprintln!(
+            "{bar}\n!! The generator {} has RANDOM WEIGHTS: its adapters are noise, not task\n\
+             !! specialisations. Train one (dnd train) or use a shipped checkpoint.\n{bar}",
+            gen.display()
+        );
+        tracing::warn!(generator = %gen.display(), "generator has random weights");
+    }
+    tracing::info!(
+        generator = provider.generator_id(),
+        adapter_bytes = provider.adapter_bytes(),
+        "DnD adapter provider ready"
+    );
+    Ok(provider)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,mistralrs_core=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.adapter_provider.is_none() && args.dnd.dnd_generator.is_some() {
+        bail!("--dnd-generator given without --adapter-provider dnd");
+    }
+    let (model, name, shape_path, act) = load_model(&args).await?;
+    let models = model.inner().list_models().map_err(anyhow::Error::msg)?;
+    let model_id = models
+        .first()
+        .context("the engine serves no model")?
+        .clone();
+    let provider = match args.adapter_provider {
+        Some(ProviderKind::Dnd) => {
+            let device = model
+                .inner()
+                .config(None)
+                .map_err(anyhow::Error::msg)?
+                .device;
+            let p = build_provider(&args, &name, &shape_path, device, act)?;
+            set_adapter_provider(&model_id, Some(p.clone()));
+            Some(p)
+        }
+        None => None,
+    };
+    let app = router(ServerState::new(model, name, provider));
+    let listener = tokio::net::TcpListener::bind((args.serve_ip.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.serve_ip, args.port))?;
+    // Tests and scripts read this line to find the port.
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

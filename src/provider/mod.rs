@@ -1,0 +1,328 @@
+//! The DnD adapter provider for mistral.rs: request prompts to a generated, cached adapter.
+//!
+//! [`DndProvider`] implements the engine's `AdapterProvider`. Embedded in an application it
+//! applies the [prompt policy](crate::policy) to each request's messages by itself; the
+//! server resolves the adapter before handing the request to the engine (so that it can report
+//! and refuse with HTTP semantics) and [`prepare`](DndProvider::prepare)s it under the request
+//! id, which the engine's call then picks up.
+
+mod error;
+mod turns;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use mistralrs_core::adapter_provider::{
+    AdapterError, AdapterProvider, AdapterRequest, SequenceLora,
+};
+
+use crate::adapters::{BaseModelShape, LoraAdapter};
+use crate::cache::{
+    fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, Source,
+    Weighed,
+};
+use crate::engine::to_sequence_lora;
+use crate::error::{DndError, Result};
+use crate::generator::{Generator, LoadOptions};
+use crate::policy::{Condition, PromptPolicy};
+pub use error::{GenerationError, ProviderError};
+pub use turns::turns_of;
+
+impl Weighed for SequenceLora {
+    fn weight(&self) -> usize {
+        self.size_in_bytes()
+    }
+}
+
+/// What the cache keeps beside each adapter: the prompts it was generated from (so that it
+/// can be listed and exported again).
+#[derive(Debug, Clone)]
+pub struct AdapterMeta {
+    /// The normalised prompts.
+    pub prompts: Arc<Vec<String>>,
+}
+
+/// The cache of device-resident adapters.
+pub type LoraCache = AdapterCache<AdapterKey, SequenceLora, AdapterMeta, GenerationError>;
+
+/// How the provider is set up.
+#[derive(Debug, Clone)]
+pub struct ProviderOptions {
+    /// Which prompts condition an adapter, and limits.
+    pub policy: PromptPolicy,
+    /// Cache bounds.
+    pub limits: CacheLimits,
+    /// The model's device (adapters live there).
+    pub device: Device,
+    /// The model's activation dtype (adapters are stored in it).
+    pub dtype: DType,
+    /// Identity of the base model, part of every adapter key.
+    pub base_model_id: String,
+}
+
+/// Which adapter a request got.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    /// The adapter, or none for the base model.
+    pub adapter: Option<Arc<SequenceLora>>,
+    /// Its key.
+    pub key: Option<AdapterKey>,
+    /// How the cache served it.
+    pub source: Option<Source>,
+    /// How long its generation took (when this request generated or waited for it).
+    pub generation: Option<Duration>,
+}
+
+/// A generator, its adapter cache and the prompt policy, as an engine adapter provider.
+pub struct DndProvider {
+    generator: Arc<Generator>,
+    generator_id: String,
+    opts: ProviderOptions,
+    adapter_bytes: usize,
+    cache: Arc<LoraCache>,
+    prepared: Mutex<HashMap<usize, Option<Arc<SequenceLora>>>>,
+}
+
+impl DndProvider {
+    /// Loads a generator checkpoint and encoder folder (on the model's device, f32) and checks
+    /// that it makes adapters for `base_shape` when given.
+    pub fn load(
+        checkpoint: impl AsRef<Path>,
+        encoder_dir: impl AsRef<Path>,
+        base_shape: Option<&BaseModelShape>,
+        opts: ProviderOptions,
+    ) -> Result<Arc<Self>> {
+        let checkpoint = checkpoint.as_ref();
+        let bytes = std::fs::read(checkpoint).map_err(|e| DndError::io(checkpoint, e))?;
+        let generator = Generator::load(
+            checkpoint,
+            encoder_dir,
+            &LoadOptions {
+                device: opts.device.clone(),
+                dtype: DType::F32,
+            },
+        )?;
+        if let Some(shape) = base_shape {
+            generator.check_base_model(shape)?;
+        }
+        Self::new(generator, fingerprint(&bytes), opts)
+    }
+
+    /// Wraps a loaded generator; `generator_id` identifies its weights in adapter keys.
+    pub fn new(
+        generator: Generator,
+        generator_id: impl Into<String>,
+        mut opts: ProviderOptions,
+    ) -> Result<Arc<Self>> {
+        let n = generator.config().num_prompts;
+        if opts.policy.max_prompts == 0 || opts.policy.max_prompts > n {
+            opts.policy.max_prompts = n;
+        }
+        let adapter_bytes = adapter_bytes(&generator, opts.dtype);
+        if adapter_bytes > opts.limits.max_bytes {
+            return Err(DndError::InvalidInput(format!(
+                "one adapter of this generator takes {adapter_bytes} bytes, more than the whole \
+                 cache budget of {} bytes",
+                opts.limits.max_bytes
+            )));
+        }
+        Ok(Arc::new(Self {
+            generator: Arc::new(generator),
+            generator_id: generator_id.into(),
+            cache: LoraCache::new(opts.limits),
+            opts,
+            adapter_bytes,
+            prepared: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The generator.
+    pub fn generator(&self) -> &Generator {
+        &self.generator
+    }
+
+    /// The fingerprint of the generator's weights.
+    pub fn generator_id(&self) -> &str {
+        &self.generator_id
+    }
+
+    /// The options (with `max_prompts` clamped to the generator's N).
+    pub fn options(&self) -> &ProviderOptions {
+        &self.opts
+    }
+
+    /// The adapter cache.
+    pub fn cache(&self) -> &Arc<LoraCache> {
+        &self.cache
+    }
+
+    /// Bytes one adapter of this generator takes on the model's device.
+    pub fn adapter_bytes(&self) -> usize {
+        self.adapter_bytes
+    }
+
+    /// The key an adapter for `prompts` has.
+    pub fn key_for(&self, prompts: &[String]) -> AdapterKey {
+        AdapterKey::new(
+            &self.generator_id,
+            &self.opts.base_model_id,
+            &normalize_prompts(prompts),
+        )
+    }
+
+    /// The adapter for a policy decision: none for the base model, else from the cache or
+    /// generated (off the caller's thread).
+    pub async fn resolve(
+        &self,
+        condition: Condition,
+    ) -> std::result::Result<Served, ProviderError> {
+        let prompts = match condition {
+            Condition::Base => return Ok(Served::default()),
+            Condition::Prompts(p) => normalize_prompts(&p),
+        };
+        let key = AdapterKey::new(&self.generator_id, &self.opts.base_model_id, &prompts);
+        let prompts = Arc::new(prompts);
+        let make = {
+            let (generator, prompts, key) = (self.generator.clone(), prompts.clone(), key.clone());
+            let (device, dtype) = (self.opts.device.clone(), self.opts.dtype);
+            move || async move {
+                tokio::task::spawn_blocking(move || {
+                    generate_lora(&generator, &prompts, &key, &device, dtype)
+                })
+                .await
+                .unwrap_or_else(|e| Err(GenerationError::Failed(format!("generation task: {e}"))))
+            }
+        };
+        let lookup = self
+            .cache
+            .get_or_generate(
+                key.clone(),
+                AdapterMeta { prompts },
+                self.adapter_bytes,
+                make,
+            )
+            .await
+            .map_err(|e| match e {
+                CacheError::TooLarge { bytes, budget } => ProviderError::TooLarge { bytes, budget },
+                CacheError::Busy(waited) => ProviderError::CacheBusy(waited),
+                CacheError::Generation(g) => ProviderError::Generation(g),
+                CacheError::Panicked(m) => {
+                    ProviderError::Generation(GenerationError::Failed(format!("panicked: {m}")))
+                }
+            })?;
+        tracing::debug!(adapter = %key, source = lookup.source.as_str(), "adapter resolved");
+        Ok(Served {
+            adapter: Some(lookup.value),
+            key: Some(key),
+            source: Some(lookup.source),
+            generation: lookup.generation,
+        })
+    }
+
+    /// A cached adapter by key (a client referring to an adapter it was served before).
+    pub fn by_key(&self, key: &str) -> std::result::Result<Served, ProviderError> {
+        let unknown = || ProviderError::UnknownAdapter(key.to_string());
+        let k = AdapterKey::parse(key).ok_or_else(unknown)?;
+        let lookup = self.cache.get(&k).ok_or_else(unknown)?;
+        Ok(Served {
+            adapter: Some(lookup.value),
+            key: Some(k),
+            source: Some(Source::Cached),
+            generation: None,
+        })
+    }
+
+    /// Records the adapter (or none) request `request_id` gets when the engine asks.
+    pub fn prepare(&self, request_id: usize, adapter: Option<Arc<SequenceLora>>) {
+        self.lock_prepared().insert(request_id, adapter);
+    }
+
+    /// Drops a prepared adapter of a request that never reached the engine.
+    pub fn forget(&self, request_id: usize) {
+        self.lock_prepared().remove(&request_id);
+    }
+
+    fn lock_prepared(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<usize, Option<Arc<SequenceLora>>>> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Regenerates the adapter a cached key was made from (the generator is deterministic),
+    /// as float32 matrices for export.
+    pub async fn export(&self, key: &str) -> std::result::Result<LoraAdapter, ProviderError> {
+        let unknown = || ProviderError::UnknownAdapter(key.to_string());
+        let k = AdapterKey::parse(key).ok_or_else(unknown)?;
+        let meta = self.cache.peek_meta(&k).ok_or_else(unknown)?;
+        let generator = self.generator.clone();
+        tokio::task::spawn_blocking(move || generator.generate(&meta.prompts))
+            .await
+            .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))?
+            .and_then(|a| a.to(&Device::Cpu, DType::F32))
+            .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))
+    }
+}
+
+#[async_trait::async_trait]
+impl AdapterProvider for DndProvider {
+    async fn adapter_for(
+        &self,
+        request: &AdapterRequest<'_>,
+    ) -> std::result::Result<Option<Arc<SequenceLora>>, AdapterError> {
+        if let Some(prepared) = self.lock_prepared().remove(&request.request_id) {
+            return Ok(prepared);
+        }
+        let condition = self
+            .opts
+            .policy
+            .from_turns(&turns_of(request.messages))
+            .map_err(|e| AdapterError::InvalidRequest(format!("{} ({})", e, e.code())))?;
+        let served = self.resolve(condition).await.map_err(|e| {
+            let msg = format!("{e} ({})", e.code());
+            if e.is_client_error() {
+                AdapterError::InvalidRequest(msg)
+            } else {
+                AdapterError::Failed(msg)
+            }
+        })?;
+        Ok(served.adapter)
+    }
+}
+
+/// Bytes of one generated adapter on the device: `r·(in+out)` elements per projection.
+fn adapter_bytes(generator: &Generator, dtype: DType) -> usize {
+    let layout = generator.layout();
+    let shape = layout.base_shape();
+    let spec = layout.spec();
+    let per_layer: usize = spec
+        .target_modules
+        .iter()
+        .map(|&m| {
+            let (i, o) = shape.in_out(m);
+            spec.rank * (i + o)
+        })
+        .sum();
+    shape.num_layers * per_layer * dtype.size_in_bytes()
+}
+
+fn generate_lora(
+    generator: &Generator,
+    prompts: &[String],
+    key: &AdapterKey,
+    device: &Device,
+    dtype: DType,
+) -> std::result::Result<SequenceLora, GenerationError> {
+    let failed = |e: DndError| match e {
+        DndError::NonFinite(m) => GenerationError::NonFinite(m),
+        other => GenerationError::Failed(other.to_string()),
+    };
+    let adapter = generator.generate(prompts).map_err(failed)?;
+    adapter.check_finite().map_err(failed)?;
+    to_sequence_lora(&adapter, format!("dnd-{key}"), device, dtype).map_err(failed)
+}
+
+#[cfg(test)]
+mod tests;

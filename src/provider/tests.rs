@@ -1,0 +1,221 @@
+//! The provider on the golden tiny Qwen2 shape with a small random generator.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use mistralrs_core::adapter_provider::{AdapterError, AdapterProvider, AdapterRequest};
+use mistralrs_core::RequestMessage;
+
+use super::*;
+use crate::adapters::{LoraSpec, Module};
+use crate::encoder::TextEncoder;
+use crate::generator::{presets, ConditionDecoder, GeneratorConfig};
+use crate::policy::{PromptSource, Turn};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn encoder() -> TextEncoder {
+    let dir = root().join(".assets/all-MiniLM-L6-v2");
+    TextEncoder::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-assets.sh first"))
+}
+
+/// A random generator for tiny-qwen2; `poison` sets one decoder weight to NaN.
+fn generator(poison: bool) -> Generator {
+    let shape = BaseModelShape::from_path(root().join("tests/fixtures/golden/tiny-qwen2")).unwrap();
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        chunk_width: 32,
+        target_modules: Module::ALL.to_vec(),
+    };
+    let cfg = GeneratorConfig::new(shape, spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
+    let (dec, tensors) =
+        ConditionDecoder::random(cfg.clone(), 7, &Device::Cpu, DType::F32).unwrap();
+    let dec = if poison {
+        let mut tensors = tensors;
+        let (name, t) = tensors
+            .iter()
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .unwrap();
+        let nan = Tensor::full(f32::NAN, t.shape(), &Device::Cpu).unwrap();
+        tensors.insert(name, nan);
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        ConditionDecoder::new(cfg, vb).unwrap()
+    } else {
+        dec
+    };
+    Generator::from_parts(encoder(), dec).unwrap()
+}
+
+fn provider(poison: bool, source: PromptSource) -> Arc<DndProvider> {
+    DndProvider::new(
+        generator(poison),
+        if poison { "nan" } else { "gen" },
+        ProviderOptions {
+            policy: PromptPolicy {
+                source,
+                max_prompts: 0,
+                max_chars: 1000,
+            },
+            limits: CacheLimits {
+                max_entries: 2,
+                max_bytes: 1 << 30,
+                wait_timeout: Duration::from_secs(1),
+            },
+            device: Device::Cpu,
+            dtype: DType::F32,
+            base_model_id: "tiny-qwen2".into(),
+        },
+    )
+    .unwrap()
+}
+
+fn prompts(p: &[&str]) -> Condition {
+    Condition::Prompts(p.iter().map(|s| s.to_string()).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_prompt_sets_share_one_adapter_of_the_announced_size() {
+    let p = provider(false, PromptSource::Auto);
+    assert_eq!(
+        p.options().policy.max_prompts,
+        4,
+        "clamped to the generator's N"
+    );
+    let a = p
+        .resolve(prompts(&["Is the sky blue?", "Is 2 even?"]))
+        .await
+        .unwrap();
+    assert_eq!(a.source, Some(Source::Generated));
+    let lora = a.adapter.unwrap();
+    // Two layers, seven modules, rank 2: r·(in+out) floats per projection.
+    let per_layer = 2 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 160) * 2 + (160 + 64));
+    assert_eq!(lora.size_in_bytes(), 2 * per_layer * 4);
+    assert_eq!(p.adapter_bytes(), lora.size_in_bytes());
+    assert_eq!(lora.num_projections(), 14);
+    let b = p
+        .resolve(prompts(&[" Is 2 even?", "Is the sky blue?\r\n"]))
+        .await
+        .unwrap();
+    assert_eq!(b.source, Some(Source::Cached));
+    assert_eq!(b.key, a.key);
+    assert!(Arc::ptr_eq(&lora, b.adapter.as_ref().unwrap()));
+    let c = p
+        .resolve(prompts(&["Translate to French: cat"]))
+        .await
+        .unwrap();
+    assert_ne!(c.key, a.key);
+    assert_eq!(
+        p.resolve(Condition::Base)
+            .await
+            .unwrap()
+            .adapter
+            .map(|a| a.uid()),
+        None
+    );
+    // The exported adapter is the generator's output for the normalised prompts.
+    let key = a.key.unwrap();
+    let exported = p.export(key.as_str()).await.unwrap();
+    let direct = p
+        .generator()
+        .generate(&normalize_prompts(&["Is the sky blue?", "Is 2 even?"]))
+        .unwrap();
+    for (t, pair) in direct.pairs() {
+        let e = exported.get(t.layer, t.module).unwrap();
+        assert_eq!(
+            pair.a.to_vec2::<f32>().unwrap(),
+            e.a.to_vec2::<f32>().unwrap()
+        );
+    }
+    assert!(matches!(
+        p.by_key(key.as_str()),
+        Ok(Served {
+            source: Some(Source::Cached),
+            ..
+        })
+    ));
+    assert_eq!(
+        p.by_key("0123456789abcdef0123456789abcdef")
+            .unwrap_err()
+            .code(),
+        "adapter_not_found"
+    );
+}
+
+#[tokio::test]
+async fn non_finite_weights_are_refused_with_a_clear_code() {
+    let p = provider(true, PromptSource::Auto);
+    let err = p.resolve(prompts(&["anything"])).await.unwrap_err();
+    assert_eq!(err.code(), "adapter_not_finite", "{err}");
+    assert!(!err.is_client_error());
+    assert!(p.cache().is_empty());
+}
+
+fn chat(system: Option<&str>, user: &str) -> RequestMessage {
+    let msg = |role: &str, text: &str| {
+        indexmap::IndexMap::from([
+            ("role".to_string(), either::Either::Left(role.to_string())),
+            (
+                "content".to_string(),
+                either::Either::Left(text.to_string()),
+            ),
+        ])
+    };
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(msg("system", s));
+    }
+    messages.push(msg("user", user));
+    RequestMessage::Chat {
+        messages,
+        enable_thinking: None,
+        reasoning_effort: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_hook_applies_the_policy_or_the_prepared_choice() {
+    let p = provider(false, PromptSource::System);
+    let ask = |id: usize, m: &RequestMessage| {
+        let p = p.clone();
+        let m = m.clone();
+        async move {
+            p.adapter_for(&AdapterRequest {
+                request_id: id,
+                model_id: "tiny",
+                messages: &m,
+            })
+            .await
+        }
+    };
+    let with_system = chat(Some("You grade essays."), "hi");
+    let got = ask(1, &with_system).await.unwrap().expect("an adapter");
+    let key = p.key_for(&["You grade essays.".to_string()]);
+    assert_eq!(got.name(), format!("dnd-{key}"));
+    assert!(
+        ask(2, &chat(None, "hi")).await.unwrap().is_none(),
+        "no system prompt: base"
+    );
+    // A prepared choice wins once, then the policy applies again.
+    p.prepare(3, None);
+    assert!(ask(3, &with_system).await.unwrap().is_none());
+    assert!(ask(3, &with_system).await.unwrap().is_some());
+    let long = chat(Some(&"x".repeat(1001)), "hi");
+    match ask(4, &long).await {
+        Err(AdapterError::InvalidRequest(m)) => assert!(m.contains("prompt_too_long"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let turns = turns_of(&with_system);
+    assert_eq!(turns.len(), 2);
+    assert_eq!(
+        (turns[0].role.as_str(), turns[0].text.as_str()),
+        ("system", "You grade essays.")
+    );
+    let _ = Turn::new("user", "x");
+}

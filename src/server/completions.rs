@@ -1,0 +1,280 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::Json;
+use futures::stream::{self, Stream};
+use mistralrs_core::{NormalRequest, Request, RequestMessage, Response, SamplingParams};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::Receiver;
+
+use super::error::ApiError;
+use super::openai::{parse_body, ChatBody, CompletionBody, DndExtension};
+use super::ServerState;
+use crate::policy::{Condition, Turn};
+use crate::provider::Served;
+
+const CHAT: &str = "/v1/chat/completions";
+const COMPLETIONS: &str = "/v1/completions";
+
+pub(super) async fn chat(State(state): State<Arc<ServerState>>, body: Bytes) -> HttpResponse {
+    let result = async {
+        let req: ChatBody = parse_body(&body)?;
+        let (turns, message) = req.messages()?;
+        let params = req.sampling.to_params()?;
+        run(&state, req.dnd, &turns, message, params, req.stream).await
+    }
+    .await;
+    finish(&state, CHAT, result)
+}
+
+pub(super) async fn completion(State(state): State<Arc<ServerState>>, body: Bytes) -> HttpResponse {
+    let result = async {
+        let req: CompletionBody = parse_body(&body)?;
+        let (turns, message) = req.prompt()?;
+        let params = req.sampling.to_params()?;
+        run(&state, req.dnd, &turns, message, params, req.stream).await
+    }
+    .await;
+    finish(&state, COMPLETIONS, result)
+}
+
+fn finish(
+    state: &ServerState,
+    endpoint: &'static str,
+    result: Result<HttpResponse, ApiError>,
+) -> HttpResponse {
+    let response = result.unwrap_or_else(|e| {
+        tracing::info!(endpoint, code = e.code, "request refused: {}", e.message);
+        e.into_response()
+    });
+    state.metrics.record(endpoint, response.status().as_u16());
+    response
+}
+
+/// The adapter a request gets: its `dnd` field first, then the policy.
+async fn choose(
+    state: &ServerState,
+    ext: Option<DndExtension>,
+    turns: &[Turn],
+) -> Result<Served, ApiError> {
+    let ext = ext.unwrap_or_default();
+    let Some(provider) = &state.provider else {
+        if ext.prompts.is_some() || ext.adapter.is_some() {
+            return Err(state.provider().err().expect("no provider"));
+        }
+        return Ok(Served::default());
+    };
+    let named = [ext.base, ext.prompts.is_some(), ext.adapter.is_some()];
+    if named.iter().filter(|b| **b).count() > 1 {
+        return Err(ApiError::bad_request(
+            "conflicting_dnd_fields",
+            "dnd: give at most one of base, prompts and adapter",
+        ));
+    }
+    if ext.base {
+        return Ok(Served::default());
+    }
+    if let Some(key) = ext.adapter {
+        return Ok(provider.by_key(&key)?);
+    }
+    let policy = &provider.options().policy;
+    let condition = match ext.prompts {
+        Some(p) => Condition::Prompts(
+            policy
+                .explicit(&p)
+                .map_err(crate::provider::ProviderError::from)?,
+        ),
+        None => policy
+            .from_turns(turns)
+            .map_err(crate::provider::ProviderError::from)?,
+    };
+    Ok(provider.resolve(condition).await?)
+}
+
+/// The `dnd` response field.
+fn dnd_info(served: &Served) -> Value {
+    json!({
+        "adapter": served.key.as_ref().map(|k| k.as_str()),
+        "source": served.source.map_or("base", |s| s.as_str()),
+        "generation_ms": served.generation.map(|d| d.as_secs_f64() * 1e3),
+    })
+}
+
+fn dnd_headers(served: &Served) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let key = served.key.as_ref().map_or("none", |k| k.as_str());
+    h.insert(
+        "x-dnd-adapter",
+        HeaderValue::from_str(key).expect("hex key"),
+    );
+    h.insert(
+        "x-dnd-adapter-source",
+        HeaderValue::from_static(served.source.map_or("base", |s| s.as_str())),
+    );
+    h
+}
+
+/// Keeps the served adapter pinned until the response is complete, then wakes cache waiters.
+struct Pin {
+    served: Served,
+    state: Arc<ServerState>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.served.adapter = None;
+        if let Some(p) = &self.state.provider {
+            p.cache().notify_released();
+        }
+    }
+}
+
+async fn run(
+    state: &Arc<ServerState>,
+    ext: Option<DndExtension>,
+    turns: &[Turn],
+    message: RequestMessage,
+    params: SamplingParams,
+    stream: bool,
+) -> Result<HttpResponse, ApiError> {
+    let served = choose(state, ext, turns).await?;
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    if let Some(p) = &state.provider {
+        p.prepare(id, served.adapter.clone());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let mut req = NormalRequest::new_simple(message, params, tx, id, None, None);
+    req.is_streaming = stream;
+    let sent = match state.engine.inner().get_sender(None) {
+        Ok(s) => s.send(Request::Normal(Box::new(req))).await.is_ok(),
+        Err(_) => false,
+    };
+    if !sent {
+        if let Some(p) = &state.provider {
+            p.forget(id);
+        }
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "engine_unavailable",
+            "the engine is not accepting requests",
+        ));
+    }
+    let headers = dnd_headers(&served);
+    let info = dnd_info(&served);
+    let pin = Pin {
+        served,
+        state: state.clone(),
+    };
+    if stream {
+        let events = sse_events(rx, info, pin);
+        return Ok((headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response());
+    }
+    let mut body = collect(rx).await?;
+    drop(pin);
+    body["dnd"] = info;
+    Ok((headers, Json(body)).into_response())
+}
+
+fn engine_error(r: Response) -> Option<ApiError> {
+    match r {
+        Response::ValidationError(e) => {
+            Some(ApiError::bad_request("invalid_request", e.to_string()))
+        }
+        Response::InternalError(e) => Some(ApiError::internal("internal_error", e.to_string())),
+        Response::ModelError(m, _) | Response::CompletionModelError(m, _) => {
+            Some(ApiError::internal("model_error", m))
+        }
+        _ => None,
+    }
+}
+
+/// The final response of a non-streaming request.
+async fn collect(mut rx: Receiver<Response>) -> Result<Value, ApiError> {
+    while let Some(r) = rx.recv().await {
+        let value = match r {
+            Response::Done(d) => serde_json::to_value(d),
+            Response::CompletionDone(d) => serde_json::to_value(d),
+            Response::Chunk(_) | Response::CompletionChunk(_) => continue,
+            other => {
+                return Err(engine_error(other).unwrap_or_else(|| {
+                    ApiError::internal("internal_error", "unexpected engine response")
+                }))
+            }
+        };
+        return value.map_err(|e| ApiError::internal("internal_error", e.to_string()));
+    }
+    Err(ApiError::internal(
+        "internal_error",
+        "the engine dropped the request without an answer",
+    ))
+}
+
+/// Server-sent events of a streaming request: chunks (the first with the `dnd` field), then
+/// `[DONE]`; an engine error becomes an `error` event.
+fn sse_events(
+    rx: Receiver<Response>,
+    info: Value,
+    pin: Pin,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct St {
+        rx: Receiver<Response>,
+        info: Option<Value>,
+        done: bool,
+        _pin: Pin,
+    }
+    let st = St {
+        rx,
+        info: Some(info),
+        done: false,
+        _pin: pin,
+    };
+    stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let Some(r) = st.rx.recv().await else {
+            st.done = true;
+            return Some((Ok(Event::default().data("[DONE]")), st));
+        };
+        let (mut value, last) = match r {
+            Response::Chunk(c) => {
+                let last = c.choices.iter().all(|c| c.finish_reason.is_some());
+                (serde_json::to_value(c), last)
+            }
+            Response::CompletionChunk(c) => {
+                let last = c.choices.iter().all(|c| c.finish_reason.is_some());
+                (serde_json::to_value(c), last)
+            }
+            Response::Done(d) => (serde_json::to_value(d), true),
+            Response::CompletionDone(d) => (serde_json::to_value(d), true),
+            other => {
+                let e = engine_error(other).unwrap_or_else(|| {
+                    ApiError::internal("internal_error", "unexpected engine response")
+                });
+                st.done = true;
+                let ev = Event::default().data(e.body().to_string());
+                return Some((Ok(ev), st));
+            }
+        };
+        if let Ok(v) = &mut value {
+            if let Some(info) = st.info.take() {
+                v["dnd"] = info;
+            }
+        }
+        let data =
+            value.unwrap_or_else(|e| ApiError::internal("internal_error", e.to_string()).body());
+        if last {
+            // `[DONE]` follows on the next poll (rx is then drained or closed).
+            st.rx.close();
+        }
+        Some((Ok(Event::default().data(data.to_string())), st))
+    })
+}

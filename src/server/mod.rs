@@ -1,0 +1,103 @@
+//! The OpenAI-compatible HTTP server around a mistral.rs engine, with the DnD provider.
+//!
+//! - `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream`): each request's
+//!   adapter is chosen by the [`policy`](crate::policy) or its `dnd` field, resolved through the
+//!   cache before the engine sees the request, and reported in the response (`dnd` field,
+//!   `x-dnd-adapter` headers).
+//! - `GET /v1/adapters`, `GET /v1/adapters/{key}`, `GET /v1/adapters/{key}/peft` (a tar of the
+//!   PEFT folder), `DELETE /v1/adapters/{key}`.
+//! - `GET /metrics` (Prometheus), `GET /v1/models`, `GET /health`.
+
+mod adapters;
+mod completions;
+pub mod error;
+mod metrics;
+pub mod openai;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::provider::DndProvider;
+pub use error::ApiError;
+pub use metrics::HttpMetrics;
+
+/// What every handler shares.
+pub struct ServerState {
+    /// The engine.
+    pub engine: mistralrs::Model,
+    /// The name the model is served under.
+    pub model_name: String,
+    /// The DnD provider, when `--adapter-provider dnd`.
+    pub provider: Option<Arc<DndProvider>>,
+    /// Request counters.
+    pub metrics: HttpMetrics,
+    next_id: AtomicUsize,
+}
+
+impl ServerState {
+    /// State for an engine (with its provider already registered, if any).
+    pub fn new(
+        engine: mistralrs::Model,
+        model_name: impl Into<String>,
+        provider: Option<Arc<DndProvider>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            model_name: model_name.into(),
+            provider,
+            metrics: HttpMetrics::default(),
+            // Ids far from those an embedding application might pick for its own requests.
+            next_id: AtomicUsize::new(1 << 40),
+        })
+    }
+
+    fn provider(&self) -> Result<&Arc<DndProvider>, ApiError> {
+        self.provider.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "adapter_provider_disabled",
+                "this server runs without an adapter provider (start it with \
+                 --adapter-provider dnd)",
+            )
+        })
+    }
+}
+
+/// The router of all endpoints.
+pub fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::completion))
+        .route("/v1/models", get(models))
+        .route("/v1/adapters", get(adapters::list))
+        .route(
+            "/v1/adapters/{key}",
+            get(adapters::show).delete(adapters::remove),
+        )
+        .route("/v1/adapters/{key}/peft", get(adapters::export))
+        .route("/metrics", get(metrics::prometheus))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .with_state(state)
+}
+
+async fn models(
+    axum::extract::State(state): axum::extract::State<Arc<ServerState>>,
+) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "owned_by": "local",
+            "adapter_provider": state.provider.as_ref().map(|_| "dnd"),
+        }]
+    }))
+}

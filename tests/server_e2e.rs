@@ -1,0 +1,139 @@
+//! End to end: the real `mistralrs-server` binary on loopback with the golden tiny Qwen2 and a
+//! small random generator, driven by the real `openai` Python client
+//! (`tests/e2e/openai_client.py`, installed by `scripts/fetch-assets.sh openai`).
+#![cfg(feature = "server")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use common::{golden_path, token_ids, Golden};
+use mistralrs_dnd::adapters::{BaseModelShape, LoraSpec, Module};
+use mistralrs_dnd::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A rank-2 random generator for tiny-qwen2 (N = 4 prompts), written to `dir`.
+fn tiny_generator(dir: &Path) -> PathBuf {
+    let shape = BaseModelShape::from_path(golden_path("tiny-qwen2")).unwrap();
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 16.0,
+        chunk_width: 32,
+        target_modules: Module::ALL.to_vec(),
+    };
+    let mut cfg =
+        GeneratorConfig::new(shape, spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
+    cfg.note = Some("RANDOM WEIGHTS (test)".into());
+    let (_, tensors) = ConditionDecoder::random(cfg.clone(), 3, &Device::Cpu, DType::F32).unwrap();
+    let path = dir.join("tiny-generator.safetensors");
+    checkpoint::save(&path, &cfg, &tensors).unwrap();
+    path
+}
+
+/// The server process; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(extra: &[&str], name: &str) -> Server {
+    let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gen = tiny_generator(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mistralrs-server"))
+        .current_dir(root())
+        .args(["--port", "0", "--cpu", "--max-seqs", "16"])
+        .args(["--adapter-provider", "dnd", "--dnd-generator"])
+        .arg(&gen)
+        .args(extra)
+        .args(["plain", "-m"])
+        .arg(golden_path("tiny-qwen2"))
+        .args(["-d", "f32"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mistralrs-server starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the server printed its address");
+    Server { child, url }
+}
+
+fn python(args: &[&str]) {
+    let venv = root().join(".assets/venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} missing: run scripts/fetch-assets.sh openai",
+        venv.display()
+    );
+    let out = Command::new(venv)
+        .arg(root().join("tests/e2e/openai_client.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "client failed:\n{stdout}\n{stderr}");
+    eprintln!("client summary: {stdout}");
+}
+
+/// The transformers reference's greedy continuation of the golden prompt 0, up to the first
+/// end-of-sequence token (where the server stops).
+fn golden_base_continuation() -> (String, String) {
+    let golden = Golden::load("tiny-qwen2/expected.safetensors");
+    let prompt = golden.meta["prompts"][0].as_str().unwrap().to_string();
+    let ids = token_ids(golden.get("base.seq0.greedy"));
+    let eos = 258;
+    let ids: Vec<u32> = ids.into_iter().take_while(|&t| t != eos).collect();
+    let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
+    (prompt, tok.decode(&ids, true).unwrap())
+}
+
+#[test]
+fn openai_client_sees_specialised_cached_and_base_answers() {
+    let server = start_server(&["--dnd-cache-entries", "8"], "e2e");
+    let (prompt, expected) = golden_base_continuation();
+    python(&[&server.url, "e2e", &prompt, &expected]);
+}
+
+#[test]
+fn sixty_four_concurrent_requests_over_sixteen_prompt_sets_with_room_for_four() {
+    // Room for exactly four adapters of the tiny generator (17 920 bytes each).
+    let budget = 4 * 17_920;
+    let size = budget.to_string();
+    let server = start_server(
+        &[
+            "--dnd-cache-entries",
+            "16",
+            "--dnd-cache-size",
+            &size,
+            "--dnd-cache-wait-secs",
+            "600",
+        ],
+        "load",
+    );
+    python(&[&server.url, "load", &budget.to_string()]);
+}
