@@ -262,7 +262,7 @@ async fn main() {
     println!("|---|---|---|---|");
     println!("| cache-hit lookup (normalise + key + LRU), median | {lookup_us:.1} µs | | < 1 ms |");
     println!(
-        "| 1-token request, base / cached adapter, median | {base_ms:.1} / {hit_ms:.1} ms | +{:.1} ms | |",
+        "| 1-token request, base / cached adapter, median | {base_ms:.1} / {hit_ms:.1} ms | {:+.1} ms | |",
         hit_ms - base_ms
     );
     println!("| time to first token, base | {t_base:.1} ms | 1.00 | |");

@@ -61,11 +61,20 @@ apply_all() { # crate-version target-dir [--dry-run]
   done
 }
 
+# mistralrs-core's build script declares `rerun-if-changed=.git/HEAD` (for its version string);
+# in a crate folder without one, cargo would rebuild mistral.rs on every invocation. A fixed
+# HEAD file keeps the build cached.
+stable_git_head() {
+  mkdir -p "$1/.git"
+  [ -f "$1/.git/HEAD" ] || echo "0000000000000000000000000000000000000000" >"$1/.git/HEAD"
+}
+
 prepare() {
   local cv
   for cv in $(crates); do
     fetch_pristine "$cv"
     if [ -f "$work/$cv/.dnd-stamp" ] && stamp_of "$cv" | cmp -s - "$work/$cv/.dnd-stamp"; then
+      stable_git_head "$work/$cv"
       continue # up to date (and any local edits in progress are kept)
     fi
     rm -rf "$work/$cv"
@@ -74,6 +83,7 @@ prepare() {
     chmod -R u+w "$work/$cv"
     apply_all "$cv" "$work/$cv"
     stamp_of "$cv" >"$work/$cv/.dnd-stamp"
+    stable_git_head "$work/$cv"
     echo "patched $cv" >&2
   done
 }
@@ -98,7 +108,7 @@ regen() {
     fetch_pristine "$cv"
     local out="$patches/$cv/dnd.patch"
     # One patch per crate, paths as a/... b/...; earlier split patches are folded into it.
-    (cd "$root/target" && diff -ruN --exclude=.dnd-stamp --exclude=target \
+    (cd "$root/target" && diff -ruN --exclude=.dnd-stamp --exclude=.git --exclude=target \
       "mistralrs-pristine/$cv" "mistralrs-patched/$cv" |
       sed -E -e '/^diff -ruN /d' -e 's#^(---|\+\+\+) ([^\t]*)\t.*#\1 \2#' \
         -e "s#^--- mistralrs-pristine/$cv/#--- a/#" \
