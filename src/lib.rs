@@ -19,6 +19,7 @@ pub mod engine;
 pub mod generator;
 pub mod policy;
 pub mod prompts;
+pub mod training;
 #[cfg(feature = "engine")]
 pub mod provider;
 #[cfg(feature = "server")]

@@ -1,0 +1,277 @@
+//! A differentiable Qwen2 / Llama decoder for LoRA training, built from plain tensor ops so
+//! that candle's autograd reaches every LoRA factor.
+//!
+//! The base weights are frozen tensors; only the LoRA factors handed to
+//! [`CausalLm::forward`] (variables, when training) receive gradients. Numerics follow the
+//! Hugging Face implementations: RMSNorm in f32, rotary embeddings on halves
+//! (`rotate_half`), grouped-query attention with a causal mask, SwiGLU MLP, q/k/v biases for
+//! Qwen2, tied embeddings when the config says so.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module as _, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::adapters::{LoraAdapter, Module};
+use crate::error::{read_to_string, DndError, Result};
+
+/// The architecture numbers of a Hugging Face `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LmConfig {
+    /// `qwen2` or `llama`.
+    pub model_type: String,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Whether the output projection is the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+impl LmConfig {
+    /// Reads a model folder's `config.json`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let path = dir.as_ref().join("config.json");
+        let text = read_to_string(&path)?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| DndError::json(path.display(), e))?;
+        if !matches!(cfg.model_type.as_str(), "qwen2" | "llama") {
+            return Err(DndError::Incompatible(format!(
+                "{}: model_type {:?}; training supports qwen2 and llama",
+                path.display(),
+                cfg.model_type
+            )));
+        }
+        Ok(cfg)
+    }
+
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            w: vb.get((out, inp), "weight")?,
+            b: if bias { Some(vb.get(out, "bias")?) } else { None },
+        })
+    }
+
+    /// `x W^T (+ b) (+ scale · x A^T B^T)`, x of shape (B, T, in).
+    fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor, f64)>) -> Result<Tensor> {
+        let mut y = x.broadcast_matmul(&self.w.t()?)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some((a, b, scale)) = lora {
+            let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            y = (y + (d * scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+struct Layer {
+    norm1: Tensor,
+    norm2: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The frozen base model.
+pub struct CausalLm {
+    cfg: LmConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    device: Device,
+}
+
+impl CausalLm {
+    /// Loads `config.json` and `model.safetensors` (f32) from a model folder.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg = LmConfig::from_dir(dir)?;
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| DndError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        if files.is_empty() {
+            return Err(DndError::Incompatible(format!(
+                "{}: no .safetensors weights",
+                dir.display()
+            )));
+        }
+        // SAFETY: the files are not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        Self::new(cfg, vb, device)
+    }
+
+    fn new(cfg: LmConfig, vb: VarBuilder, device: &Device) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q_dim, kv_dim) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
+        let bias = cfg.model_type == "qwen2";
+        let m = vb.pp("model");
+        let embed = m.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let lb = m.pp(format!("layers.{l}"));
+            let at = lb.pp("self_attn");
+            let mlp = lb.pp("mlp");
+            layers.push(Layer {
+                norm1: lb.get(h, "input_layernorm.weight")?,
+                norm2: lb.get(h, "post_attention_layernorm.weight")?,
+                q: Linear::load(&at.pp("q_proj"), q_dim, h, bias)?,
+                k: Linear::load(&at.pp("k_proj"), kv_dim, h, bias)?,
+                v: Linear::load(&at.pp("v_proj"), kv_dim, h, bias)?,
+                o: Linear::load(&at.pp("o_proj"), h, q_dim, false)?,
+                gate: Linear::load(&mlp.pp("gate_proj"), i, h, false)?,
+                up: Linear::load(&mlp.pp("up_proj"), i, h, false)?,
+                down: Linear::load(&mlp.pp("down_proj"), h, i, false)?,
+            });
+        }
+        let norm = m.get(h, "norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, h), "lm_head.weight")?
+        };
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    /// Logits `(B, T, vocab)` for token ids `(B, T)`, with an optional LoRA adapter (whose
+    /// factors may be training variables).
+    pub fn forward(&self, ids: &Tensor, lora: Option<&LoraAdapter>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let mut x = candle_nn::Embedding::new(self.embed.clone(), cfg.hidden_size).forward(ids)?;
+        let (cos, sin) = self.rope(t)?;
+        let mask = causal_mask(t, &self.device)?;
+        let scale_of = |layer: usize, m: Module| {
+            lora.and_then(|a| a.get(layer, m).map(|p| (&p.a, &p.b, a.scale())))
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.norm1, cfg.rms_norm_eps)?;
+            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads(layer.q.forward(&h, scale_of(l, Module::Q))?, nh)?;
+            let k = heads(layer.k.forward(&h, scale_of(l, Module::K))?, nkv)?;
+            let v = heads(layer.v.forward(&h, scale_of(l, Module::V))?, nkv)?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let k = repeat_kv(apply_rope(&k, &cos, &sin)?, nh / nkv)?;
+            let v = repeat_kv(v, nh / nkv)?;
+            let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let ctx = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            x = (x + layer.o.forward(&ctx, scale_of(l, Module::O))?)?;
+            let h = rms_norm(&x, &layer.norm2, cfg.rms_norm_eps)?;
+            let g = layer.gate.forward(&h, scale_of(l, Module::Gate))?;
+            let u = layer.up.forward(&h, scale_of(l, Module::Up))?;
+            let act = (g.clone() * candle_nn::ops::sigmoid(&g)?)?;
+            x = (x + layer.down.forward(&(act * u)?, scale_of(l, Module::Down))?)?;
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(x.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// `cos`, `sin` of shape (T, head_dim) in the Hugging Face layout (halves repeated).
+    fn rope(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.cfg.head_dim();
+        let theta = self.cfg.rope_theta.unwrap_or(10_000.0);
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), &self.device)?;
+        let pos = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?;
+        let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+        Ok((emb.cos()?, emb.sin()?))
+    }
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, h, n, t, d))?
+        .reshape((b, h * n, t, d))?)
+}
+
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (t, t), device)?)
+}

@@ -1,0 +1,40 @@
+//! The training forward reproduces the transformers (+ PEFT) logits of the golden tiny models:
+//! base, base + adapter1, base + adapter2, on both fixture prompts.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{assert_close, golden_path, token_ids, Golden, GOLDEN_TOL};
+use mistralrs_dnd::adapters::LoraAdapter;
+use mistralrs_dnd::training::CausalLm;
+
+fn check(name: &str) {
+    let dev = Device::Cpu;
+    let model = CausalLm::load(golden_path(name), &dev).unwrap();
+    let golden = Golden::load(&format!("{name}/expected.safetensors"));
+    for case in ["base", "adapter1", "adapter2"] {
+        let adapter = (case != "base")
+            .then(|| LoraAdapter::load_peft(golden_path(name).join(case), &dev).unwrap());
+        for seq in ["seq0", "seq1"] {
+            let ids = token_ids(golden.get(&format!("input.{seq}.ids")));
+            let ids = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+            let logits = model
+                .forward(&ids, adapter.as_ref())
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let want = golden.get(&format!("{case}.{seq}.logits"));
+            assert_close(&format!("{name} {case} {seq}"), &logits, want, GOLDEN_TOL);
+        }
+    }
+}
+
+#[test]
+fn qwen2_training_forward_matches_transformers() {
+    check("tiny-qwen2");
+}
+
+#[test]
+fn llama_training_forward_matches_transformers() {
+    check("tiny-llama");
+}
