@@ -19,13 +19,13 @@ pub mod engine;
 pub mod generator;
 pub mod policy;
 pub mod prompts;
-pub mod training;
 #[cfg(feature = "engine")]
 pub mod provider;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(test)]
 mod test_util;
+pub mod training;
 
 pub use adapters::LoraAdapter;
 pub use generator::{Generator, LoadOptions};

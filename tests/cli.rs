@@ -129,3 +129,42 @@ fn init_inspect_generate() {
         "{err}"
     );
 }
+
+#[test]
+fn collect_writes_the_last_steps_and_refuses_bad_options() {
+    let dir = std::env::temp_dir().join(format!("dnd-cli-collect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = dir.join("task.json");
+    std::fs::write(
+        &task,
+        r#"[{"prompt":"Is 2 even?","response":"[True]"},{"prompt":"Is 3 even?","response":"[False]"}]"#,
+    )
+    .unwrap();
+    let out = dir.join("ckpt");
+    let tiny = golden_path("tiny-llama");
+    let args = |keep: &str| {
+        vec![
+            "collect".to_string(),
+            "--model".into(),
+            tiny.to_str().unwrap().into(),
+            "--task".into(),
+            task.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--steps".into(),
+            "4".into(),
+            "--rank".into(),
+            "2".into(),
+            "--keep-last".into(),
+            keep.into(),
+        ]
+    };
+    let log = dnd(&args("2"));
+    assert!(log.contains("4 steps"), "{log}");
+    for step in ["step-00003", "step-00004"] {
+        let a = LoraAdapter::load_peft(out.join(step), &Device::Cpu).unwrap();
+        assert_eq!(a.rank(), 2);
+    }
+    assert!(!out.join("step-00002").exists());
+    assert!(dnd_err(&args("9")).contains("--keep-last"));
+}

@@ -17,7 +17,10 @@ fn check(name: &str) {
             .then(|| LoraAdapter::load_peft(golden_path(name).join(case), &dev).unwrap());
         for seq in ["seq0", "seq1"] {
             let ids = token_ids(golden.get(&format!("input.{seq}.ids")));
-            let ids = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+            let ids = Tensor::new(ids.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let logits = model
                 .forward(&ids, adapter.as_ref())
                 .unwrap()

@@ -151,6 +151,53 @@ enum Command {
         /// The checkpoint.
         checkpoint: PathBuf,
     },
+    /// LoRA fine-tuning of a base model on one task file, keeping a PEFT checkpoint of each of
+    /// the last K steps (the adapters a generator is trained on).
+    Collect {
+        /// Model folder (config.json, tokenizer.json, safetensors; qwen2 or llama).
+        #[arg(long)]
+        model: PathBuf,
+        /// Task file (JSON list of {prompt, response[, system]}).
+        #[arg(long)]
+        task: PathBuf,
+        /// Output folder for the step-NNNNN/ PEFT checkpoints.
+        #[arg(long)]
+        out: PathBuf,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// LoRA alpha.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Adapted modules, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "q_proj,k_proj,v_proj,o_proj,up_proj,gate_proj,down_proj"
+        )]
+        modules: Vec<String>,
+        /// AdamW learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// AdamW weight decay.
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        /// Optimiser steps.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Most tokens per sequence (prompts are cut from the front).
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Keep a checkpoint after each of the last K steps.
+        #[arg(long, default_value_t = 5)]
+        keep_last: usize,
+        /// Seed of the LoRA init and the example order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Generate a LoRA adapter (PEFT folder) from prompts.
     Generate {
         /// The generator checkpoint.
@@ -302,6 +349,57 @@ fn main() -> Result<()> {
         Command::Inspect { checkpoint: path } => {
             let cfg = checkpoint::read_config(&path)?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
+        }
+        Command::Collect {
+            model,
+            task,
+            out,
+            rank,
+            alpha,
+            modules,
+            lr,
+            weight_decay,
+            steps,
+            batch,
+            seq_len,
+            keep_last,
+            seed,
+        } => {
+            let modules = modules
+                .iter()
+                .map(|m| {
+                    Module::from_name(m.trim()).with_context(|| format!("unknown module {m:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if keep_last == 0 || keep_last > steps {
+                bail!("--keep-last must be between 1 and --steps ({steps})");
+            }
+            let t0 = Instant::now();
+            let losses =
+                mistralrs_dnd::training::collect(&mistralrs_dnd::training::CollectOptions {
+                    model_dir: model,
+                    task,
+                    out: out.clone(),
+                    rank,
+                    alpha,
+                    modules,
+                    lr,
+                    weight_decay,
+                    steps,
+                    batch,
+                    seq_len,
+                    keep_last,
+                    seed,
+                    progress: true,
+                })?;
+            eprintln!(
+                "{} steps in {:.1} s, loss {:.4} -> {:.4}; checkpoints of the last {keep_last} steps in {}",
+                losses.len(),
+                t0.elapsed().as_secs_f64(),
+                losses.first().copied().unwrap_or(f32::NAN),
+                losses.last().copied().unwrap_or(f32::NAN),
+                out.display()
+            );
         }
         Command::Generate {
             checkpoint: ckpt,

@@ -1,8 +1,15 @@
-//! Training on candle's autograd (CPU): a differentiable base model for LoRA fine-tuning.
+//! Training on candle's autograd (CPU).
 //!
-//! [`model::CausalLm`] is the training forward of Qwen2 / Llama models; its logits match the
-//! inference model's (checked against the transformers fixtures of the golden tiny models).
+//! - [`model::CausalLm`]: the training forward of Qwen2 / Llama models; its logits match the
+//!   inference model's (checked against the transformers fixtures of the golden tiny models).
+//! - [`lora::TrainableLora`], [`data`], [`collect()`]: LoRA fine-tuning on a task file with the
+//!   loss on the answer tokens, keeping a PEFT checkpoint of each of the last K steps.
 
+pub mod collect;
+pub mod data;
+pub mod lora;
 pub mod model;
 
+pub use collect::{collect, CollectOptions};
+pub use lora::TrainableLora;
 pub use model::{CausalLm, LmConfig};

@@ -45,6 +45,9 @@ pub struct LmConfig {
     /// Whether the output projection is the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// End-of-sequence token id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
 }
 
 impl LmConfig {
@@ -62,6 +65,15 @@ impl LmConfig {
             )));
         }
         Ok(cfg)
+    }
+
+    /// The (first) end-of-sequence token id.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self.eos_token_id.as_ref()? {
+            serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32),
+            serde_json::Value::Array(v) => v.first()?.as_u64().map(|v| v as u32),
+            _ => None,
+        }
     }
 
     fn head_dim(&self) -> usize {
@@ -83,7 +95,11 @@ impl Linear {
     fn load(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Self> {
         Ok(Self {
             w: vb.get((out, inp), "weight")?,
-            b: if bias { Some(vb.get(out, "bias")?) } else { None },
+            b: if bias {
+                Some(vb.get(out, "bias")?)
+            } else {
+                None
+            },
         })
     }
 
@@ -221,10 +237,7 @@ impl CausalLm {
             let v = repeat_kv(v, nh / nkv)?;
             let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let ctx = att
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
+            let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + layer.o.forward(&ctx, scale_of(l, Module::O))?)?;
             let h = rms_norm(&x, &layer.norm2, cfg.rms_norm_eps)?;
             let g = layer.gate.forward(&h, scale_of(l, Module::Gate))?;

@@ -1,0 +1,162 @@
+//! `collect`: LoRA fine-tuning of a base model on one task, saving a PEFT checkpoint at each of
+//! the last K steps (the checkpoints a generator learns from).
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tokenizers::Tokenizer;
+
+use super::data::{encode, read_examples, Sequence};
+use super::lora::TrainableLora;
+use super::model::CausalLm;
+use crate::adapters::{BaseModelShape, Module};
+use crate::error::{DndError, Result};
+
+/// What `collect` trains and where it writes.
+#[derive(Debug, Clone)]
+pub struct CollectOptions {
+    /// Model folder (config.json, tokenizer.json, safetensors).
+    pub model_dir: PathBuf,
+    /// Task file.
+    pub task: PathBuf,
+    /// Output folder: `step-NNNNN/` PEFT folders.
+    pub out: PathBuf,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Adapted modules.
+    pub modules: Vec<Module>,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Most tokens per sequence.
+    pub seq_len: usize,
+    /// Checkpoints kept: one after each of the last `keep_last` steps.
+    pub keep_last: usize,
+    /// Seed of the LoRA init and the example order.
+    pub seed: u64,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Masked next-token cross-entropy over the answer tokens of a padded batch.
+pub fn answer_loss(logits: &Tensor, batch: &[Sequence], pad: u32) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    let device = logits.device();
+    let mut targets = vec![pad; b * (t - 1)];
+    let mut mask = vec![0f32; b * (t - 1)];
+    for (i, s) in batch.iter().enumerate() {
+        // Position p predicts token p + 1; answer tokens start at `answer_from`.
+        for p in s.answer_from.saturating_sub(1)..s.ids.len() - 1 {
+            targets[i * (t - 1) + p] = s.ids[p + 1];
+            mask[i * (t - 1) + p] = 1.0;
+        }
+    }
+    let count: f32 = mask.iter().sum();
+    if count == 0.0 {
+        return Err(DndError::InvalidInput(
+            "a batch without answer tokens".into(),
+        ));
+    }
+    let targets = Tensor::from_vec(targets, (b, t - 1, 1), device)?;
+    let mask = Tensor::from_vec(mask, (b, t - 1), device)?;
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
+    Ok(((picked * mask)?.sum_all()? / (-(count as f64)))?)
+}
+
+fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor> {
+    let t = batch.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(batch.len() * t);
+    for s in batch {
+        ids.extend_from_slice(&s.ids);
+        ids.extend(std::iter::repeat_n(pad, t - s.ids.len()));
+    }
+    Ok(Tensor::from_vec(ids, (batch.len(), t), device)?)
+}
+
+/// Fine-tunes and writes the checkpoints; returns the loss of every step.
+pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
+    let device = Device::Cpu;
+    let model = CausalLm::load(&opts.model_dir, &device)?;
+    let shape = BaseModelShape::from_path(&opts.model_dir)?;
+    let tok = Tokenizer::from_file(opts.model_dir.join("tokenizer.json"))
+        .map_err(|e| DndError::Tokenizer(e.to_string()))?;
+    let eos = model
+        .config()
+        .eos_token_id()
+        .ok_or_else(|| DndError::Incompatible("config.json has no eos_token_id".into()))?;
+    let examples = read_examples(&opts.task)?;
+    let seqs: Vec<Sequence> = examples
+        .iter()
+        .map(|e| encode(&tok, e, opts.seq_len, eos))
+        .collect::<Result<_>>()?;
+    let lora = TrainableLora::new(
+        &shape,
+        &opts.modules,
+        opts.rank,
+        opts.alpha,
+        opts.seed,
+        &device,
+    )?;
+    let mut opt = AdamW::new(
+        lora.vars(),
+        ParamsAdamW {
+            lr: opts.lr,
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.shuffle(&mut rng);
+    let mut cursor = 0;
+    let bar = if opts.progress {
+        ProgressBar::new(opts.steps as u64).with_style(
+            ProgressStyle::with_template("collect {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
+                .expect("template"),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    let name = opts
+        .model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let mut losses = Vec::with_capacity(opts.steps);
+    for step in 1..=opts.steps {
+        let mut batch = Vec::with_capacity(opts.batch);
+        for _ in 0..opts.batch.min(seqs.len()) {
+            if cursor == order.len() {
+                order.shuffle(&mut rng);
+                cursor = 0;
+            }
+            batch.push(seqs[order[cursor]].clone());
+            cursor += 1;
+        }
+        let ids = pad_batch(&batch, eos, &device)?;
+        let logits = model.forward(&ids, Some(&lora.adapter()?))?;
+        let loss = answer_loss(&logits, &batch, eos)?;
+        opt.backward_step(&loss)?;
+        let l = loss.to_scalar::<f32>()?;
+        losses.push(l);
+        bar.set_message(format!("loss {l:.4}"));
+        bar.inc(1);
+        if step + opts.keep_last > opts.steps {
+            let dir = opts.out.join(format!("step-{step:05}"));
+            lora.snapshot()?.save_peft(&dir, name.as_deref())?;
+        }
+    }
+    bar.finish();
+    Ok(losses)
+}

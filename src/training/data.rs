@@ -1,0 +1,113 @@
+//! Task examples as training sequences: prompt tokens, then answer tokens and end-of-sequence,
+//! with the loss on the answer part only.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use crate::error::{read_to_string, DndError, Result};
+
+/// One example of a task file (`data/dnd/*.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Example {
+    /// The question.
+    pub prompt: String,
+    /// The expected answer (`[A]`, `[True]`...).
+    pub response: String,
+    /// The task's instruction, if any.
+    #[serde(default)]
+    pub system: Option<String>,
+}
+
+/// Reads a task file: a JSON array of `{prompt, response[, system]}`.
+pub fn read_examples(path: impl AsRef<Path>) -> Result<Vec<Example>> {
+    let path = path.as_ref();
+    let v: Vec<Example> = serde_json::from_str(&read_to_string(path)?)
+        .map_err(|e| DndError::json(path.display(), e))?;
+    if v.is_empty() {
+        return Err(DndError::InvalidInput(format!(
+            "{}: no examples",
+            path.display()
+        )));
+    }
+    Ok(v)
+}
+
+/// The text the model sees before its answer. Training and evaluation share it.
+pub fn prompt_text(ex: &Example) -> String {
+    match ex.system.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(s) => format!("{s}\n\n{}\nAnswer: ", ex.prompt),
+        None => format!("{}\nAnswer: ", ex.prompt),
+    }
+}
+
+/// A tokenized example: the loss covers `ids[answer_from..]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    /// Prompt, answer and end-of-sequence token ids.
+    pub ids: Vec<u32>,
+    /// Index of the first answer token.
+    pub answer_from: usize,
+}
+
+/// Tokenizes an example, cutting the prompt's beginning when the whole exceeds `max_len`.
+pub fn encode(tok: &Tokenizer, ex: &Example, max_len: usize, eos: u32) -> Result<Sequence> {
+    let ids = |text: &str| -> Result<Vec<u32>> {
+        Ok(tok
+            .encode(text, false)
+            .map_err(|e| DndError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    };
+    let mut prompt = ids(&prompt_text(ex))?;
+    let mut answer = ids(&ex.response)?;
+    answer.push(eos);
+    if answer.len() >= max_len {
+        return Err(DndError::InvalidInput(format!(
+            "an answer of {} tokens does not fit a sequence length of {max_len}",
+            answer.len()
+        )));
+    }
+    let room = max_len - answer.len();
+    if prompt.len() > room {
+        prompt.drain(..prompt.len() - room);
+    }
+    let answer_from = prompt.len();
+    prompt.extend(answer);
+    Ok(Sequence {
+        ids: prompt,
+        answer_from,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_kept_whole_and_prompts_cut_from_the_front() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/golden/tiny-qwen2/tokenizer.json"
+        );
+        let tok = Tokenizer::from_file(path).unwrap();
+        let ex = Example {
+            prompt: "Is it so?".into(),
+            response: "[True]".into(),
+            system: Some("Answer true or false.".into()),
+        };
+        let full = encode(&tok, &ex, 1000, 258).unwrap();
+        let text = tok.decode(&full.ids[..full.answer_from], false).unwrap();
+        assert_eq!(text, "Answer true or false.\n\nIs it so?\nAnswer: ");
+        assert_eq!(
+            tok.decode(&full.ids[full.answer_from..], true).unwrap(),
+            "[True]"
+        );
+        assert_eq!(*full.ids.last().unwrap(), 258);
+        let cut = encode(&tok, &ex, 12, 258).unwrap();
+        assert_eq!(cut.ids.len(), 12);
+        assert_eq!(cut.ids[cut.answer_from..], full.ids[full.answer_from..]);
+        assert!(encode(&tok, &ex, 7, 258).is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! `collect` on the golden tiny Qwen2: the answer loss falls, the last K steps are saved as PEFT
+//! checkpoints, and training starts exactly at the base model (B = 0).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::golden_path;
+use mistralrs_dnd::adapters::{LoraAdapter, Module};
+use mistralrs_dnd::training::data::{encode, read_examples};
+use mistralrs_dnd::training::{collect, CausalLm, CollectOptions};
+
+#[test]
+fn answer_loss_falls_and_last_steps_are_saved() {
+    let dir = std::env::temp_dir().join(format!("dnd-collect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = dir.join("task.json");
+    // A task whose answer follows from the prompt: the parity of a digit.
+    let examples: Vec<serde_json::Value> = (0..16)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Is {} even?", i % 10),
+                "response": if i % 2 == 0 { "[True]" } else { "[False]" },
+                "system": "Answer true or false."
+            })
+        })
+        .collect();
+    std::fs::write(&task, serde_json::to_string(&examples).unwrap()).unwrap();
+    let out = dir.join("ckpt");
+    let opts = CollectOptions {
+        model_dir: golden_path("tiny-qwen2"),
+        task: task.clone(),
+        out: out.clone(),
+        rank: 4,
+        alpha: 8.0,
+        modules: Module::ALL.to_vec(),
+        lr: 1e-2,
+        weight_decay: 0.0,
+        steps: 30,
+        batch: 4,
+        seq_len: 64,
+        keep_last: 3,
+        seed: 0,
+        progress: false,
+    };
+    let losses = collect(&opts).unwrap();
+    assert_eq!(losses.len(), 30);
+    let tail: f32 = losses[27..].iter().sum::<f32>() / 3.0;
+    assert!(tail < 0.5 * losses[0], "loss did not fall: {losses:?}");
+
+    // Step 1 starts from the base model: B = 0, so its loss is the base model's answer loss
+    // on one of the examples' batches; check the scale with the whole task instead.
+    let model = CausalLm::load(golden_path("tiny-qwen2"), &Device::Cpu).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
+    let seqs: Vec<_> = read_examples(&task)
+        .unwrap()
+        .iter()
+        .map(|e| encode(&tok, e, 64, 258).unwrap())
+        .collect();
+    let base_losses: Vec<f32> = seqs
+        .iter()
+        .map(|s| {
+            let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.forward(&ids, None).unwrap();
+            mistralrs_dnd::training::collect::answer_loss(&logits, std::slice::from_ref(s), 258)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let (lo, hi) = base_losses
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &l| (a.min(l), b.max(l)));
+    assert!(
+        losses[0] >= lo - 1e-4 && losses[0] <= hi + 1e-4,
+        "first loss {} outside the base model's per-example range [{lo}, {hi}]",
+        losses[0]
+    );
+
+    let mut saved: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["step-00028", "step-00029", "step-00030"]);
+    let last = LoraAdapter::load_peft(out.join("step-00030"), &Device::Cpu).unwrap();
+    assert_eq!(last.rank(), 4);
+    assert_eq!(last.pairs().len(), 14);
+    let b = &last.get(0, Module::Q).unwrap().b;
+    let norm = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(norm > 0.0, "B was trained");
+    // The trained adapter lowers the base model's loss on the task.
+    let with: f32 = seqs
+        .iter()
+        .map(|s| {
+            let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.forward(&ids, Some(&last)).unwrap();
+            mistralrs_dnd::training::collect::answer_loss(&logits, std::slice::from_ref(s), 258)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum::<f32>();
+    let without: f32 = base_losses.iter().sum();
+    assert!(with < 0.5 * without, "task loss {without} -> {with}");
+}
