@@ -198,6 +198,57 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Train a generator from collected checkpoints and their tasks' prompts (resumable).
+    Train {
+        /// Starting checkpoint (`dnd init`): its configuration defines the generator.
+        #[arg(long)]
+        init: PathBuf,
+        /// The Sentence-BERT folder.
+        #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
+        encoder: PathBuf,
+        /// A task as NAME=PROMPTS_FILE:CHECKPOINTS_DIR (the `collect` output); repeat per task.
+        #[arg(long = "task", required = true)]
+        tasks: Vec<String>,
+        /// Task names to leave out (held out for evaluation); repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Optimiser steps in total.
+        #[arg(long, default_value_t = 1000)]
+        steps: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 3e-5)]
+        lr: f64,
+        /// AdamW weight decay.
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f64,
+        /// Linear warm-up steps.
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        /// Gradient clipping (global L2 norm).
+        #[arg(long, default_value_t = 1.0)]
+        grad_clip: f64,
+        /// Seed of the task, checkpoint, prompt and noise draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output checkpoint (its training state goes beside it as .state.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Loss-curve PNG.
+        #[arg(long)]
+        loss_png: Option<PathBuf>,
+        /// Folder caching prompt encodings across runs.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Save every this many steps.
+        #[arg(long, default_value_t = 100)]
+        save_every: usize,
+        /// Continue a stopped run from --out.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (saved, resumable) after this many steps in this invocation.
+        #[arg(long)]
+        stop_after: Option<usize>,
+    },
     /// Generate a LoRA adapter (PEFT folder) from prompts.
     Generate {
         /// The generator checkpoint.
@@ -228,6 +279,30 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `NAME=PROMPTS_FILE:CHECKPOINTS_DIR` to a training task (checkpoints: the PEFT folders inside).
+fn parse_task(s: &str) -> Result<mistralrs_dnd::training::TaskSet> {
+    let (name, rest) = s
+        .split_once('=')
+        .with_context(|| format!("--task {s:?}: expected NAME=PROMPTS_FILE:CHECKPOINTS_DIR"))?;
+    let (prompts, dir) = rest
+        .rsplit_once(':')
+        .with_context(|| format!("--task {s:?}: expected NAME=PROMPTS_FILE:CHECKPOINTS_DIR"))?;
+    let mut checkpoints: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--task {name}: reading {dir}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("adapter_config.json").exists())
+        .collect();
+    checkpoints.sort();
+    if checkpoints.is_empty() {
+        bail!("--task {name}: no PEFT checkpoint folders in {dir}");
+    }
+    Ok(mistralrs_dnd::training::TaskSet {
+        name: name.to_string(),
+        prompts: read_prompts(prompts)?,
+        checkpoints,
+    })
 }
 
 fn parse_stages(s: &str) -> Result<Vec<[usize; 3]>> {
@@ -398,6 +473,60 @@ fn main() -> Result<()> {
                 t0.elapsed().as_secs_f64(),
                 losses.first().copied().unwrap_or(f32::NAN),
                 losses.last().copied().unwrap_or(f32::NAN),
+                out.display()
+            );
+        }
+        Command::Train {
+            init,
+            encoder,
+            tasks,
+            exclude,
+            steps,
+            lr,
+            weight_decay,
+            warmup,
+            grad_clip,
+            seed,
+            out,
+            loss_png,
+            cache_dir,
+            save_every,
+            resume,
+            stop_after,
+        } => {
+            let tasks = tasks
+                .iter()
+                .map(|t| parse_task(t))
+                .collect::<Result<Vec<_>>>()?;
+            let t0 = Instant::now();
+            let report = mistralrs_dnd::training::train(&mistralrs_dnd::training::TrainOptions {
+                init,
+                encoder_dir: encoder,
+                tasks,
+                exclude,
+                steps,
+                lr,
+                weight_decay,
+                warmup,
+                grad_clip,
+                condition_noise: 1e-4,
+                target_noise: 1e-5,
+                seed,
+                out: out.clone(),
+                loss_png,
+                cache_dir,
+                save_every,
+                resume,
+                stop_after,
+                progress: true,
+            })?;
+            eprintln!(
+                "{} steps ({:.1} s in this run), loss {:.5} -> {:.5}, steps per task {:?}; wrote {}",
+                report.losses.len(),
+                t0.elapsed().as_secs_f64(),
+                report.losses.first().copied().unwrap_or(f32::NAN),
+                report.losses.last().copied().unwrap_or(f32::NAN),
+                report.task_steps,
                 out.display()
             );
         }

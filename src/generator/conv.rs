@@ -44,7 +44,10 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// `x (B, Ci, H, W)` convolved with `w (Co, Ci, k, k)`, odd k, padding k/2, no bias.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let k = w.dim(3)?;
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    // The fast kernels work on raw slices, outside autograd: training (any operand tracked
+    // for gradients) takes candle's differentiable convolution.
+    let tracked = x.track_op() || w.track_op();
+    if tracked || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
     }
     let (b, ci, h, wd) = x.dims4()?;

@@ -1,0 +1,395 @@
+//! `train`: generator training from collected LoRA checkpoints paired with their tasks'
+//! prompts, as the paper does.
+//!
+//! Each step picks a task, one of its checkpoints (the target tokens) and a fresh random set of
+//! N of its prompts (the condition), adds noise to both (1e-4 to the condition, 1e-5 to the
+//! target), and minimises the token-weighted MSE, the weight of a token being its standard
+//! deviation across the training checkpoints (normalised to mean 1). AdamW with linear warm-up
+//! and cosine decay, gradient clipping by global norm. Prompt encodings are cached (in memory,
+//! and on disk when a cache folder is given) so BERT runs once per distinct prompt.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::plot;
+use crate::adapters::{LoraAdapter, TokenLayout};
+use crate::cache::fingerprint;
+use crate::encoder::TextEncoder;
+use crate::error::{DndError, Result};
+use crate::generator::{checkpoint, ConditionDecoder, GeneratorConfig};
+
+/// One training task: its prompts and the folders of its collected PEFT checkpoints.
+#[derive(Debug, Clone)]
+pub struct TaskSet {
+    /// Task name (for `exclude` and the report).
+    pub name: String,
+    /// Its prompts (conditions are drawn from them).
+    pub prompts: Vec<String>,
+    /// PEFT checkpoint folders (targets).
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// Generator training settings.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The starting checkpoint (`dnd init` output): its config defines the generator.
+    pub init: PathBuf,
+    /// The Sentence-BERT folder.
+    pub encoder_dir: PathBuf,
+    /// Training tasks.
+    pub tasks: Vec<TaskSet>,
+    /// Task names left out (held-out tasks).
+    pub exclude: Vec<String>,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// Gradient clipping (global L2 norm).
+    pub grad_clip: f64,
+    /// Std of the noise added to conditions.
+    pub condition_noise: f64,
+    /// Std of the noise added to targets.
+    pub target_noise: f64,
+    /// Seed of task, checkpoint, prompt and noise draws.
+    pub seed: u64,
+    /// Output checkpoint.
+    pub out: PathBuf,
+    /// Loss-curve PNG.
+    pub loss_png: Option<PathBuf>,
+    /// Folder caching prompt encodings across runs.
+    pub cache_dir: Option<PathBuf>,
+    /// Save (and allow resuming) every this many steps.
+    pub save_every: usize,
+    /// Continue from `out` and its state file when they exist.
+    pub resume: bool,
+    /// Stop (saved, resumable) after this many steps in this invocation.
+    pub stop_after: Option<usize>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Loss of every step (all steps, resumed runs included).
+    pub losses: Vec<f32>,
+    /// Steps drawn per task.
+    pub task_steps: BTreeMap<String, usize>,
+    /// Prompts that went through BERT in this run (the rest came from the cache).
+    pub encoded_prompts: usize,
+}
+
+/// Per-prompt encodings `(L, C)`, in memory and optionally on disk.
+struct PromptCache<'a> {
+    encoder: &'a TextEncoder,
+    max_length: usize,
+    dir: Option<PathBuf>,
+    mem: HashMap<String, Tensor>,
+    encoded: usize,
+}
+
+impl PromptCache<'_> {
+    fn file(&self, prompt: &str) -> Option<PathBuf> {
+        let id = format!(
+            "{}|{}|{prompt}",
+            self.encoder.dir().display(),
+            self.max_length
+        );
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("{}.safetensors", fingerprint(id.as_bytes()))))
+    }
+
+    /// Encodings of `prompts`, stacked `(N, L, C)`.
+    fn condition(&mut self, prompts: &[&str]) -> Result<Tensor> {
+        let missing: Vec<&str> = prompts
+            .iter()
+            .copied()
+            .filter(|p| !self.mem.contains_key(*p))
+            .collect();
+        let mut to_encode = Vec::new();
+        for p in missing {
+            match self.file(p).filter(|f| f.exists()) {
+                Some(f) => {
+                    let t = candle_core::safetensors::load(&f, &Device::Cpu)?
+                        .remove("encoding")
+                        .ok_or_else(|| {
+                            DndError::Incompatible(format!("{}: no encoding", f.display()))
+                        })?;
+                    self.mem.insert(p.to_string(), t);
+                }
+                None if !to_encode.contains(&p) => to_encode.push(p),
+                None => {}
+            }
+        }
+        if !to_encode.is_empty() {
+            let enc = self.encoder.encode(&to_encode, self.max_length)?;
+            for (i, p) in to_encode.iter().enumerate() {
+                let t = enc.get(i)?.contiguous()?;
+                if let Some(f) = self.file(p) {
+                    if let Some(d) = f.parent() {
+                        std::fs::create_dir_all(d).map_err(|e| DndError::io(d, e))?;
+                    }
+                    candle_core::safetensors::save(&HashMap::from([("encoding", t.clone())]), &f)?;
+                }
+                self.mem.insert(p.to_string(), t);
+            }
+            self.encoded += to_encode.len();
+        }
+        let rows: Vec<&Tensor> = prompts.iter().map(|p| &self.mem[*p]).collect();
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
+
+/// Standard-normal noise of `shape`, from `rng` (Box-Muller), times `std`.
+fn noise(rng: &mut impl Rng, shape: &[usize], std: f64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// Learning rate at `step` (0-based): linear warm-up, then cosine decay to zero.
+pub fn learning_rate(step: usize, steps: usize, warmup: usize, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let t = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Per-token weights `(T)`: each token's std over all checkpoints, normalised to mean 1.
+pub fn criterion_weight(targets: &[Tensor]) -> Result<Tensor> {
+    let all = Tensor::stack(targets, 0)?; // (K, T, h, w)
+    let (k, t, h, w) = all.dims4()?;
+    let per_token = all.transpose(0, 1)?.reshape((t, k * h * w))?;
+    let mean = per_token.mean_keepdim(1)?;
+    let var = per_token.broadcast_sub(&mean)?.sqr()?.mean(1)?;
+    let std = (var + 1e-12)?.sqrt()?;
+    let m = std.mean_all()?;
+    Ok(std.broadcast_div(&m)?)
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: usize,
+    report: TrainReport,
+}
+
+fn state_path(out: &Path) -> PathBuf {
+    out.with_extension("state.json")
+}
+
+/// Trains a generator; writes `out` (and its `.state.json`) every `save_every` steps and at the
+/// end, and the loss curve when asked.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let dev = Device::Cpu;
+    let mut config: GeneratorConfig = checkpoint::read_config(&opts.init)?;
+    let layout: TokenLayout = config.validate()?;
+    let tasks: Vec<&TaskSet> = opts
+        .tasks
+        .iter()
+        .filter(|t| !opts.exclude.contains(&t.name))
+        .collect();
+    if tasks.is_empty() {
+        return Err(DndError::InvalidInput(
+            "no training task left after --exclude".into(),
+        ));
+    }
+    // Targets, per task.
+    let mut targets: Vec<Vec<Tensor>> = Vec::new();
+    for t in &tasks {
+        if t.checkpoints.is_empty() || t.prompts.is_empty() {
+            return Err(DndError::InvalidInput(format!(
+                "task {} needs prompts and at least one checkpoint",
+                t.name
+            )));
+        }
+        let mut v = Vec::new();
+        for c in &t.checkpoints {
+            let a = LoraAdapter::load_peft(c, &dev)?;
+            let tok = layout.tokenize(&a, &dev).map_err(|e| {
+                DndError::Incompatible(format!("{} does not fit the generator: {e}", c.display()))
+            })?;
+            v.push(tok);
+        }
+        targets.push(v);
+    }
+    let all_targets: Vec<Tensor> = targets.iter().flatten().cloned().collect();
+    let weight = criterion_weight(&all_targets)?;
+    let w4 = weight.reshape((weight.dim(0)?, 1, 1))?;
+
+    // Weights: the starting checkpoint, or the run being resumed.
+    let resume = opts.resume && opts.out.exists() && state_path(&opts.out).exists();
+    let source = if resume { &opts.out } else { &opts.init };
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (name, t) in candle_core::safetensors::load(source, &dev)? {
+            if name != "criterion_weight" {
+                data.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+            }
+        }
+    }
+    let decoder = ConditionDecoder::new(
+        config.clone(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )?;
+    let (mut start, mut report) = if resume {
+        let text = std::fs::read_to_string(state_path(&opts.out))
+            .map_err(|e| DndError::io(state_path(&opts.out), e))?;
+        let s: State = serde_json::from_str(&text)
+            .map_err(|e| DndError::json(state_path(&opts.out).display(), e))?;
+        (s.step, s.report)
+    } else {
+        (0, TrainReport::default())
+    };
+    report.encoded_prompts = 0;
+    let encoder = TextEncoder::load(&opts.encoder_dir, &dev, DType::F32)?;
+    let mut cache = PromptCache {
+        encoder: &encoder,
+        max_length: config.max_length,
+        dir: opts.cache_dir.clone(),
+        mem: HashMap::new(),
+        encoded: 0,
+    };
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: opts.lr,
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let bar = if opts.progress {
+        ProgressBar::new(opts.steps as u64).with_style(
+            ProgressStyle::with_template("train {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
+                .expect("template"),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_position(start as u64);
+    let end = opts
+        .stop_after
+        .map_or(opts.steps, |k| (start + k).min(opts.steps));
+    let n = config.num_prompts;
+    let save = |report: &TrainReport, step: usize, config: &mut GeneratorConfig| -> Result<()> {
+        let mut tensors = checkpoint::varmap_tensors(&varmap);
+        tensors.insert("criterion_weight".into(), weight.clone());
+        let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+        config.note = Some(format!(
+            "trained by `dnd train`: {step} of {} steps on tasks {names:?} (excluded {:?}), lr {}, seed {}",
+            opts.steps, opts.exclude, opts.lr, opts.seed
+        ));
+        checkpoint::save(&opts.out, config, &tensors)?;
+        let state = serde_json::to_string(&State {
+            step,
+            report: report.clone(),
+        })
+        .expect("state serialises");
+        std::fs::write(state_path(&opts.out), state).map_err(|e| DndError::io(&opts.out, e))
+    };
+    while start < end {
+        let step = start;
+        // Every step's draws depend only on (seed, step): a resumed run draws the same.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            opts.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let ti = rng.random_range(0..tasks.len());
+        let task = tasks[ti];
+        let target = &targets[ti][rng.random_range(0..targets[ti].len())];
+        let prompts: Vec<&str> = if task.prompts.len() >= n {
+            rand::seq::index::sample(&mut rng, task.prompts.len(), n)
+                .into_iter()
+                .map(|i| task.prompts[i].as_str())
+                .collect()
+        } else {
+            (0..n)
+                .map(|i| task.prompts[i % task.prompts.len()].as_str())
+                .collect()
+        };
+        let cond = cache.condition(&prompts)?;
+        let cond = (&cond + noise(&mut rng, cond.dims(), opts.condition_noise)?)?.unsqueeze(0)?;
+        let tgt = (target + noise(&mut rng, target.dims(), opts.target_noise)?)?;
+        opt.set_learning_rate(learning_rate(step, opts.steps, opts.warmup, opts.lr));
+        let pred = decoder.forward(&cond)?.squeeze(0)?;
+        let loss = (pred - tgt)?.sqr()?.broadcast_mul(&w4)?.mean_all()?;
+        let mut grads = loss.backward()?;
+        let vars = varmap.all_vars();
+        let mut sq = 0f64;
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        if norm > opts.grad_clip {
+            let k = opts.grad_clip / norm;
+            for v in &vars {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    grads.insert(v.as_tensor(), (g * k)?);
+                }
+            }
+        }
+        opt.step(&grads)?;
+        let l = loss.to_scalar::<f32>()?;
+        report.losses.push(l);
+        *report.task_steps.entry(task.name.clone()).or_default() += 1;
+        bar.set_message(format!("loss {l:.5}"));
+        bar.inc(1);
+        start += 1;
+        if start % opts.save_every.max(1) == 0 || start == end {
+            report.encoded_prompts = cache.encoded;
+            save(&report, start, &mut config)?;
+        }
+    }
+    bar.finish();
+    report.encoded_prompts = cache.encoded;
+    if let Some(png) = &opts.loss_png {
+        plot::line_chart(&report.losses, png)?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let lr = |s| learning_rate(s, 110, 10, 1.0);
+        assert!((lr(0) - 0.1).abs() < 1e-12);
+        assert!((lr(9) - 1.0).abs() < 1e-12);
+        assert!((lr(10) - 1.0).abs() < 1e-12);
+        assert!((lr(60) - 0.5).abs() < 1e-12);
+        assert!(lr(109) < 0.001);
+    }
+
+    #[test]
+    fn criterion_weight_is_the_normalised_per_token_std() {
+        // Token 0 varies by ±1 across two checkpoints, token 1 by ±3.
+        let a = Tensor::new(&[[[1f32]], [[3f32]]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[[-1f32]], [[-3f32]]], &Device::Cpu).unwrap();
+        let w = criterion_weight(&[a, b]).unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            (w[0] - 0.5).abs() < 1e-5 && (w[1] - 1.5).abs() < 1e-5,
+            "{w:?}"
+        );
+    }
+}
