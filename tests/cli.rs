@@ -167,4 +167,80 @@ fn collect_writes_the_last_steps_and_refuses_bad_options() {
     }
     assert!(!out.join("step-00002").exists());
     assert!(dnd_err(&args("9")).contains("--keep-last"));
+
+    // train: a rank-2 generator for tiny-llama on that task's checkpoints.
+    let init = dir.join("init.safetensors");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    dnd(&[
+        "init",
+        "--base-model",
+        &s(&tiny),
+        "--chunk-width",
+        "32",
+        "--rank",
+        "2",
+        "--alpha",
+        "16",
+        "--num-prompts",
+        "2",
+        "--max-length",
+        "8",
+        "--out",
+        &s(&init),
+    ]);
+    let gen = dir.join("gen.safetensors");
+    let enc = encoder_dir();
+    let log = dnd(&[
+        "train",
+        "--init",
+        &s(&init),
+        "--encoder",
+        &s(&enc),
+        "--task",
+        &format!("parity={}:{}", s(&task), s(&out)),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--out",
+        &s(&gen),
+        "--loss-png",
+        &s(&dir.join("loss.png")),
+    ]);
+    assert!(log.contains("3 steps"), "{log}");
+    assert!(dir.join("loss.png").exists() && dir.join("gen.state.json").exists());
+    assert!(dnd_err(&[
+        "train",
+        "--init",
+        &s(&init),
+        "--task",
+        "x=nothing",
+        "--out",
+        "o"
+    ])
+    .contains("NAME=PROMPTS_FILE:CHECKPOINTS_DIR"));
+
+    // eval: base and one checkpoint, as a Markdown table.
+    let table = dnd(&[
+        "eval",
+        "--model",
+        &s(&tiny),
+        "--task",
+        &s(&task),
+        "--adapter",
+        &format!("last={}", s(&out.join("step-00004"))),
+        "--out-md",
+        &s(&dir.join("t.md")),
+    ]);
+    assert!(
+        table.contains("| base |") && table.contains("| last |"),
+        "{table}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("t.md"))
+            .unwrap()
+            .lines()
+            .count(),
+        4
+    );
 }

@@ -11,7 +11,7 @@ use mistralrs_dnd::adapters::{BaseModelShape, LoraSpec, Module};
 use mistralrs_dnd::convert::{convert_pth, ConvertOptions};
 use mistralrs_dnd::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
 use mistralrs_dnd::prompts::{read_prompts, sample_prompts};
-use mistralrs_dnd::{Generator, LoadOptions};
+use mistralrs_dnd::{Generator, LoadOptions, LoraAdapter};
 
 #[derive(Parser)]
 #[command(
@@ -248,6 +248,40 @@ enum Command {
         /// Stop (saved, resumable) after this many steps in this invocation.
         #[arg(long)]
         stop_after: Option<usize>,
+    },
+    /// Accuracy of the base model and of adapters on a task's test split (greedy decoding, the
+    /// bracketed choice parsed from the start of the reply), as a Markdown table and a PNG.
+    Eval {
+        /// Model folder (config.json, tokenizer.json, safetensors; qwen2 or llama).
+        #[arg(long)]
+        model: PathBuf,
+        /// Test split (JSON list of {prompt, response[, system]}).
+        #[arg(long)]
+        task: PathBuf,
+        /// An adapter to score, as LABEL=PEFT_DIR; repeatable.
+        #[arg(long = "adapter")]
+        adapters: Vec<String>,
+        /// Leave the base model out of the table.
+        #[arg(long)]
+        no_base: bool,
+        /// Score this many examples, sampled with --seed (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Seed of the example sample.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Most generated tokens per answer.
+        #[arg(long, default_value_t = 8)]
+        max_new_tokens: usize,
+        /// Most tokens of prompt plus answer (prompts are cut from the front).
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Markdown table output.
+        #[arg(long)]
+        out_md: Option<PathBuf>,
+        /// PNG chart output.
+        #[arg(long)]
+        out_png: Option<PathBuf>,
     },
     /// Generate a LoRA adapter (PEFT folder) from prompts.
     Generate {
@@ -529,6 +563,77 @@ fn main() -> Result<()> {
                 report.task_steps,
                 out.display()
             );
+        }
+        Command::Eval {
+            model,
+            task,
+            adapters,
+            no_base,
+            limit,
+            seed,
+            max_new_tokens,
+            seq_len,
+            out_md,
+            out_png,
+        } => {
+            use mistralrs_dnd::training::eval;
+            let lm = mistralrs_dnd::training::CausalLm::load(&model, &Device::Cpu)?;
+            let eos = lm
+                .config()
+                .eos_token_id()
+                .context("config.json has no eos_token_id")?;
+            let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", model.join("tokenizer.json").display()))?;
+            let mut examples = mistralrs_dnd::training::data::read_examples(&task)?;
+            if let Some(n) = limit.filter(|&n| n < examples.len()) {
+                use rand::SeedableRng;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut idx = rand::seq::index::sample(&mut rng, examples.len(), n).into_vec();
+                idx.sort_unstable();
+                examples = idx.into_iter().map(|i| examples[i].clone()).collect();
+            }
+            let mut systems: Vec<(String, Option<LoraAdapter>)> = Vec::new();
+            if !no_base {
+                systems.push(("base".into(), None));
+            }
+            for a in &adapters {
+                let (label, dir) = a
+                    .split_once('=')
+                    .with_context(|| format!("--adapter {a:?}: expected LABEL=PEFT_DIR"))?;
+                systems.push((
+                    label.to_string(),
+                    Some(LoraAdapter::load_peft(dir, &Device::Cpu)?),
+                ));
+            }
+            if systems.is_empty() {
+                bail!("nothing to evaluate: give --adapter or drop --no-base");
+            }
+            let mut rows = Vec::new();
+            for (label, adapter) in &systems {
+                rows.push(eval::accuracy(
+                    &lm,
+                    &tok,
+                    &examples,
+                    adapter.as_ref(),
+                    max_new_tokens,
+                    seq_len,
+                    eos,
+                    label,
+                    true,
+                )?);
+            }
+            let name = task
+                .file_stem()
+                .map_or("task".into(), |s| s.to_string_lossy().into_owned());
+            print!("{}", eval::markdown(&name, &rows));
+            eval::write_outputs(
+                &name,
+                &rows,
+                &eval::EvalOutputs {
+                    markdown: out_md,
+                    png: out_png,
+                },
+            )?;
         }
         Command::Generate {
             checkpoint: ckpt,

@@ -5,9 +5,11 @@
 //! - [`lora::TrainableLora`], [`data`], [`collect()`]: LoRA fine-tuning on a task file with the
 //!   loss on the answer tokens, keeping a PEFT checkpoint of each of the last K steps.
 //! - [`generator::train`]: generator training from those checkpoints and their tasks' prompts.
+//! - [`eval`]: accuracy on a test split, greedy, the bracketed choice parsed from the reply.
 
 pub mod collect;
 pub mod data;
+pub mod eval;
 pub mod generator;
 pub mod lora;
 pub mod model;

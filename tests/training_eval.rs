@@ -1,0 +1,76 @@
+//! `eval` on the golden tiny Qwen2: the base model (which never answers in brackets) scores
+//! zero, and a LoRA collected on the very examples learns to answer them.
+
+mod common;
+
+use candle_core::Device;
+use common::golden_path;
+use mistralrs_dnd::adapters::{LoraAdapter, Module};
+use mistralrs_dnd::training::data::read_examples;
+use mistralrs_dnd::training::eval::{accuracy, markdown, write_outputs, EvalOutputs};
+use mistralrs_dnd::training::{collect, CausalLm, CollectOptions};
+
+#[test]
+fn a_lora_trained_on_the_examples_beats_the_base_model() {
+    let dir = std::env::temp_dir().join(format!("dnd-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = dir.join("task.json");
+    let items: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Is {i} even?"),
+                "response": if i % 2 == 0 { "[True]" } else { "[False]" },
+            })
+        })
+        .collect();
+    std::fs::write(&task, serde_json::to_string(&items).unwrap()).unwrap();
+    collect(&CollectOptions {
+        model_dir: golden_path("tiny-qwen2"),
+        task: task.clone(),
+        out: dir.join("ckpt"),
+        rank: 8,
+        alpha: 16.0,
+        modules: Module::ALL.to_vec(),
+        lr: 1e-2,
+        weight_decay: 0.0,
+        steps: 80,
+        batch: 8,
+        seq_len: 48,
+        keep_last: 1,
+        seed: 0,
+        progress: false,
+    })
+    .unwrap();
+    let lora = LoraAdapter::load_peft(dir.join("ckpt/step-00080"), &Device::Cpu).unwrap();
+    let model = CausalLm::load(golden_path("tiny-qwen2"), &Device::Cpu).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
+    let examples = read_examples(&task).unwrap();
+    let base = accuracy(&model, &tok, &examples, None, 8, 64, 258, "base", false).unwrap();
+    let tuned = accuracy(
+        &model,
+        &tok,
+        &examples,
+        Some(&lora),
+        8,
+        64,
+        258,
+        "lora",
+        false,
+    )
+    .unwrap();
+    eprintln!("base {} tuned {}", base.accuracy, tuned.accuracy);
+    assert_eq!(base.accuracy, 0.0);
+    assert!(tuned.accuracy >= 0.75, "tuned accuracy {}", tuned.accuracy);
+    let rows = [base, tuned];
+    let md = markdown("parity", &rows);
+    assert!(md.contains("| base | 0.0% | 8 |"), "{md}");
+    let out = EvalOutputs {
+        markdown: Some(dir.join("table.md")),
+        png: Some(dir.join("chart.png")),
+    };
+    write_outputs("parity", &rows, &out).unwrap();
+    assert_eq!(
+        &std::fs::read(dir.join("chart.png")).unwrap()[..4],
+        b"\x89PNG"
+    );
+}
