@@ -154,7 +154,7 @@ enum Command {
     /// LoRA fine-tuning of a base model on one task file, keeping a PEFT checkpoint of each of
     /// the last K steps (the adapters a generator is trained on).
     Collect {
-        /// Model folder (config.json, tokenizer.json, safetensors; qwen2 or llama).
+        /// Model folder (config.json, tokenizer.json, safetensors) or .gguf file; qwen2 or llama.
         #[arg(long)]
         model: PathBuf,
         /// Task file (JSON list of {prompt, response[, system]}).
@@ -252,7 +252,7 @@ enum Command {
     /// Accuracy of the base model and of adapters on a task's test split (greedy decoding, the
     /// bracketed choice parsed from the start of the reply), as a Markdown table and a PNG.
     Eval {
-        /// Model folder (config.json, tokenizer.json, safetensors; qwen2 or llama).
+        /// Model folder (config.json, tokenizer.json, safetensors) or .gguf file; qwen2 or llama.
         #[arg(long)]
         model: PathBuf,
         /// Test split (JSON list of {prompt, response[, system]}).
@@ -577,13 +577,7 @@ fn main() -> Result<()> {
             out_png,
         } => {
             use mistralrs_dnd::training::eval;
-            let lm = mistralrs_dnd::training::CausalLm::load(&model, &Device::Cpu)?;
-            let eos = lm
-                .config()
-                .eos_token_id()
-                .context("config.json has no eos_token_id")?;
-            let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", model.join("tokenizer.json").display()))?;
+            let (lm, tok, eos) = mistralrs_dnd::training::load_base_model(&model, &Device::Cpu)?;
             let mut examples = mistralrs_dnd::training::data::read_examples(&task)?;
             if let Some(n) = limit.filter(|&n| n < examples.len()) {
                 use rand::SeedableRng;

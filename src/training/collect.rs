@@ -8,18 +8,16 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tokenizers::Tokenizer;
 
 use super::data::{encode, read_examples, Sequence};
 use super::lora::TrainableLora;
-use super::model::CausalLm;
 use crate::adapters::{BaseModelShape, Module};
 use crate::error::{DndError, Result};
 
 /// What `collect` trains and where it writes.
 #[derive(Debug, Clone)]
 pub struct CollectOptions {
-    /// Model folder (config.json, tokenizer.json, safetensors).
+    /// Model folder (config.json, tokenizer.json, safetensors) or `.gguf` file.
     pub model_dir: PathBuf,
     /// Task file.
     pub task: PathBuf,
@@ -88,14 +86,8 @@ fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor> {
 /// Fine-tunes and writes the checkpoints; returns the loss of every step.
 pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
     let device = Device::Cpu;
-    let model = CausalLm::load(&opts.model_dir, &device)?;
+    let (model, tok, eos) = super::load_base_model(&opts.model_dir, &device)?;
     let shape = BaseModelShape::from_path(&opts.model_dir)?;
-    let tok = Tokenizer::from_file(opts.model_dir.join("tokenizer.json"))
-        .map_err(|e| DndError::Tokenizer(e.to_string()))?;
-    let eos = model
-        .config()
-        .eos_token_id()
-        .ok_or_else(|| DndError::Incompatible("config.json has no eos_token_id".into()))?;
     let examples = read_examples(&opts.task)?;
     let seqs: Vec<Sequence> = examples
         .iter()

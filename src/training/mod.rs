@@ -11,6 +11,7 @@ pub mod collect;
 pub mod data;
 pub mod eval;
 pub mod generator;
+pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod plot;
@@ -19,3 +20,33 @@ pub use collect::{collect, CollectOptions};
 pub use generator::{train, TaskSet, TrainOptions, TrainReport};
 pub use lora::TrainableLora;
 pub use model::{CausalLm, LmConfig};
+
+use std::path::Path;
+
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use crate::error::{DndError, Result};
+
+/// A base model for training or evaluation, its tokenizer and its end-of-sequence id: from a
+/// Hugging Face folder (config.json, tokenizer.json, safetensors) or a `.gguf` file.
+pub fn load_base_model(
+    path: impl AsRef<Path>,
+    device: &Device,
+) -> Result<(CausalLm, Tokenizer, u32)> {
+    let path = path.as_ref();
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return gguf::load_gguf(path, device);
+    }
+    let model = CausalLm::load(path, device)?;
+    let eos = model.config().eos_token_id().ok_or_else(|| {
+        DndError::Incompatible(format!(
+            "{}: config.json has no eos_token_id",
+            path.display()
+        ))
+    })?;
+    let tok = Tokenizer::from_file(path.join("tokenizer.json")).map_err(|e| {
+        DndError::Tokenizer(format!("{}: {e}", path.join("tokenizer.json").display()))
+    })?;
+    Ok((model, tok, eos))
+}

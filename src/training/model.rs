@@ -162,10 +162,11 @@ impl CausalLm {
         }
         // SAFETY: the files are not modified while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
-        Self::new(cfg, vb, device)
+        Self::from_parts(cfg, vb, device)
     }
 
-    fn new(cfg: LmConfig, vb: VarBuilder, device: &Device) -> Result<Self> {
+    /// Builds the model from a configuration and its weights under Hugging Face names.
+    pub fn from_parts(cfg: LmConfig, vb: VarBuilder, device: &Device) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q_dim, kv_dim) = (
             cfg.num_attention_heads * cfg.head_dim(),
