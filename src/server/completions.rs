@@ -137,6 +137,23 @@ impl Drop for Pin {
     }
 }
 
+/// Forgets a prepared adapter when dropped while armed.
+struct Prepared {
+    state: Arc<ServerState>,
+    id: usize,
+    armed: bool,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(p) = &self.state.provider {
+                p.forget(self.id);
+            }
+        }
+    }
+}
+
 async fn run(
     state: &Arc<ServerState>,
     ext: Option<DndExtension>,
@@ -147,6 +164,13 @@ async fn run(
 ) -> Result<HttpResponse, ApiError> {
     let served = choose(state, ext, turns).await?;
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    // Until the engine has the request, a dropped handler (client gone) must not leave the
+    // prepared adapter behind: it would pin its cache entry forever.
+    let mut prepared = Prepared {
+        state: state.clone(),
+        id,
+        armed: true,
+    };
     if let Some(p) = &state.provider {
         p.prepare(id, served.adapter.clone());
     }
@@ -157,10 +181,9 @@ async fn run(
         Ok(s) => s.send(Request::Normal(Box::new(req))).await.is_ok(),
         Err(_) => false,
     };
+    prepared.armed = !sent;
+    drop(prepared);
     if !sent {
-        if let Some(p) = &state.provider {
-            p.forget(id);
-        }
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "engine_unavailable",
