@@ -7,9 +7,12 @@
 //!
 //!   cargo bench --features engine --bench engine_lora [-- --tokens 64 --rounds 3]
 
+mod util;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use util::{arg, median};
 
 use candle_core::{Device, Tensor};
 use mistralrs::{GgufModelBuilder, TokenSource};
@@ -111,20 +114,6 @@ async fn run(model: &mistralrs::Model, ids: &[usize], max_len: usize, ban: &[u32
         }
     }
     Run { tokens, seconds }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

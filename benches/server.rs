@@ -7,9 +7,12 @@
 //!   scripts/fetch-assets.sh encoder smollm2
 //!   cargo bench --profile dev --features server --bench server [-- --requests 32 --tokens 16]
 
+mod util;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use util::{arg, median};
 
 use candle_core::{DType, Device};
 use mistralrs::GgufModelBuilder;
@@ -25,20 +28,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn prompts(set: usize) -> Vec<String> {
     (0..4)

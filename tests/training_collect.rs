@@ -6,8 +6,22 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::golden_path;
 use mistralrs_dnd::adapters::{LoraAdapter, Module};
-use mistralrs_dnd::training::data::{encode, read_examples};
+use mistralrs_dnd::training::collect::answer_loss;
+use mistralrs_dnd::training::data::{encode, read_examples, Sequence};
 use mistralrs_dnd::training::{collect, CausalLm, CollectOptions};
+
+/// The answer loss of one example.
+fn loss_of(model: &CausalLm, s: &Sequence, adapter: Option<&LoraAdapter>) -> f32 {
+    let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&ids, adapter).unwrap();
+    answer_loss(&logits, std::slice::from_ref(s), 258)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
 
 #[test]
 fn answer_loss_falls_and_last_steps_are_saved() {
@@ -56,20 +70,7 @@ fn answer_loss_falls_and_last_steps_are_saved() {
         .iter()
         .map(|e| encode(&tok, e, 64, 258).unwrap())
         .collect();
-    let base_losses: Vec<f32> = seqs
-        .iter()
-        .map(|s| {
-            let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = model.forward(&ids, None).unwrap();
-            mistralrs_dnd::training::collect::answer_loss(&logits, std::slice::from_ref(s), 258)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let base_losses: Vec<f32> = seqs.iter().map(|s| loss_of(&model, s, None)).collect();
     let (lo, hi) = base_losses
         .iter()
         .fold((f32::MAX, f32::MIN), |(a, b), &l| (a.min(l), b.max(l)));
@@ -98,20 +99,7 @@ fn answer_loss_falls_and_last_steps_are_saved() {
         .unwrap();
     assert!(norm > 0.0, "B was trained");
     // The trained adapter lowers the base model's loss on the task.
-    let with: f32 = seqs
-        .iter()
-        .map(|s| {
-            let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = model.forward(&ids, Some(&last)).unwrap();
-            mistralrs_dnd::training::collect::answer_loss(&logits, std::slice::from_ref(s), 258)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .sum::<f32>();
+    let with: f32 = seqs.iter().map(|s| loss_of(&model, s, Some(&last))).sum();
     let without: f32 = base_losses.iter().sum();
     assert!(with < 0.5 * without, "task loss {without} -> {with}");
 }

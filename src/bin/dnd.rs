@@ -80,11 +80,7 @@ impl LoraArgs {
             p.file_stem()
                 .map_or("base".into(), |s| s.to_string_lossy().into_owned())
         });
-        let target_modules = self
-            .modules
-            .iter()
-            .map(|m| Module::from_name(m.trim()).with_context(|| format!("unknown module {m:?}")))
-            .collect::<Result<Vec<_>>>()?;
+        let target_modules = parse_modules(&self.modules)?;
         Ok((
             shape,
             name,
@@ -357,6 +353,14 @@ fn parse_task(s: &str) -> Result<mistralrs_dnd::training::TaskSet> {
     })
 }
 
+/// `q_proj`, `k_proj`, ... to modules.
+fn parse_modules(names: &[String]) -> Result<Vec<Module>> {
+    names
+        .iter()
+        .map(|m| Module::from_name(m.trim()).with_context(|| format!("unknown module {m:?}")))
+        .collect()
+}
+
 fn parse_stages(s: &str) -> Result<Vec<[usize; 3]>> {
     s.split(',')
         .map(|st| {
@@ -492,12 +496,7 @@ fn main() -> Result<()> {
             keep_last,
             seed,
         } => {
-            let modules = modules
-                .iter()
-                .map(|m| {
-                    Module::from_name(m.trim()).with_context(|| format!("unknown module {m:?}"))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let modules = parse_modules(&modules)?;
             if keep_last == 0 || keep_last > steps {
                 bail!("--keep-last must be between 1 and --steps ({steps})");
             }

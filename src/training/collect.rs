@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -113,14 +112,7 @@ pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.shuffle(&mut rng);
     let mut cursor = 0;
-    let bar = if opts.progress {
-        ProgressBar::new(opts.steps as u64).with_style(
-            ProgressStyle::with_template("collect {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
-                .expect("template"),
-        )
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = super::progress_bar(opts.steps, "collect", opts.progress);
     let name = opts
         .model_dir
         .file_name()

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
-use indicatif::{ProgressBar, ProgressStyle};
 use tokenizers::Tokenizer;
 
 use super::data::{prompt_text, Example};
@@ -92,14 +91,7 @@ pub fn accuracy(
     label: &str,
     progress: bool,
 ) -> Result<EvalRow> {
-    let bar = if progress {
-        ProgressBar::new(examples.len() as u64).with_style(
-            ProgressStyle::with_template("eval {msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]")
-                .expect("template"),
-        )
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = super::progress_bar(examples.len(), "eval", progress);
     bar.set_message(label.to_string());
     let mut correct = 0;
     for ex in examples {

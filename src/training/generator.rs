@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -276,14 +275,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             ..Default::default()
         },
     )?;
-    let bar = if opts.progress {
-        ProgressBar::new(opts.steps as u64).with_style(
-            ProgressStyle::with_template("train {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
-                .expect("template"),
-        )
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = super::progress_bar(opts.steps, "train", opts.progress);
     bar.set_position(start as u64);
     let end = opts
         .stop_after

@@ -50,3 +50,16 @@ pub fn load_base_model(
     })?;
     Ok((model, tok, eos))
 }
+
+/// A progress bar with ETA for a long training step (`prefix` names it; hidden when `show` is
+/// false, e.g. in tests).
+pub(crate) fn progress_bar(len: usize, prefix: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{prefix} {{bar:30}} {{pos}}/{{len}} [{{elapsed}} < {{eta}}] {{msg}}"
+    ))
+    .expect("a valid template");
+    indicatif::ProgressBar::new(len as u64).with_style(style)
+}
