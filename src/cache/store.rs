@@ -131,7 +131,7 @@ pub struct CacheStats {
     pub failures: AtomicU64,
     /// Lookups that gave up waiting for room.
     pub busy: AtomicU64,
-    /// Successful generations and their total time in microseconds.
+    /// Successful generations.
     pub generations: AtomicU64,
     /// Total generation time, microseconds.
     pub generation_micros: AtomicU64,
@@ -150,7 +150,6 @@ struct Entry<V, M> {
     bytes: usize,
     hits: u64,
     created: Instant,
-    generation: Duration,
 }
 
 type FlightResult<V, E> = Option<Result<(Arc<V>, Duration), CacheError<E>>>;
@@ -418,7 +417,6 @@ where
                             bytes,
                             hits: 0,
                             created: Instant::now(),
-                            generation: took,
                         },
                     );
                     self.note_peak(&st);
@@ -469,11 +467,6 @@ where
                 meta: e.meta.clone(),
             })
             .collect()
-    }
-
-    /// The generation time of a ready entry.
-    pub fn generation_time(&self, key: &K) -> Option<Duration> {
-        self.lock().ready.peek(key).map(|e| e.generation)
     }
 
     /// Removes a ready entry that no request holds.
