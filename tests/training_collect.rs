@@ -16,8 +16,8 @@ fn loss_of(model: &CausalLm, s: &Sequence, adapter: Option<&LoraAdapter>) -> f32
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let logits = model.forward(&ids, adapter).unwrap();
-    answer_loss(&logits, std::slice::from_ref(s), 258)
+    let hidden = model.hidden(&ids, adapter, None).unwrap();
+    answer_loss(model, &hidden, std::slice::from_ref(s))
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
@@ -53,6 +53,7 @@ fn answer_loss_falls_and_last_steps_are_saved() {
         batch: 4,
         seq_len: 64,
         keep_last: 3,
+        save_at: vec![10],
         seed: 0,
         progress: false,
     };
@@ -85,7 +86,8 @@ fn answer_loss_falls_and_last_steps_are_saved() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     saved.sort();
-    assert_eq!(saved, ["step-00028", "step-00029", "step-00030"]);
+    assert_eq!(saved, ["early", "step-00028", "step-00029", "step-00030"]);
+    assert!(out.join("early/step-00010/adapter_config.json").exists());
     let last = LoraAdapter::load_peft(out.join("step-00030"), &Device::Cpu).unwrap();
     assert_eq!(last.rank(), 4);
     assert_eq!(last.pairs().len(), 14);
@@ -102,4 +104,46 @@ fn answer_loss_falls_and_last_steps_are_saved() {
     let with: f32 = seqs.iter().map(|s| loss_of(&model, s, Some(&last))).sum();
     let without: f32 = base_losses.iter().sum();
     assert!(with < 0.5 * without, "task loss {without} -> {with}");
+}
+
+/// The loss over gathered answer positions equals the cross-entropy computed by hand from the
+/// full logits of the plain forward.
+#[test]
+fn answer_loss_is_the_mean_cross_entropy_of_the_answer_tokens() {
+    let model = CausalLm::load(golden_path("tiny-qwen2"), &Device::Cpu).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
+    let ex = mistralrs_dnd::training::data::Example {
+        prompt: "Is 4 even?".into(),
+        response: "[True]".into(),
+        system: Some("Answer true or false.".into()),
+    };
+    let s = encode(&tok, &ex, 64, 258).unwrap();
+    let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .forward(&ids, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut total = 0.0f64;
+    let mut n = 0;
+    for p in s.answer_from - 1..s.ids.len() - 1 {
+        let row = &logits[p];
+        let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        total += lse - row[s.ids[p + 1] as usize] as f64;
+        n += 1;
+    }
+    let want = total / n as f64;
+    let got = loss_of(&model, &s, None) as f64;
+    assert!((got - want).abs() < 1e-4, "loss {got}, by hand {want}");
 }

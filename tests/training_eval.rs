@@ -37,6 +37,7 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
         batch: 8,
         seq_len: 48,
         keep_last: 1,
+        save_at: vec![],
         seed: 0,
         progress: false,
     })
@@ -63,14 +64,21 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
     assert!(tuned.accuracy >= 0.75, "tuned accuracy {}", tuned.accuracy);
     let rows = [base, tuned];
     let md = markdown("parity", &rows);
-    assert!(md.contains("| base | 0.0% | 8 |"), "{md}");
+    assert!(md.contains("| base | 0.0% |"), "{md}");
+    assert_eq!(rows[1].replies.len(), 8);
+    // A correct reply is well formed.
+    assert!(rows[1].well_formed >= rows[1].accuracy);
     let out = EvalOutputs {
         markdown: Some(dir.join("table.md")),
         png: Some(dir.join("chart.png")),
+        replies: Some(dir.join("replies.json")),
     };
     write_outputs("parity", &rows, &out).unwrap();
     assert_eq!(
         &std::fs::read(dir.join("chart.png")).unwrap()[..4],
         b"\x89PNG"
     );
+    let replies: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("replies.json")).unwrap()).unwrap();
+    assert_eq!(replies["lora"].as_array().unwrap().len(), 8);
 }

@@ -41,6 +41,7 @@ fn collect_task(dir: &Path, task: &Path, name: &str) -> Vec<PathBuf> {
         batch: 2,
         seq_len: 48,
         keep_last: 3,
+        save_at: vec![],
         seed: 1,
         progress: false,
     })

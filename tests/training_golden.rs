@@ -6,6 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{assert_close, golden_path, token_ids, Golden, GOLDEN_TOL};
 use mistralrs_dnd::adapters::LoraAdapter;
+use mistralrs_dnd::training::model::KvCache;
 use mistralrs_dnd::training::CausalLm;
 
 fn check(name: &str) {
@@ -40,4 +41,36 @@ fn qwen2_training_forward_matches_transformers() {
 #[test]
 fn llama_training_forward_matches_transformers() {
     check("tiny-llama");
+}
+
+/// Incremental decoding over the key/value cache (a prefix, then one token at a time) gives the
+/// transformers logits of every position, with an adapter (the path `dnd eval` decodes on).
+fn check_cached(name: &str) {
+    let dev = Device::Cpu;
+    let model = CausalLm::load(golden_path(name), &dev).unwrap();
+    let golden = Golden::load(&format!("{name}/expected.safetensors"));
+    let adapter = LoraAdapter::load_peft(golden_path(name).join("adapter1"), &dev).unwrap();
+    let ids = token_ids(golden.get("input.seq0.ids"));
+    let want = golden.get("adapter1.seq0.logits");
+    let split = ids.len() / 2;
+    let mut cache = KvCache::default();
+    let mut rows = Vec::new();
+    for chunk in std::iter::once(&ids[..split]).chain(ids[split..].chunks(1)) {
+        let x = Tensor::new(chunk, &dev).unwrap().unsqueeze(0).unwrap();
+        let hidden = model.hidden(&x, Some(&adapter), Some(&mut cache)).unwrap();
+        rows.push(model.logits(&hidden.squeeze(0).unwrap()).unwrap());
+    }
+    assert_eq!(cache.len(), ids.len());
+    let logits = Tensor::cat(&rows, 0).unwrap();
+    assert_close(&format!("{name} cached"), &logits, want, GOLDEN_TOL);
+}
+
+#[test]
+fn qwen2_cached_decoding_matches_transformers() {
+    check_cached("tiny-qwen2");
+}
+
+#[test]
+fn llama_cached_decoding_matches_transformers() {
+    check_cached("tiny-llama");
 }

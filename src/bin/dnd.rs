@@ -190,6 +190,9 @@ enum Command {
         /// Keep a checkpoint after each of the last K steps.
         #[arg(long, default_value_t = 5)]
         keep_last: usize,
+        /// Also save checkpoints after these steps, under OUT/early/ (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        save_at: Vec<usize>,
         /// Seed of the LoRA init and the example order.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -278,6 +281,9 @@ enum Command {
         /// PNG chart output.
         #[arg(long)]
         out_png: Option<PathBuf>,
+        /// JSON output of every reply, per label (to read what the models answered).
+        #[arg(long)]
+        out_replies: Option<PathBuf>,
     },
     /// Split a task file into train and test files, deterministically for a seed.
     Split {
@@ -494,6 +500,7 @@ fn main() -> Result<()> {
             batch,
             seq_len,
             keep_last,
+            save_at,
             seed,
         } => {
             let modules = parse_modules(&modules)?;
@@ -515,6 +522,7 @@ fn main() -> Result<()> {
                     batch,
                     seq_len,
                     keep_last,
+                    save_at,
                     seed,
                     progress: true,
                 })?;
@@ -592,6 +600,7 @@ fn main() -> Result<()> {
             seq_len,
             out_md,
             out_png,
+            out_replies,
         } => {
             use mistralrs_dnd::training::eval;
             let (lm, tok, eos) = mistralrs_dnd::training::load_base_model(&model, &Device::Cpu)?;
@@ -643,6 +652,7 @@ fn main() -> Result<()> {
                 &eval::EvalOutputs {
                     markdown: out_md,
                     png: out_png,
+                    replies: out_replies,
                 },
             )?;
         }

@@ -10,6 +10,7 @@ use rand::SeedableRng;
 
 use super::data::{encode, read_examples, Sequence};
 use super::lora::TrainableLora;
+use super::model::CausalLm;
 use crate::adapters::{BaseModelShape, Module};
 use crate::error::{DndError, Result};
 
@@ -40,36 +41,41 @@ pub struct CollectOptions {
     pub seq_len: usize,
     /// Checkpoints kept: one after each of the last `keep_last` steps.
     pub keep_last: usize,
+    /// Extra checkpoints after these steps, under `out/early/` (a fine-tuning curve to compare
+    /// against; not training targets, which are the direct `step-NNNNN` children).
+    pub save_at: Vec<usize>,
     /// Seed of the LoRA init and the example order.
     pub seed: u64,
     /// Show a progress bar.
     pub progress: bool,
 }
 
-/// Masked next-token cross-entropy over the answer tokens of a padded batch.
-pub fn answer_loss(logits: &Tensor, batch: &[Sequence], pad: u32) -> Result<Tensor> {
-    let (b, t, _) = logits.dims3()?;
-    let device = logits.device();
-    let mut targets = vec![pad; b * (t - 1)];
-    let mut mask = vec![0f32; b * (t - 1)];
-    for (i, s) in batch.iter().enumerate() {
+/// Mean next-token cross-entropy over the answer tokens of a padded batch, from the final hidden
+/// states `(B, T, hidden)` of [`CausalLm::hidden`]. Only the positions that predict an answer
+/// token go through the output projection.
+pub fn answer_loss(model: &CausalLm, hidden: &Tensor, batch: &[Sequence]) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (i, s) in batch.iter().enumerate().take(b) {
         // Position p predicts token p + 1; answer tokens start at `answer_from`.
-        for p in s.answer_from.saturating_sub(1)..s.ids.len() - 1 {
-            targets[i * (t - 1) + p] = s.ids[p + 1];
-            mask[i * (t - 1) + p] = 1.0;
+        for p in s.answer_from.saturating_sub(1)..s.ids.len().min(t) - 1 {
+            rows.push((i * t + p) as u32);
+            targets.push(s.ids[p + 1]);
         }
     }
-    let count: f32 = mask.iter().sum();
-    if count == 0.0 {
+    if rows.is_empty() {
         return Err(DndError::InvalidInput(
             "a batch without answer tokens".into(),
         ));
     }
-    let targets = Tensor::from_vec(targets, (b, t - 1, 1), device)?;
-    let mask = Tensor::from_vec(mask, (b, t - 1), device)?;
-    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
-    let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
-    Ok(((picked * mask)?.sum_all()? / (-(count as f64)))?)
+    let device = hidden.device();
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, device)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+    let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+    let logp = candle_nn::ops::log_softmax(&model.logits(&picked)?, D::Minus1)?;
+    Ok((logp.gather(&targets, D::Minus1)?.sum_all()? / -(n as f64))?)
 }
 
 fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor> {
@@ -129,8 +135,8 @@ pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
             cursor += 1;
         }
         let ids = pad_batch(&batch, eos, &device)?;
-        let logits = model.forward(&ids, Some(&lora.adapter()?))?;
-        let loss = answer_loss(&logits, &batch, eos)?;
+        let hidden = model.hidden(&ids, Some(&lora.adapter()?), None)?;
+        let loss = answer_loss(&model, &hidden, &batch)?;
         opt.backward_step(&loss)?;
         let l = loss.to_scalar::<f32>()?;
         losses.push(l);
@@ -138,6 +144,10 @@ pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
         bar.inc(1);
         if step + opts.keep_last > opts.steps {
             let dir = opts.out.join(format!("step-{step:05}"));
+            lora.snapshot()?.save_peft(&dir, name.as_deref())?;
+        }
+        if opts.save_at.contains(&step) {
+            let dir = opts.out.join("early").join(format!("step-{step:05}"));
             lora.snapshot()?.save_peft(&dir, name.as_deref())?;
         }
     }

@@ -34,12 +34,21 @@ pub fn read_examples(path: impl AsRef<Path>) -> Result<Vec<Example>> {
     Ok(v)
 }
 
-/// The text the model sees before its answer. Training and evaluation share it.
+/// The text the model sees before its answer, in the ChatML chat format (system turn when the
+/// example has one, user turn, open assistant turn). Training and evaluation share it, and it is
+/// what the server's chat template renders for the same messages on SmolLM2 and Qwen2 models,
+/// so adapters are trained on the text they are served with. The answer is followed by the
+/// end-of-sequence token, which for these instruct models is `<|im_end|>`.
 pub fn prompt_text(ex: &Example) -> String {
-    match ex.system.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(s) => format!("{s}\n\n{}\nAnswer: ", ex.prompt),
-        None => format!("{}\nAnswer: ", ex.prompt),
+    let mut text = String::new();
+    if let Some(s) = ex.system.as_deref().filter(|s| !s.trim().is_empty()) {
+        text.push_str(&format!("<|im_start|>system\n{s}<|im_end|>\n"));
     }
+    text.push_str(&format!(
+        "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+        ex.prompt
+    ));
+    text
 }
 
 /// A tokenized example: the loss covers `ids[answer_from..]`.
@@ -99,14 +108,21 @@ mod tests {
         };
         let full = encode(&tok, &ex, 1000, 258).unwrap();
         let text = tok.decode(&full.ids[..full.answer_from], false).unwrap();
-        assert_eq!(text, "Answer true or false.\n\nIs it so?\nAnswer: ");
+        // The ChatML rendering of the fixture's chat template, markers as single tokens.
+        assert_eq!(
+            text,
+            "<|im_start|>system\nAnswer true or false.<|im_end|>\n\
+             <|im_start|>user\nIs it so?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(full.ids[0], 257);
+        assert_eq!(full.ids.iter().filter(|&&i| i == 258).count(), 3);
         assert_eq!(
             tok.decode(&full.ids[full.answer_from..], true).unwrap(),
             "[True]"
         );
         assert_eq!(*full.ids.last().unwrap(), 258);
-        let cut = encode(&tok, &ex, 12, 258).unwrap();
-        assert_eq!(cut.ids.len(), 12);
+        let cut = encode(&tok, &ex, 20, 258).unwrap();
+        assert_eq!(cut.ids.len(), 20);
         assert_eq!(cut.ids[cut.answer_from..], full.ids[full.answer_from..]);
         assert!(encode(&tok, &ex, 7, 258).is_err());
     }

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, D};
 use tokenizers::Tokenizer;
 
 use super::data::{prompt_text, Example};
-use super::model::CausalLm;
+use super::model::{CausalLm, KvCache};
 use crate::adapters::LoraAdapter;
 use crate::error::{DndError, Result};
 
@@ -23,6 +23,20 @@ pub fn parse_choice(reply: &str) -> Option<String> {
     (!inner.is_empty()).then(|| inner.to_lowercase())
 }
 
+/// The reply's choice read leniently: the bracketed choice, or else the leading word of the reply
+/// (`A: ...`, `True.`), lower-cased. Small base models often name the right choice in the
+/// task's own listing format rather than the bracketed one.
+pub fn parse_choice_lenient(reply: &str) -> Option<String> {
+    parse_choice(reply).or_else(|| {
+        let word: String = reply
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric())
+            .collect();
+        (!word.is_empty()).then(|| word.to_lowercase())
+    })
+}
+
 /// Whether `reply` picks the choice of `response` (e.g. `[B]`, `[True]`).
 pub fn is_correct(reply: &str, response: &str) -> bool {
     match (parse_choice(reply), parse_choice(response)) {
@@ -31,7 +45,9 @@ pub fn is_correct(reply: &str, response: &str) -> bool {
     }
 }
 
-/// Greedy continuation of `prompt` (at most `max_new` tokens, stopping at `eos`).
+/// Greedy continuation of `prompt` (at most `max_new` tokens, stopping at `eos` or once the
+/// reply has closed its first bracket, which is all [`parse_choice`] reads). Decodes
+/// incrementally over a key/value cache, the output projection only at the last position.
 pub fn greedy(
     model: &CausalLm,
     tok: &Tokenizer,
@@ -50,21 +66,31 @@ pub fn greedy(
         ids.drain(..ids.len() + max_new - max_len);
     }
     let start = ids.len();
+    let mut cache = KvCache::default();
+    let mut fresh = ids.clone();
+    let decode = |ids: &[u32]| {
+        tok.decode(ids, true)
+            .map_err(|e| DndError::Tokenizer(e.to_string()))
+    };
     for _ in 0..max_new {
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&x, adapter)?;
-        let next = logits
-            .get(0)?
-            .get(ids.len() - 1)?
+        let x = Tensor::new(fresh.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let hidden = model.hidden(&x, adapter, Some(&mut cache))?;
+        let last = hidden.get(0)?.narrow(0, fresh.len() - 1, 1)?;
+        let next = model
+            .logits(&last)?
+            .squeeze(0)?
             .argmax(D::Minus1)?
             .to_scalar::<u32>()?;
         if next == eos {
             break;
         }
         ids.push(next);
+        if decode(&ids[start..])?.contains(']') {
+            break;
+        }
+        fresh = vec![next];
     }
-    tok.decode(&ids[start..], true)
-        .map_err(|e| DndError::Tokenizer(e.to_string()))
+    decode(&ids[start..])
 }
 
 /// One evaluated system (base model or an adapter).
@@ -76,6 +102,12 @@ pub struct EvalRow {
     pub accuracy: f64,
     /// Examples scored.
     pub n: usize,
+    /// Correct answers / examples, choices read with [`parse_choice_lenient`].
+    pub lenient_accuracy: f64,
+    /// Share of replies that opened with a bracketed choice (right or wrong).
+    pub well_formed: f64,
+    /// The replies, in example order.
+    pub replies: Vec<String>,
 }
 
 /// Accuracy of the base model (`adapter` none) or an adapter on `examples`.
@@ -93,25 +125,45 @@ pub fn accuracy(
 ) -> Result<EvalRow> {
     let bar = super::progress_bar(examples.len(), "eval", progress);
     bar.set_message(label.to_string());
-    let mut correct = 0;
+    let (mut correct, mut lenient, mut well_formed) = (0, 0, 0);
+    let mut replies = Vec::with_capacity(examples.len());
     for ex in examples {
         let reply = greedy(model, tok, &prompt_text(ex), adapter, max_new, max_len, eos)?;
         correct += usize::from(is_correct(&reply, &ex.response));
+        well_formed += usize::from(parse_choice(&reply).is_some());
+        lenient += usize::from(
+            parse_choice(&ex.response).is_some_and(|c| parse_choice_lenient(&reply) == Some(c)),
+        );
+        replies.push(reply);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let n = examples.len().max(1) as f64;
     Ok(EvalRow {
         label: label.to_string(),
-        accuracy: correct as f64 / examples.len().max(1) as f64,
+        accuracy: correct as f64 / n,
+        lenient_accuracy: lenient as f64 / n,
         n: examples.len(),
+        well_formed: well_formed as f64 / n,
+        replies,
     })
 }
 
 /// The rows as a Markdown table.
 pub fn markdown(task: &str, rows: &[EvalRow]) -> String {
-    let mut s = format!("| {task} | accuracy | examples |\n|---|---|---|\n");
+    let mut s = format!(
+        "| {task} | accuracy | lenient accuracy | bracketed replies | examples |\n\
+         |---|---|---|---|---|\n"
+    );
     for r in rows {
-        s += &format!("| {} | {:.1}% | {} |\n", r.label, 100.0 * r.accuracy, r.n);
+        s += &format!(
+            "| {} | {:.1}% | {:.1}% | {:.1}% | {} |\n",
+            r.label,
+            100.0 * r.accuracy,
+            100.0 * r.lenient_accuracy,
+            100.0 * r.well_formed,
+            r.n
+        );
     }
     s
 }
@@ -123,6 +175,8 @@ pub struct EvalOutputs {
     pub markdown: Option<PathBuf>,
     /// PNG bar chart.
     pub png: Option<PathBuf>,
+    /// JSON object: label -> the replies, in example order.
+    pub replies: Option<PathBuf>,
 }
 
 /// Writes the table and chart.
@@ -132,6 +186,14 @@ pub fn write_outputs(task: &str, rows: &[EvalRow], out: &EvalOutputs) -> Result<
     }
     if let Some(p) = &out.png {
         super::plot::bar_chart(&[rows.iter().map(|r| r.accuracy).collect()], p)?;
+    }
+    if let Some(p) = &out.replies {
+        let map: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|r| (r.label.clone(), serde_json::json!(r.replies)))
+            .collect();
+        let text = serde_json::to_string_pretty(&map).expect("strings serialize");
+        std::fs::write(p, text).map_err(|e| DndError::io(p, e))?;
     }
     Ok(())
 }
@@ -147,6 +209,11 @@ mod tests {
         assert_eq!(parse_choice("Answer: [A]"), Some("a".into()));
         assert_eq!(parse_choice("I think the answer is [A]"), None);
         assert_eq!(parse_choice("B"), None);
+        assert_eq!(parse_choice_lenient("B"), Some("b".into()));
+        assert_eq!(parse_choice_lenient(" A: dry palms"), Some("a".into()));
+        assert_eq!(parse_choice_lenient("True."), Some("true".into()));
+        assert_eq!(parse_choice_lenient("x [C]"), Some("c".into()));
+        assert_eq!(parse_choice_lenient(": no"), None);
         assert_eq!(parse_choice("[]"), None);
         assert!(is_correct("[false]", "[False]"));
         assert!(!is_correct("[A]", "[B]"));

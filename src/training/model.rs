@@ -134,6 +134,26 @@ struct Layer {
     down: Linear,
 }
 
+/// Keys and values of the positions decoded so far, per layer (before the grouped-query
+/// repeat), for incremental decoding with [`CausalLm::hidden`].
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The frozen base model.
 pub struct CausalLm {
     cfg: LmConfig,
@@ -216,12 +236,32 @@ impl CausalLm {
     /// Logits `(B, T, vocab)` for token ids `(B, T)`, with an optional LoRA adapter (whose
     /// factors may be training variables).
     pub fn forward(&self, ids: &Tensor, lora: Option<&LoraAdapter>) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, lora, None)?)
+    }
+
+    /// Logits of final hidden states (`(N, hidden)` or `(B, T, hidden)`).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Final (normed) hidden states `(B, T, hidden)` for token ids `(B, T)`. With a cache, the
+    /// ids continue the cached positions and their keys and values are appended to it.
+    ///
+    /// Split from [`Self::logits`] because the output projection is the widest matrix of a
+    /// small model: training needs it only at answer positions, decoding only at the last.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        lora: Option<&LoraAdapter>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let offset = cache.as_ref().map_or(0, |c| c.len);
         let mut x = candle_nn::Embedding::new(self.embed.clone(), cfg.hidden_size).forward(ids)?;
-        let (cos, sin) = self.rope(t)?;
-        let mask = causal_mask(t, &self.device)?;
+        let (cos, sin) = self.rope(offset, t)?;
+        let mask = causal_mask(t, offset, &self.device)?;
         let scale_of = |layer: usize, m: Module| {
             lora.and_then(|a| a.get(layer, m).map(|p| (&p.a, &p.b, a.scale())))
         };
@@ -234,7 +274,20 @@ impl CausalLm {
             let k = heads(layer.k.forward(&h, scale_of(l, Module::K))?, nkv)?;
             let v = heads(layer.v.forward(&h, scale_of(l, Module::V))?, nkv)?;
             let q = apply_rope(&q, &cos, &sin)?;
-            let k = repeat_kv(apply_rope(&k, &cos, &sin)?, nh / nkv)?;
+            let mut k = apply_rope(&k, &cos, &sin)?;
+            let mut v = v;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = c.layers.get(l) {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                if c.layers.len() > l {
+                    c.layers[l] = (k.clone(), v.clone());
+                } else {
+                    c.layers.push((k.clone(), v.clone()));
+                }
+            }
+            let k = repeat_kv(k, nh / nkv)?;
             let v = repeat_kv(v, nh / nkv)?;
             let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax(&att, D::Minus1)?;
@@ -246,19 +299,23 @@ impl CausalLm {
             let act = (g.clone() * candle_nn::ops::sigmoid(&g)?)?;
             x = (x + layer.down.forward(&(act * u)?, scale_of(l, Module::Down))?)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        Ok(x.broadcast_matmul(&self.lm_head.t()?)?)
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
-    /// `cos`, `sin` of shape (T, head_dim) in the Hugging Face layout (halves repeated).
-    fn rope(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// `cos`, `sin` of positions `offset..offset + t`, shape (T, head_dim), in the Hugging Face
+    /// layout (halves repeated).
+    fn rope(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim();
         let theta = self.cfg.rope_theta.unwrap_or(10_000.0);
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64) as f32)
             .collect();
         let inv = Tensor::new(inv.as_slice(), &self.device)?;
-        let pos = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?;
+        let pos = Tensor::arange(offset as u32, (offset + t) as u32, &self.device)?
+            .to_dtype(DType::F32)?;
         let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
         Ok((emb.cos()?, emb.sin()?))
@@ -283,9 +340,18 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, h * n, t, d))?)
 }
 
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+/// Additive mask of `t` new positions over `offset` cached ones plus themselves.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..offset + t).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
-    Ok(Tensor::from_vec(m, (t, t), device)?)
+    Ok(Tensor::from_vec(m, (t, offset + t), device)?)
 }
