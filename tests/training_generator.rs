@@ -7,9 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::{encoder_dir, golden_path};
-use mistralrs_dnd::adapters::{BaseModelShape, LoraSpec, Module};
+use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter, LoraSpec, Module};
 use mistralrs_dnd::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
 use mistralrs_dnd::training::{collect, train, CollectOptions, TaskSet, TrainOptions};
 use mistralrs_dnd::{Generator, LoadOptions};
@@ -112,6 +112,7 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         steps: 60,
         lr: 3e-2,
         weight_decay: 0.0,
+        mean_offset: false,
         warmup: 5,
         grad_clip: 1.0,
         condition_noise: 1e-4,
@@ -167,4 +168,57 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
     assert!(g.config().note.as_deref().unwrap().contains("parity"));
     let a = g.generate(&["Is 4 even?"]).unwrap();
     a.check_finite().unwrap();
+    assert!(g.condition_decoder().token_offset().is_none());
+
+    // With the mean offset, the checkpoint carries the mean of the training checkpoints' tokens
+    // and the decoder adds it to what the network predicts.
+    let mut o = opts("gen-offset.safetensors", Some(3), false);
+    o.mean_offset = true;
+    train(&o).unwrap();
+    let (cfg, vb) =
+        checkpoint::open(dir.join("gen-offset.safetensors"), &Device::Cpu, DType::F32).unwrap();
+    let mut dec = ConditionDecoder::new(cfg, vb).unwrap();
+    let layout = dec.layout().clone();
+    let targets: Vec<Tensor> = tasks[0]
+        .checkpoints
+        .iter()
+        .map(|c| {
+            layout
+                .tokenize(
+                    &LoraAdapter::load_peft(c, &Device::Cpu).unwrap(),
+                    &Device::Cpu,
+                )
+                .unwrap()
+        })
+        .collect();
+    let n = targets.len() as f64;
+    let mut mean = targets[0].clone();
+    for t in &targets[1..] {
+        mean = (mean + t).unwrap();
+    }
+    let mean = (mean / n).unwrap();
+    let offset = dec.token_offset().unwrap().clone();
+    assert_close_tensors(&offset, &mean, 1e-6);
+    let cond = g.condition(&["Is 4 even?"]).unwrap();
+    let with = dec.forward(&cond).unwrap();
+    dec.set_token_offset(None).unwrap();
+    let without = dec.forward(&cond).unwrap();
+    assert_close_tensors(&(with - without).unwrap().squeeze(0).unwrap(), &mean, 1e-5);
+    let wrong = offset.narrow(0, 1, offset.dim(0).unwrap() - 1).unwrap();
+    assert!(dec.set_token_offset(Some(wrong)).is_err());
+}
+
+fn assert_close_tensors(a: &Tensor, b: &Tensor, tol: f32) {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= tol, "max difference {d}");
 }

@@ -220,6 +220,10 @@ enum Command {
         /// AdamW weight decay.
         #[arg(long, default_value_t = 0.1)]
         weight_decay: f64,
+        /// Predict the difference from the mean training checkpoint (saved in the generator as
+        /// its token offset); see README "Results".
+        #[arg(long)]
+        mean_offset: bool,
         /// Linear warm-up steps.
         #[arg(long, default_value_t = 50)]
         warmup: usize,
@@ -543,6 +547,7 @@ fn main() -> Result<()> {
             steps,
             lr,
             weight_decay,
+            mean_offset,
             warmup,
             grad_clip,
             seed,
@@ -566,6 +571,7 @@ fn main() -> Result<()> {
                 steps,
                 lr,
                 weight_decay,
+                mean_offset,
                 warmup,
                 grad_clip,
                 condition_noise: 1e-4,

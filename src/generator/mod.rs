@@ -32,7 +32,11 @@ pub struct ConditionDecoder {
     layout: TokenLayout,
     projection: Option<ConditionProjection>,
     decoder: HyperConvDecoder,
+    token_offset: Option<Tensor>,
 }
+
+/// Checkpoint name of the optional `(T, r+2, c+2)` offset added to the decoder's tokens.
+pub const TOKEN_OFFSET: &str = "token_offset";
 
 impl ConditionDecoder {
     /// Builds the modules from a builder rooted at the checkpoint's top level
@@ -44,12 +48,20 @@ impl ConditionDecoder {
             None => None,
         };
         let decoder = HyperConvDecoder::new(&config.stages, config.kernel_size, vb.pp("decoder"))?;
-        Ok(Self {
+        let token_offset = if vb.contains_tensor(TOKEN_OFFSET) {
+            Some(vb.get_unchecked(TOKEN_OFFSET)?)
+        } else {
+            None
+        };
+        let mut dec = Self {
             config,
             layout,
             projection,
             decoder,
-        })
+            token_offset: None,
+        };
+        dec.set_token_offset(token_offset)?;
+        Ok(dec)
     }
 
     /// A decoder with freshly initialised weights (PyTorch's default initialisation, seeded),
@@ -80,13 +92,41 @@ impl ConditionDecoder {
         &self.decoder
     }
 
+    /// Sets (or clears) the token offset: a fixed `(T, r+2, c+2)` tensor added to every output,
+    /// so that the network predicts the difference from it. `dnd train` sets it to the mean of the
+    /// training checkpoints' tokens (see [`crate::training::generator`]); the authors'
+    /// checkpoints have none.
+    pub fn set_token_offset(&mut self, offset: Option<Tensor>) -> Result<()> {
+        if let Some(o) = &offset {
+            let (h, w) = self.layout.token_shape();
+            let want = [self.layout.num_tokens(), h, w];
+            if o.dims() != want {
+                return Err(DndError::Incompatible(format!(
+                    "{TOKEN_OFFSET} has shape {:?}, the generator's tokens are {want:?}",
+                    o.dims()
+                )));
+            }
+        }
+        self.token_offset = offset;
+        Ok(())
+    }
+
+    /// The token offset, if the checkpoint has one.
+    pub fn token_offset(&self) -> Option<&Tensor> {
+        self.token_offset.as_ref()
+    }
+
     /// `(B, N, L, C)` condition to `(B, T, r+2, c+2)` tokens.
     pub fn forward(&self, condition: &Tensor) -> Result<Tensor> {
         let x = match &self.projection {
             Some(p) => p.forward(condition)?,
             None => condition.clone(),
         };
-        Ok(self.decoder.forward(&x)?)
+        let y = self.decoder.forward(&x)?;
+        Ok(match &self.token_offset {
+            Some(o) => y.broadcast_add(&o.to_dtype(y.dtype())?)?,
+            None => y,
+        })
     }
 }
 
