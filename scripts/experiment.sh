@@ -98,5 +98,35 @@ done
 "$dnd" train --init "$out/gen/init.safetensors" "${task_args[@]}" --steps "$TRAIN_STEPS" --lr "$TRAIN_LR" \
   --warmup $((TRAIN_STEPS / 20 + 1)) --seed "$seed" --mean-offset --out "$out/gen/all-six.safetensors" \
   --loss-png "$out/results/loss-all-six.png" --cache-dir "$out/enc-cache" --resume
+# 5. The summary: per held-out task, accuracy (strict / lenient) of the base model, the mean and
+# best LoRA of the other tasks, the generated adapter and the task's own fine-tuning, and the
+# time to generate an adapter against the time to fine-tune one to the generated one's accuracy.
+summary="$out/results/summary.md"
+{
+  echo "| held-out task | base | other tasks' LoRAs, mean | best | DnD | own LoRA, step $EARLY_STEP | step $COLLECT_STEPS | DnD: generate | own fine-tuning to DnD's accuracy |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for h in "${held_out[@]}"; do
+    gen_s=$(awk -v t="$h" '$1 == t {print $2}' "$out/results/generate-seconds.txt" | tail -1)
+    tune_s=$(awk -v t="$h" '$1 == t {print $2}' "$out/results/collect-seconds.txt" | tail -1)
+    awk -F'|' -v h="$h" -v gen="$gen_s" -v tune="$tune_s" -v early="$EARLY_STEP" -v steps="$COLLECT_STEPS" '
+      function pct(x) { gsub(/[ %]/, "", x); return x + 0 }
+      NR > 2 {
+        label = $2; gsub(/ /, "", label); a = pct($3); l = pct($4)
+        if (label == "base") { base = a; basel = l }
+        else if (label ~ /^lora-/) { n++; sum += a; if (a > best) best = a }
+        else if (label == "dnd") dnd = a
+        else if (label == "own-step" early) e = a
+        else if (label == "own-step" steps) f = a
+      }
+      END {
+        per = tune / steps
+        if (e >= dnd) reach = sprintf("%d steps, %.0f s", early, early * per)
+        else if (f >= dnd) reach = sprintf("%d steps, %.0f s", steps, tune)
+        else reach = sprintf("not within %d steps (%.0f s)", steps, tune)
+        printf "| %s | %.1f%% (lenient %.1f%%) | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f s | %s |\n",
+          h, base, basel, sum / n, best, dnd, e, f, gen, reach
+      }' "$out/results/$h.md"
+  done
+} >"$summary"
 cat "$out"/results/*.md
 echo "results in $out/results; the all-task generator is $out/gen/all-six.safetensors"
