@@ -120,7 +120,8 @@ summary="$out/results/summary.md"
       }
       END {
         per = tune / steps
-        if (e >= dnd) reach = sprintf("%d steps, %.0f s", early, early * per)
+        if (dnd <= base) reach = "- (DnD no better than the base model)"
+        else if (e >= dnd) reach = sprintf("%d steps, %.0f s", early, early * per)
         else if (f >= dnd) reach = sprintf("%d steps, %.0f s", steps, tune)
         else reach = sprintf("not within %d steps (%.0f s)", steps, tune)
         printf "| %s | %.1f%% (lenient %.1f%%) | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f s | %s |\n",

@@ -36,15 +36,12 @@ url="$(sed -n 's/^listening on //p' "$log.out")"
 echo "mistralrs-server with the DnD adapter provider at $url (log: $log)"
 
 # Each question is asked twice: with an adapter generated from a few example prompts of its kind
-# (the `dnd.prompts` extension), and on the base model (`dnd.base`). The system prompt is the
-# task files' instruction, which asks for the answer as [A], [B]... or [True]/[False].
-ask() { # question example-prompt...
+# (the `dnd.prompts` extension), and on the base model (`dnd.base`). The system prompts ask for
+# the answer in the task files' format, [A]/[B]/... or [True]/[False].
+ask() { # system question example-prompt...
   python3 - "$url" "$@" <<'PY'
 import json, sys, urllib.request
-url, question, examples = sys.argv[1], sys.argv[2], sys.argv[3:]
-system = ("you are a helpful AI assistant, and you are going to answer the question of the user by "
-          "picking one answer among the given choices. Answer with the choice directly, as [ans] "
-          "(ans is A, B, C, D or True/False).")
+url, system, question, examples = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 def call(dnd):
     body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
             "max_tokens": 24, "temperature": 0, "dnd": dnd}
@@ -61,7 +58,9 @@ r = call({"base": True})
 print("  base model: " + r["choices"][0]["message"]["content"].strip())
 PY
 }
-ask "Which gas do green plants take in from the air to make food?
+ask "You are a helpful assistant. Pick one answer among the given choices and reply with its \
+letter in brackets, as [A], [B], [C] or [D]." \
+  "Which gas do green plants take in from the air to make food?
 A: oxygen
 B: carbon dioxide
 C: helium
@@ -81,14 +80,13 @@ A: magnetism
 B: friction
 C: gravity
 D: wind"
-ask "Passage: The Nile flows northward through eleven countries before it reaches the Mediterranean Sea.
-Question: does the nile flow into the mediterranean sea?" \
-  "Passage: Penguins are flightless birds that live almost only in the Southern Hemisphere.
-Question: can penguins fly?" \
-  "Passage: A leap year has 366 days, one more than a common year.
-Question: does a leap year have 366 days?" \
-  "Passage: Venus is the second planet from the Sun and has no moons.
-Question: does venus have a moon?"
+ask "You are a helpful assistant. Decide whether the statement is true or false and reply \
+with [True] or [False]." \
+  "do penguins live at the north pole?" \
+  "is the pacific the largest ocean on earth?" \
+  "can a bat see in the dark?" \
+  "does the moon have its own light?" \
+  "is a tomato a fruit?"
 
 if [ "${1:-}" = "--once" ]; then
   exit 0
