@@ -50,25 +50,31 @@ impl Golden {
     }
 }
 
-/// Max |actual - expected| relative to max |expected|.
-pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
-    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
-    let a = actual
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    let e = expected.to_dtype(DType::F32).unwrap();
-    let diff = (a - &e)
+/// Max |a - b| over all elements, in f32 on the CPU.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let f32_cpu = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    (f32_cpu(a) - f32_cpu(b))
         .unwrap()
         .abs()
         .unwrap()
         .flatten_all()
         .unwrap()
         .max(0)
-        .unwrap();
-    let scale = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Max |actual - expected| relative to max |expected|.
+pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
+    let scale = max_abs_diff(expected, &expected.zeros_like().unwrap());
+    max_abs_diff(actual, expected) / scale.max(f32::MIN_POSITIVE)
 }
 
 /// The tolerance the golden README states for a float32 port.
