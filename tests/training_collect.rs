@@ -55,6 +55,9 @@ fn answer_loss_falls_and_last_steps_are_saved() {
         keep_last: 3,
         save_at: vec![10],
         seed: 0,
+        save_every: 10,
+        resume: false,
+        stop_after: None,
         progress: false,
     };
     let losses = collect(&opts).unwrap();
@@ -86,7 +89,17 @@ fn answer_loss_falls_and_last_steps_are_saved() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     saved.sort();
-    assert_eq!(saved, ["early", "step-00028", "step-00029", "step-00030"]);
+    assert_eq!(
+        saved,
+        [
+            "collect-state.json",
+            "collect-state.safetensors",
+            "early",
+            "step-00028",
+            "step-00029",
+            "step-00030"
+        ]
+    );
     assert!(out.join("early/step-00010/adapter_config.json").exists());
     let last = LoraAdapter::load_peft(out.join("step-00030"), &Device::Cpu).unwrap();
     assert_eq!(last.rank(), 4);
@@ -146,4 +159,75 @@ fn answer_loss_is_the_mean_cross_entropy_of_the_answer_tokens() {
     let want = total / n as f64;
     let got = loss_of(&model, &s, None) as f64;
     assert!((got - want).abs() < 1e-4, "loss {got}, by hand {want}");
+}
+
+/// An interrupted run resumed with `--resume` takes the same steps as one uninterrupted run:
+/// the same losses and the same final factors, bit for bit; a resume with other settings is
+/// refused.
+#[test]
+fn an_interrupted_collect_resumes_exactly() {
+    let dir = std::env::temp_dir().join(format!("dnd-collect-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = dir.join("task.json");
+    let examples: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Is {i} odd?"),
+                "response": if i % 2 == 1 { "[True]" } else { "[False]" },
+            })
+        })
+        .collect();
+    std::fs::write(&task, serde_json::to_string(&examples).unwrap()).unwrap();
+    let opts = |out: &str| CollectOptions {
+        model_dir: golden_path("tiny-llama"),
+        task: task.clone(),
+        out: dir.join(out),
+        rank: 4,
+        alpha: 8.0,
+        modules: Module::ALL.to_vec(),
+        lr: 1e-2,
+        weight_decay: 0.01,
+        // Batches of 3 over 10 examples: the resumed run must continue mid-epoch.
+        steps: 9,
+        batch: 3,
+        seq_len: 64,
+        keep_last: 2,
+        save_at: vec![],
+        seed: 7,
+        save_every: 100,
+        resume: false,
+        stop_after: None,
+        progress: false,
+    };
+    let whole = collect(&opts("whole")).unwrap();
+    let first = collect(&CollectOptions {
+        stop_after: Some(4),
+        ..opts("parts")
+    })
+    .unwrap();
+    assert_eq!(first.len(), 4);
+    assert!(!dir.join("parts/step-00009").exists());
+    let resumed = collect(&CollectOptions {
+        resume: true,
+        ..opts("parts")
+    })
+    .unwrap();
+    assert_eq!(resumed, whole, "losses of the resumed run");
+    for step in ["step-00008", "step-00009"] {
+        let a = LoraAdapter::load_peft(dir.join("whole").join(step), &Device::Cpu).unwrap();
+        let b = LoraAdapter::load_peft(dir.join("parts").join(step), &Device::Cpu).unwrap();
+        for (t, p) in a.pairs() {
+            let q = b.pairs().get(t).unwrap();
+            assert_eq!(p.a.to_vec2::<f32>().unwrap(), q.a.to_vec2::<f32>().unwrap());
+            assert_eq!(p.b.to_vec2::<f32>().unwrap(), q.b.to_vec2::<f32>().unwrap());
+        }
+    }
+    let err = collect(&CollectOptions {
+        resume: true,
+        lr: 1e-3,
+        ..opts("parts")
+    })
+    .expect_err("a resume with another learning rate is refused");
+    assert!(err.to_string().contains("other settings"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -39,6 +39,9 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
         keep_last: 1,
         save_at: vec![],
         seed: 0,
+        save_every: 10,
+        resume: false,
+        stop_after: None,
         progress: false,
     })
     .unwrap();

@@ -43,12 +43,17 @@ fn collect_task(dir: &Path, task: &Path, name: &str) -> Vec<PathBuf> {
         keep_last: 3,
         save_at: vec![],
         seed: 1,
+        save_every: 10,
+        resume: false,
+        stop_after: None,
         progress: false,
     })
     .unwrap();
+    // The PEFT folders, as `dnd train --task` takes them (not the resumable state files).
     let mut v: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.join("adapter_config.json").exists())
         .collect();
     v.sort();
     v

@@ -114,6 +114,25 @@ impl LoraAdapter {
             .sum()
     }
 
+    /// The same factors without autograd tracking (storage shared, nothing copied): what a
+    /// computation that takes its own gradients reads, so that no graph is recorded.
+    pub fn detached(&self) -> Result<Self> {
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(t, p)| {
+                (
+                    *t,
+                    LoraPair {
+                        a: p.a.detach(),
+                        b: p.b.detach(),
+                    },
+                )
+            })
+            .collect();
+        Self::new(self.rank, self.alpha, pairs)
+    }
+
     /// Copies the adapter to a device and dtype.
     pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
         let pairs = self

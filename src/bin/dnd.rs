@@ -196,6 +196,15 @@ enum Command {
         /// Seed of the LoRA init and the example order.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Save the resumable state (OUT/collect-state.*) every N steps, and when stopping.
+        #[arg(long, default_value_t = 10)]
+        save_every: usize,
+        /// Continue the run whose state is in OUT (same settings; --steps may grow).
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps of this invocation (state saved; continue with --resume).
+        #[arg(long)]
+        stop_after: Option<usize>,
     },
     /// Train a generator from collected checkpoints and their tasks' prompts (resumable).
     Train {
@@ -506,6 +515,9 @@ fn main() -> Result<()> {
             keep_last,
             save_at,
             seed,
+            save_every,
+            resume,
+            stop_after,
         } => {
             let modules = parse_modules(&modules)?;
             if keep_last == 0 || keep_last > steps {
@@ -528,6 +540,9 @@ fn main() -> Result<()> {
                     keep_last,
                     save_at,
                     seed,
+                    save_every,
+                    resume,
+                    stop_after,
                     progress: true,
                 })?;
             eprintln!(

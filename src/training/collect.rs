@@ -1,18 +1,20 @@
 //! `collect`: LoRA fine-tuning of a base model on one task, saving a PEFT checkpoint at each of
 //! the last K steps (the checkpoints a generator learns from).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
+use super::adamw::{AdamW, AdamWConfig};
+use super::backward::lora_gradients;
 use super::data::{encode, read_examples, Sequence};
 use super::lora::TrainableLora;
 use super::model::CausalLm;
 use crate::adapters::{BaseModelShape, Module};
-use crate::error::{DndError, Result};
+use crate::error::{read_to_string, DndError, Result};
 
 /// What `collect` trains and where it writes.
 #[derive(Debug, Clone)]
@@ -46,6 +48,12 @@ pub struct CollectOptions {
     pub save_at: Vec<usize>,
     /// Seed of the LoRA init and the example order.
     pub seed: u64,
+    /// Save the resumable state every this many steps (and when the run stops).
+    pub save_every: usize,
+    /// Continue from the state saved in `out`, when there is one.
+    pub resume: bool,
+    /// Stop (state saved, resumable) after this many steps in this invocation.
+    pub stop_after: Option<usize>,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -78,7 +86,8 @@ pub fn answer_loss(model: &CausalLm, hidden: &Tensor, batch: &[Sequence]) -> Res
     Ok((logp.gather(&targets, D::Minus1)?.sum_all()? / -(n as f64))?)
 }
 
-fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor> {
+/// Token ids `(B, T)` of a batch, right-padded with `pad` to its longest sequence.
+pub fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor> {
     let t = batch.iter().map(|s| s.ids.len()).max().unwrap_or(1);
     let mut ids = Vec::with_capacity(batch.len() * t);
     for s in batch {
@@ -88,7 +97,151 @@ fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(ids, (batch.len(), t), device)?)
 }
 
-/// Fine-tunes and writes the checkpoints; returns the loss of every step.
+/// Where an interrupted run's state lives inside the output folder.
+const STATE: &str = "collect-state";
+
+/// What a resumed run must agree on with the run it continues.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Fingerprint {
+    model: String,
+    task: String,
+    rank: usize,
+    alpha: f64,
+    modules: Vec<String>,
+    lr: f64,
+    weight_decay: f64,
+    batch: usize,
+    seq_len: usize,
+    seed: u64,
+}
+
+impl Fingerprint {
+    fn of(opts: &CollectOptions) -> Self {
+        Self {
+            model: opts.model_dir.display().to_string(),
+            task: opts.task.display().to_string(),
+            rank: opts.rank,
+            alpha: opts.alpha,
+            modules: opts.modules.iter().map(|m| m.name().to_string()).collect(),
+            lr: opts.lr,
+            weight_decay: opts.weight_decay,
+            batch: opts.batch,
+            seq_len: opts.seq_len,
+            seed: opts.seed,
+        }
+    }
+}
+
+/// The progress file beside the factor and moment tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    fingerprint: Fingerprint,
+    step: usize,
+    losses: Vec<f32>,
+}
+
+/// The example order: a seeded shuffle, reshuffled at each pass over the examples.
+struct Order {
+    rng: rand::rngs::StdRng,
+    order: Vec<usize>,
+    cursor: usize,
+}
+
+impl Order {
+    fn new(n: usize, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        Self {
+            rng,
+            order,
+            cursor: 0,
+        }
+    }
+
+    fn next_batch(&mut self, size: usize) -> Vec<usize> {
+        (0..size.min(self.order.len()))
+            .map(|_| {
+                if self.cursor == self.order.len() {
+                    self.order.shuffle(&mut self.rng);
+                    self.cursor = 0;
+                }
+                self.cursor += 1;
+                self.order[self.cursor - 1]
+            })
+            .collect()
+    }
+}
+
+fn save_state(out: &Path, lora: &TrainableLora, opt: &AdamW, progress: &Progress) -> Result<()> {
+    let (mut tensors, _) = opt.state();
+    for t in lora.targets() {
+        let (a, b) = lora.var(t).expect("a trained target");
+        let key = format!("{}.{}", t.layer, t.module.name());
+        tensors.insert(format!("{key}.a"), a.as_tensor().detach());
+        tensors.insert(format!("{key}.b"), b.as_tensor().detach());
+    }
+    // Written aside then renamed, so an interruption mid-save leaves the previous state whole.
+    let tmp = out.join(format!("{STATE}.tmp.safetensors"));
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    let json = out.join(format!("{STATE}.tmp.json"));
+    let text = serde_json::to_string(progress).map_err(|e| DndError::json(json.display(), e))?;
+    std::fs::write(&json, text).map_err(|e| DndError::io(&json, e))?;
+    let (st, pj) = (
+        out.join(format!("{STATE}.safetensors")),
+        out.join(format!("{STATE}.json")),
+    );
+    std::fs::rename(&tmp, &st).map_err(|e| DndError::io(&st, e))?;
+    std::fs::rename(&json, &pj).map_err(|e| DndError::io(&pj, e))?;
+    Ok(())
+}
+
+/// Restores factors and moments from a saved state; returns the optimiser and progress.
+fn load_state(
+    out: &Path,
+    opts: &CollectOptions,
+    lora: &TrainableLora,
+    cfg: AdamWConfig,
+    device: &Device,
+) -> Result<Option<(AdamW, Progress)>> {
+    let pj = out.join(format!("{STATE}.json"));
+    if !pj.exists() {
+        return Ok(None);
+    }
+    let progress: Progress =
+        serde_json::from_str(&read_to_string(&pj)?).map_err(|e| DndError::json(pj.display(), e))?;
+    let want = Fingerprint::of(opts);
+    if progress.fingerprint != want {
+        return Err(DndError::InvalidInput(format!(
+            "--resume: {} was written by a run with other settings ({:?}); this run has {:?}",
+            pj.display(),
+            progress.fingerprint,
+            want
+        )));
+    }
+    let st = out.join(format!("{STATE}.safetensors"));
+    let tensors = candle_core::safetensors::load(&st, device)?;
+    for t in lora.targets() {
+        let (a, b) = lora.var(t).expect("a trained target");
+        let key = format!("{}.{}", t.layer, t.module.name());
+        for (var, k) in [(a, "a"), (b, "b")] {
+            let saved = tensors
+                .get(&format!("{key}.{k}"))
+                .ok_or_else(|| DndError::Incompatible(format!("{}: no {key}.{k}", st.display())))?;
+            var.set(saved)?;
+        }
+    }
+    let opt = AdamW::restore(cfg, lora, &tensors, progress.step as u64, device)?;
+    Ok(Some((opt, progress)))
+}
+
+/// Fine-tunes and writes the checkpoints; returns the loss of every step (of the resumed run
+/// too, when resuming).
+///
+/// Each step's loss and LoRA gradients come from the explicit backward pass
+/// ([`super::backward::lora_gradients`]); AdamW is PyTorch's ([`AdamW`]). The state (factors,
+/// moments, losses) is saved in the output folder every `save_every` steps and when the run
+/// stops, so `resume` continues an interrupted run exactly.
 pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
     let device = Device::Cpu;
     let (model, tok, eos) = super::load_base_model(&opts.model_dir, &device)?;
@@ -106,41 +259,53 @@ pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
         opts.seed,
         &device,
     )?;
-    let mut opt = AdamW::new(
-        lora.vars(),
-        ParamsAdamW {
-            lr: opts.lr,
-            weight_decay: opts.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.shuffle(&mut rng);
-    let mut cursor = 0;
+    let cfg = AdamWConfig {
+        lr: opts.lr,
+        weight_decay: opts.weight_decay,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&opts.out).map_err(|e| DndError::io(&opts.out, e))?;
+    let (mut opt, mut progress) = match opts
+        .resume
+        .then(|| load_state(&opts.out, opts, &lora, cfg, &device))
+        .transpose()?
+        .flatten()
+    {
+        Some(resumed) => resumed,
+        None => (
+            AdamW::new(cfg),
+            Progress {
+                fingerprint: Fingerprint::of(opts),
+                step: 0,
+                losses: Vec::new(),
+            },
+        ),
+    };
+    let mut order = Order::new(seqs.len(), opts.seed);
+    for _ in 0..progress.step {
+        order.next_batch(opts.batch);
+    }
     let bar = super::progress_bar(opts.steps, "collect", opts.progress);
+    bar.set_position(progress.step.min(opts.steps) as u64);
     let name = opts
         .model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
-    let mut losses = Vec::with_capacity(opts.steps);
-    for step in 1..=opts.steps {
-        let mut batch = Vec::with_capacity(opts.batch);
-        for _ in 0..opts.batch.min(seqs.len()) {
-            if cursor == order.len() {
-                order.shuffle(&mut rng);
-                cursor = 0;
-            }
-            batch.push(seqs[order[cursor]].clone());
-            cursor += 1;
-        }
-        let ids = pad_batch(&batch, eos, &device)?;
-        let hidden = model.hidden(&ids, Some(&lora.adapter()?), None)?;
-        let loss = answer_loss(&model, &hidden, &batch)?;
-        opt.backward_step(&loss)?;
-        let l = loss.to_scalar::<f32>()?;
-        losses.push(l);
-        bar.set_message(format!("loss {l:.4}"));
+    let last = opts
+        .stop_after
+        .map_or(opts.steps, |n| opts.steps.min(progress.step + n));
+    while progress.step < last {
+        let step = progress.step + 1;
+        let batch: Vec<Sequence> = order
+            .next_batch(opts.batch)
+            .into_iter()
+            .map(|i| seqs[i].clone())
+            .collect();
+        let g = lora_gradients(&model, &batch, &lora.detached()?)?;
+        opt.step(&lora, &g.grads)?;
+        progress.losses.push(g.loss);
+        progress.step = step;
+        bar.set_message(format!("loss {:.4}", g.loss));
         bar.inc(1);
         if step + opts.keep_last > opts.steps {
             let dir = opts.out.join(format!("step-{step:05}"));
@@ -150,7 +315,10 @@ pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
             let dir = opts.out.join("early").join(format!("step-{step:05}"));
             lora.snapshot()?.save_peft(&dir, name.as_deref())?;
         }
+        if step % opts.save_every.max(1) == 0 || step == last {
+            save_state(&opts.out, &lora, &opt, &progress)?;
+        }
     }
     bar.finish();
-    Ok(losses)
+    Ok(progress.losses)
 }

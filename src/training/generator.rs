@@ -195,6 +195,63 @@ pub fn criterion_weight(targets: &[Tensor]) -> Result<Tensor> {
     Ok(std.broadcast_div(&m)?)
 }
 
+/// Per-token statistics over the training checkpoints, accumulated one checkpoint at a time
+/// (in f64): what [`criterion_weight`] and the mean offset need, without holding them all.
+#[derive(Default)]
+struct TokenStats {
+    count: usize,
+    /// Element-wise sum `(T, h, w)`.
+    sum: Option<Tensor>,
+    /// Per token: sum and sum of squares over its elements.
+    token_sum: Option<Tensor>,
+    token_sumsq: Option<Tensor>,
+    per_token: usize,
+}
+
+impl TokenStats {
+    fn add(&mut self, target: &Tensor) -> Result<()> {
+        let (t, h, w) = target.dims3()?;
+        let x = target.to_dtype(DType::F64)?;
+        let flat = x.reshape((t, h * w))?;
+        let (s, sq) = (flat.sum(1)?, flat.sqr()?.sum(1)?);
+        let add = |acc: &mut Option<Tensor>, v: Tensor| -> Result<()> {
+            *acc = Some(match acc.take() {
+                Some(a) => (a + v)?,
+                None => v,
+            });
+            Ok(())
+        };
+        add(&mut self.sum, x)?;
+        add(&mut self.token_sum, s)?;
+        add(&mut self.token_sumsq, sq)?;
+        self.count += 1;
+        self.per_token = h * w;
+        Ok(())
+    }
+
+    /// The same weights as [`criterion_weight`] over every added checkpoint.
+    fn criterion_weight(&self) -> Result<Tensor> {
+        let (Some(s), Some(sq)) = (&self.token_sum, &self.token_sumsq) else {
+            return Err(DndError::InvalidInput("no training checkpoint".into()));
+        };
+        let n = (self.count * self.per_token) as f64;
+        let mean = (s / n)?;
+        let var = ((sq / n)? - mean.sqr()?)?.relu()?;
+        let std = (var + 1e-12)?.sqrt()?;
+        let m = std.mean_all()?;
+        Ok(std.broadcast_div(&m)?.to_dtype(DType::F32)?)
+    }
+
+    /// The element-wise mean of every added checkpoint's tokens.
+    fn mean(&self) -> Result<Tensor> {
+        let s = self
+            .sum
+            .as_ref()
+            .ok_or_else(|| DndError::InvalidInput("no training checkpoint".into()))?;
+        Ok((s / self.count as f64)?.to_dtype(DType::F32)?)
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct State {
     step: usize,
@@ -221,8 +278,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             "no training task left after --exclude".into(),
         ));
     }
-    // Targets, per task.
-    let mut targets: Vec<Vec<Tensor>> = Vec::new();
+    // Targets stay on disk: a step loads the one it draws, so memory does not grow with the
+    // number of checkpoints. One pass over them gives the criterion weight and the mean.
+    let load_target = |c: &Path| -> Result<Tensor> {
+        let a = LoraAdapter::load_peft(c, &dev)?;
+        layout.tokenize(&a, &dev).map_err(|e| {
+            DndError::Incompatible(format!("{} does not fit the generator: {e}", c.display()))
+        })
+    };
+    let mut stats = TokenStats::default();
     for t in &tasks {
         if t.checkpoints.is_empty() || t.prompts.is_empty() {
             return Err(DndError::InvalidInput(format!(
@@ -230,18 +294,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 t.name
             )));
         }
-        let mut v = Vec::new();
         for c in &t.checkpoints {
-            let a = LoraAdapter::load_peft(c, &dev)?;
-            let tok = layout.tokenize(&a, &dev).map_err(|e| {
-                DndError::Incompatible(format!("{} does not fit the generator: {e}", c.display()))
-            })?;
-            v.push(tok);
+            stats.add(&load_target(c)?)?;
         }
-        targets.push(v);
     }
-    let all_targets: Vec<Tensor> = targets.iter().flatten().cloned().collect();
-    let weight = criterion_weight(&all_targets)?;
+    let weight = stats.criterion_weight()?;
     let w4 = weight.reshape((weight.dim(0)?, 1, 1))?;
 
     // Weights: the starting checkpoint, or the run being resumed.
@@ -261,10 +318,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
     )?;
     let offset = if opts.mean_offset {
-        Some(Tensor::stack(&all_targets, 0)?.mean(0)?)
+        Some(stats.mean()?)
     } else {
         None
     };
+    drop(stats);
     decoder.set_token_offset(offset.clone())?;
     let (mut start, mut report) = if resume {
         let text = std::fs::read_to_string(state_path(&opts.out))
@@ -325,7 +383,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         );
         let ti = rng.random_range(0..tasks.len());
         let task = tasks[ti];
-        let target = &targets[ti][rng.random_range(0..targets[ti].len())];
+        let target = &load_target(&task.checkpoints[rng.random_range(0..task.checkpoints.len())])?;
         let prompts: Vec<&str> = if task.prompts.len() >= n {
             rand::seq::index::sample(&mut rng, task.prompts.len(), n)
                 .into_iter()
@@ -391,6 +449,32 @@ mod tests {
         assert!((lr(10) - 1.0).abs() < 1e-12);
         assert!((lr(60) - 0.5).abs() < 1e-12);
         assert!(lr(109) < 0.001);
+    }
+
+    #[test]
+    fn streamed_statistics_equal_the_stacked_ones() {
+        let dev = Device::Cpu;
+        let ts: Vec<Tensor> = (0..5)
+            .map(|i| (Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap() * (i + 1) as f64).unwrap())
+            .collect();
+        let mut stats = TokenStats::default();
+        for t in &ts {
+            stats.add(t).unwrap();
+        }
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let want = criterion_weight(&ts).unwrap();
+        assert!(diff(&stats.criterion_weight().unwrap(), &want) < 1e-5);
+        let mean = Tensor::stack(&ts, 0).unwrap().mean(0).unwrap();
+        assert!(diff(&stats.mean().unwrap(), &mean) < 1e-6);
     }
 
     #[test]

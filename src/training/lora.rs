@@ -56,6 +56,43 @@ impl TrainableLora {
         })
     }
 
+    /// Variables initialised from an adapter's factors (copied).
+    pub fn from_adapter(adapter: &LoraAdapter) -> Result<Self> {
+        let vars = VarMap::new();
+        let mut pairs = BTreeMap::new();
+        for (t, p) in adapter.pairs() {
+            let a = Var::from_tensor(&p.a.to_dtype(DType::F32)?)?;
+            let b = Var::from_tensor(&p.b.to_dtype(DType::F32)?)?;
+            let mut data = vars.data().lock().expect("varmap lock");
+            data.insert(format!("{}.{}.a", t.layer, t.module.name()), a.clone());
+            data.insert(format!("{}.{}.b", t.layer, t.module.name()), b.clone());
+            drop(data);
+            pairs.insert(*t, (a, b));
+        }
+        Ok(Self {
+            vars,
+            pairs,
+            rank: adapter.rank(),
+            alpha: adapter.alpha(),
+        })
+    }
+
+    /// The variables of one target, `(A, B)`.
+    pub fn var(&self, target: LoraTarget) -> Option<(&Var, &Var)> {
+        self.pairs.get(&target).map(|(a, b)| (a, b))
+    }
+
+    /// The trained targets, in order.
+    pub fn targets(&self) -> impl Iterator<Item = LoraTarget> + '_ {
+        self.pairs.keys().copied()
+    }
+
+    /// The current factors without autograd tracking (shared storage): what
+    /// [`super::backward::lora_gradients`] reads.
+    pub fn detached(&self) -> Result<LoraAdapter> {
+        self.adapter()?.detached()
+    }
+
     /// All variables (for the optimiser).
     pub fn vars(&self) -> Vec<Var> {
         self.vars.all_vars()

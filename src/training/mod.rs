@@ -7,11 +7,14 @@
 //! - [`generator::train`]: generator training from those checkpoints and their tasks' prompts.
 //! - [`eval`]: accuracy on a test split, greedy, the bracketed choice parsed from the reply.
 
+pub mod adamw;
+pub mod backward;
 pub mod collect;
 pub mod data;
 pub mod eval;
 pub mod generator;
 pub mod gguf;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod plot;

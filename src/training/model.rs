@@ -76,19 +76,21 @@ impl LmConfig {
         }
     }
 
-    fn head_dim(&self) -> usize {
+    pub(super) fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    fn kv_heads(&self) -> usize {
+    pub(super) fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 }
 
-struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
+/// A frozen projection: `w` `(out, in)`, optional bias. Its weight may be a row block of a
+/// fused matrix (see [`Fused`]).
+pub(super) struct Linear {
+    pub(super) w: Tensor,
+    pub(super) b: Option<Tensor>,
 }
 
 impl Linear {
@@ -122,16 +124,68 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
 
-struct Layer {
-    norm1: Tensor,
-    norm2: Tensor,
+/// Projections that read the same input, stored as one matrix (their weights stacked by rows)
+/// so the explicit backward pass ([`super::backward`]) multiplies once for all of them; the
+/// separate [`Linear`]s of the plain forward are row blocks (views) of it, so the weights are
+/// held once.
+pub(super) struct Fused {
+    /// `(sum of outs, in)`.
+    pub(super) w: Tensor,
+    /// The stacked biases, when the projections have them.
+    pub(super) b: Option<Tensor>,
+}
+
+impl Fused {
+    /// Loads the named projections under `vb` (each `(out, in)`) and stacks them; returns the
+    /// stack and a view of each.
+    fn load(
+        vb: &VarBuilder,
+        parts: &[(&str, usize)],
+        inp: usize,
+        bias: bool,
+    ) -> Result<(Self, Vec<Linear>)> {
+        let ws = parts
+            .iter()
+            .map(|(name, out)| vb.pp(name).get((*out, inp), "weight"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let w = Tensor::cat(&ws, 0)?;
+        drop(ws);
+        let b = if bias {
+            let bs = parts
+                .iter()
+                .map(|(name, out)| vb.pp(name).get(*out, "bias"))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        let mut views = Vec::with_capacity(parts.len());
+        let mut at = 0;
+        for (_, out) in parts {
+            views.push(Linear {
+                w: w.narrow(0, at, *out)?,
+                b: b.as_ref().map(|b| b.narrow(0, at, *out)).transpose()?,
+            });
+            at += out;
+        }
+        Ok((Self { w, b }, views))
+    }
+}
+
+pub(super) struct Layer {
+    pub(super) norm1: Tensor,
+    pub(super) norm2: Tensor,
+    /// q, k, v stacked.
+    pub(super) qkv: Fused,
+    /// gate, up stacked.
+    pub(super) gate_up: Fused,
     q: Linear,
     k: Linear,
     v: Linear,
-    o: Linear,
+    pub(super) o: Linear,
     gate: Linear,
     up: Linear,
-    down: Linear,
+    pub(super) down: Linear,
 }
 
 /// Keys and values of the positions decoded so far, per layer (before the grouped-query
@@ -157,11 +211,11 @@ impl KvCache {
 /// The frozen base model.
 pub struct CausalLm {
     cfg: LmConfig,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
-    device: Device,
+    pub(super) embed: Tensor,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: Tensor,
+    pub(super) lm_head: Tensor,
+    pub(super) device: Device,
 }
 
 impl CausalLm {
@@ -200,15 +254,31 @@ impl CausalLm {
             let lb = m.pp(format!("layers.{l}"));
             let at = lb.pp("self_attn");
             let mlp = lb.pp("mlp");
+            let (qkv, mut qkv_views) = Fused::load(
+                &at,
+                &[("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
+                h,
+                bias,
+            )?;
+            let (gate_up, mut gu_views) =
+                Fused::load(&mlp, &[("gate_proj", i), ("up_proj", i)], h, false)?;
+            let (v, k, q) = (
+                qkv_views.remove(2),
+                qkv_views.remove(1),
+                qkv_views.remove(0),
+            );
+            let (up, gate) = (gu_views.remove(1), gu_views.remove(0));
             layers.push(Layer {
                 norm1: lb.get(h, "input_layernorm.weight")?,
                 norm2: lb.get(h, "post_attention_layernorm.weight")?,
-                q: Linear::load(&at.pp("q_proj"), q_dim, h, bias)?,
-                k: Linear::load(&at.pp("k_proj"), kv_dim, h, bias)?,
-                v: Linear::load(&at.pp("v_proj"), kv_dim, h, bias)?,
+                qkv,
+                gate_up,
+                q,
+                k,
+                v,
                 o: Linear::load(&at.pp("o_proj"), h, q_dim, false)?,
-                gate: Linear::load(&mlp.pp("gate_proj"), i, h, false)?,
-                up: Linear::load(&mlp.pp("up_proj"), i, h, false)?,
+                gate,
+                up,
                 down: Linear::load(&mlp.pp("down_proj"), h, i, false)?,
             });
         }
@@ -307,7 +377,7 @@ impl CausalLm {
 
     /// `cos`, `sin` of positions `offset..offset + t`, shape (T, head_dim), in the Hugging Face
     /// layout (halves repeated).
-    fn rope(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    pub(super) fn rope(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim();
         let theta = self.cfg.rope_theta.unwrap_or(10_000.0);
         let inv: Vec<f32> = (0..hd / 2)
