@@ -17,8 +17,12 @@
 //! loss curves with their largest relative difference.
 
 use std::path::{Path, PathBuf};
+mod util;
+
 use std::process::Command;
+
 use std::time::Instant;
+use util::peak_rss_mib;
 
 use candle_core::{Device, Tensor};
 use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter, LoraPair, Module};
@@ -29,15 +33,6 @@ use mistralrs_dnd::training::data::{encode, read_examples, Sequence};
 use mistralrs_dnd::training::{load_base_model, TrainableLora};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn opt<T: std::str::FromStr>(name: &str) -> Option<T> {
     let args: Vec<String> = std::env::args().collect();

@@ -8,21 +8,16 @@
 //! runs, default 3; 1 for the 1.1 B-parameter preset), `DND_BENCH_BASELINE` (a Python with torch:
 //! runs `benches/pytorch_baseline.py` on the same shapes in the same run and prints the ratio).
 
+mod util;
+
 use std::process::Command;
+
 use std::time::Instant;
+use util::{median, peak_rss_mib};
 
 use candle_core::{DType, Device};
 use mistralrs_dnd::encoder::TextEncoder;
 use mistralrs_dnd::generator::{presets, ConditionDecoder};
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// Synthetic prompts of a realistic length (a question with four choices).
 fn prompts(n: usize) -> Vec<String> {
@@ -35,11 +30,6 @@ fn prompts(n: usize) -> Vec<String> {
             )
         })
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn run_one(name: &str) {

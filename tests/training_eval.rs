@@ -66,8 +66,14 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
     assert_eq!(base.accuracy, 0.0);
     assert!(tuned.accuracy >= 0.75, "tuned accuracy {}", tuned.accuracy);
     let rows = [base, tuned];
-    let md = markdown("parity", &rows);
-    assert!(md.contains("| base | 0.0% |"), "{md}");
+    let md = markdown("parity", &rows, &examples);
+    assert!(md.contains("| base | 0.0% | 0.0-32.4% |"), "{md}");
+    // Half the answers are [True]: the constant answer scores 50%.
+    assert!(
+        md.contains("| constant answer `true` | 50.0% |")
+            || md.contains("| constant answer `false` | 50.0% |"),
+        "{md}"
+    );
     assert_eq!(rows[1].replies.len(), 8);
     // A correct reply is well formed.
     assert!(rows[1].well_formed >= rows[1].accuracy);
@@ -75,8 +81,9 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
         markdown: Some(dir.join("table.md")),
         png: Some(dir.join("chart.png")),
         replies: Some(dir.join("replies.json")),
+        summary: Some(dir.join("summary.json")),
     };
-    write_outputs("parity", &rows, &out).unwrap();
+    write_outputs("parity", &rows, &examples, &out).unwrap();
     assert_eq!(
         &std::fs::read(dir.join("chart.png")).unwrap()[..4],
         b"\x89PNG"
@@ -84,4 +91,9 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
     let replies: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("replies.json")).unwrap()).unwrap();
     assert_eq!(replies["lora"].as_array().unwrap().len(), 8);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["rows"][0]["correct"], 0);
+    assert_eq!(summary["rows"][1]["n"], 8);
+    assert_eq!(summary["constant"]["correct"], 4);
 }

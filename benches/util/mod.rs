@@ -1,4 +1,5 @@
-//! Helpers shared by the benchmark binaries.
+//! Helpers shared by the benchmark binaries (each uses some of them).
+#![allow(dead_code)]
 
 /// The median of `v`.
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -14,4 +15,14 @@ pub fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().expect("a number"))
         .unwrap_or(default)
+}
+
+/// This process's peak resident set (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

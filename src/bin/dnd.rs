@@ -297,6 +297,10 @@ enum Command {
         /// JSON output of every reply, per label (to read what the models answered).
         #[arg(long)]
         out_replies: Option<PathBuf>,
+        /// JSON summary: each row's correct answers, accuracy and 95% interval, and the
+        /// constant answer's.
+        #[arg(long)]
+        out_json: Option<PathBuf>,
     },
     /// Split a task file into train and test files, deterministically for a seed.
     Split {
@@ -315,6 +319,22 @@ enum Command {
         /// Test output.
         #[arg(long)]
         test_out: PathBuf,
+    },
+    /// Write the seeded skill tasks (format, classification, extraction, arithmetic): for each,
+    /// NAME_train.json and NAME_test.json (an unseen system-prompt paraphrase), and tasks.json.
+    Tasks {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training examples per task.
+        #[arg(long, default_value_t = 500)]
+        train: usize,
+        /// Test examples per task (prompts never in training).
+        #[arg(long, default_value_t = 200)]
+        test: usize,
+        /// Seed of every draw.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Generate a LoRA adapter (PEFT folder) from prompts.
     Generate {
@@ -622,6 +642,7 @@ fn main() -> Result<()> {
             out_md,
             out_png,
             out_replies,
+            out_json,
         } => {
             use mistralrs_dnd::training::eval;
             let (lm, tok, eos) = mistralrs_dnd::training::load_base_model(&model, &Device::Cpu)?;
@@ -666,14 +687,16 @@ fn main() -> Result<()> {
             let name = task
                 .file_stem()
                 .map_or("task".into(), |s| s.to_string_lossy().into_owned());
-            print!("{}", eval::markdown(&name, &rows));
+            print!("{}", eval::markdown(&name, &rows, &examples));
             eval::write_outputs(
                 &name,
                 &rows,
+                &examples,
                 &eval::EvalOutputs {
                     markdown: out_md,
                     png: out_png,
                     replies: out_replies,
+                    summary: out_json,
                 },
             )?;
         }
@@ -701,6 +724,21 @@ fn main() -> Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             eprintln!("{} train / {} test examples", train.len(), items.len());
+        }
+        Command::Tasks {
+            out,
+            train,
+            test,
+            seed,
+        } => {
+            let entries = mistralrs_dnd::training::tasks::write_tasks(&out, train, test, seed)?;
+            eprintln!(
+                "{} tasks ({} train / {} test examples each) in {}",
+                entries.len(),
+                train,
+                test,
+                out.display()
+            );
         }
         Command::Generate {
             checkpoint: ckpt,

@@ -16,6 +16,8 @@
 //!   head), so no arithmetic is spent on pad positions. Under a causal mask, right padding
 //!   never reaches real positions, so the loss equals the padded batch's.
 //!
+//! CPU only (as all training here): the fused kernels work on CPU memory.
+//!
 //! The forward is the same arithmetic as the plain one (RMSNorm, rotary halves, softmax
 //! attention, SwiGLU, `scale · x Aᵀ Bᵀ`); `tests/training_backward.rs` checks the loss and
 //! every factor's gradient against candle's autograd on the golden tiny models.
@@ -43,88 +45,122 @@ pub struct LoraGradients {
     pub answer_tokens: usize,
 }
 
-/// One adapted projection of a layer during a step: its factors (B pre-multiplied by the
-/// scale, so no full-width tensor is ever scaled), and `x Aᵀ` of the forward.
-struct Adapted<'a> {
-    a: &'a Tensor,
+/// The LoRA of one group of projections that share an input and one product (q/k/v,
+/// gate/up; o and down alone) during a step, as a single LoRA of rank `k·r`: the members' A
+/// stacked `(k·r, in)`, their B scaled and placed block-diagonally `(group out, k·r)` (zero
+/// rows for members without an adapter). Two products per group in the forward and four in
+/// the backward, instead of as many per member, on less skinny shapes.
+struct GroupLora {
+    /// Adapted members: module, first column in the group's output, width.
+    members: Vec<(Module, usize, usize)>,
+    rank: usize,
+    scale: f64,
+    a: Tensor,
     scaled_b: Tensor,
+    /// `x Aᵀ` of the forward `(N, k·r)`.
     xa: Option<Tensor>,
 }
 
-/// The LoRA factors of one layer, by module, with the forward's `x Aᵀ`.
-struct LayerLora<'a> {
-    scale: f64,
-    mods: [Option<Adapted<'a>>; 7],
-}
-
-fn slot(m: Module) -> usize {
-    Module::ALL
-        .iter()
-        .position(|&x| x == m)
-        .expect("a projection")
-}
-
-impl<'a> LayerLora<'a> {
-    fn new(adapter: &'a LoraAdapter, layer: usize) -> Result<Self> {
-        let scale = adapter.scale();
-        let mut mods: [Option<Adapted<'a>>; 7] = Default::default();
-        for (slot, m) in mods.iter_mut().zip(Module::ALL) {
+impl GroupLora {
+    /// The group of `parts` (module, output width), in output order; `None` when no member
+    /// is adapted.
+    fn new(adapter: &LoraAdapter, layer: usize, parts: &[(Module, usize)]) -> Result<Option<Self>> {
+        let (r, scale) = (adapter.rank(), adapter.scale());
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let mut members = Vec::new();
+        let (mut a_rows, mut b_cols) = (Vec::new(), Vec::new());
+        let mut col = 0;
+        for &(m, out) in parts {
             if let Some(pair) = adapter.get(layer, m) {
-                *slot = Some(Adapted {
-                    a: &pair.a,
-                    scaled_b: (&pair.b * scale)?,
-                    xa: None,
-                });
+                members.push((m, col, out));
+                a_rows.push(pair.a.clone());
+                // This member's B in its rows of the group's output, zeros elsewhere.
+                let b = (&pair.b * scale)?;
+                b_cols.push(b.pad_with_zeros(0, col, total - col - out)?);
             }
+            col += out;
         }
-        Ok(Self { scale, mods })
+        if members.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            members,
+            rank: r,
+            scale,
+            a: Tensor::cat(&a_rows, 0)?,
+            scaled_b: Tensor::cat(&b_cols, 1)?,
+            xa: None,
+        }))
     }
 
-    fn adapted(&self, m: Module) -> bool {
-        self.mods[slot(m)].is_some()
-    }
-
-    /// Adds `scale · x Aᵀ Bᵀ` of module `m` (when adapted) into columns `col..` of the
-    /// projection's output, keeping `x Aᵀ`.
-    fn forward(&mut self, m: Module, x: &Tensor, y: &mut Accumulator, col: usize) -> Result<()> {
-        if let Some(ad) = &mut self.mods[slot(m)] {
-            let xa = x.matmul(&ad.a.t()?)?;
-            y.add_product(col, &xa, &ad.scaled_b.t()?)?;
-            ad.xa = Some(xa);
-        }
+    /// Adds `scale · x Aᵀ Bᵀ` of every member into its columns of the group's output.
+    fn forward(&mut self, x: &Tensor, y: &mut Accumulator) -> Result<()> {
+        let xa = x.matmul(&self.a.t()?)?;
+        y.add_product(0, &xa, &self.scaled_b.t()?)?;
+        self.xa = Some(xa);
         Ok(())
     }
 
-    /// For module `m` with input `x` and output gradient `dy`: records the factors' gradients
-    /// and adds the LoRA path's share of `dx` into `dx`.
+    /// With the group input `x` and the gradient `dy` of the group's whole output: records
+    /// each member's factor gradients and adds the LoRA path's share of `dx` into `dx`.
     fn backward(
         &self,
-        m: Module,
+        layer: usize,
         x: &Tensor,
         dy: &Tensor,
         dx: &mut Accumulator,
-        target: LoraTarget,
         grads: &mut BTreeMap<LoraTarget, LoraPair>,
     ) -> Result<()> {
-        let Some(Adapted {
-            a,
-            scaled_b,
-            xa: Some(xa),
-        }) = &self.mods[slot(m)]
-        else {
-            return Ok(());
-        };
+        let xa = self.xa.as_ref().expect("the forward ran");
         // y = s (x Aᵀ) Bᵀ: with dz = s dy B, dA = dzᵀ x, dB = s dyᵀ (x Aᵀ), dx = dz A.
-        let dz = dy.matmul(scaled_b)?; // (N, r)
-        let db = (dy.t()?.matmul(xa)? * self.scale)?; // (out, r)
-        let da = dz.t()?.matmul(x)?; // (r, in)
-        grads.insert(target, LoraPair { a: da, b: db });
-        dx.add_product(0, &dz, a)
+        let dz = dy.matmul(&self.scaled_b)?; // (N, k·r)
+        let da = dz.t()?.matmul(x)?; // (k·r, in)
+                                     // The diagonal blocks of s dyᵀ (x Aᵀ) are the members' dB.
+        let db = (dy.t()?.matmul(xa)? * self.scale)?; // (group out, k·r)
+        for (j, &(module, col, out)) in self.members.iter().enumerate() {
+            let r = self.rank;
+            grads.insert(
+                LoraTarget { layer, module },
+                LoraPair {
+                    a: da.narrow(0, j * r, r)?.contiguous()?,
+                    b: db.narrow(0, col, out)?.narrow(1, j * r, r)?.contiguous()?,
+                },
+            );
+        }
+        dx.add_product(0, &dz, &self.a)
+    }
+}
+
+/// A layer's LoRA groups.
+struct LayerLora {
+    qkv: Option<GroupLora>,
+    o: Option<GroupLora>,
+    gate_up: Option<GroupLora>,
+    down: Option<GroupLora>,
+}
+
+impl LayerLora {
+    fn new(adapter: &LoraAdapter, layer: usize, cfg: &super::model::LmConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
+        Ok(Self {
+            qkv: GroupLora::new(
+                adapter,
+                layer,
+                &[(Module::Q, qd), (Module::K, kvd), (Module::V, kvd)],
+            )?,
+            o: GroupLora::new(adapter, layer, &[(Module::O, h)])?,
+            gate_up: GroupLora::new(adapter, layer, &[(Module::Gate, i), (Module::Up, i)])?,
+            down: GroupLora::new(adapter, layer, &[(Module::Down, h)])?,
+        })
     }
 }
 
 /// What the backward pass reads of one layer's forward.
-struct Saved<'a> {
+struct Saved {
     x: Tensor,
     h1: Tensor,
     q: Tensor,
@@ -136,7 +172,7 @@ struct Saved<'a> {
     h2: Tensor,
     g: Tensor,
     u: Tensor,
-    lora: LayerLora<'a>,
+    lora: LayerLora,
 }
 
 /// Rotary embedding (rotate-half layout) of `(N, heads, hd)` with per-row `cos`, `sin`
@@ -290,14 +326,14 @@ pub fn lora_gradients(
     let mut x = model.embed.index_select(&packed.ids, 0)?;
     let mut saved = Vec::with_capacity(model.layers.len());
     for (l, layer) in model.layers.iter().enumerate() {
-        let mut lora = LayerLora::new(adapter, l)?;
+        let mut lora = LayerLora::new(adapter, l, cfg)?;
         let h1 = kernels::rms_norm(&x, &layer.norm1, eps)?;
         let mut qkv = Accumulator::product(&h1, &layer.qkv.w.t()?)?;
         if let Some(b) = &layer.qkv.b {
             qkv.add_row(b)?;
         }
-        for (m, col) in [(Module::Q, 0), (Module::K, qd), (Module::V, qd + kvd)] {
-            lora.forward(m, &h1, &mut qkv, col)?;
+        if let Some(g) = &mut lora.qkv {
+            g.forward(&h1, &mut qkv)?;
         }
         let qkv = qkv.into_tensor()?;
         let q = rope(
@@ -335,18 +371,23 @@ pub fn lora_gradients(
         // x2 = x + o(ctx), accumulated onto the residual.
         let mut x2 = Accumulator::from(&x)?;
         x2.add_product(0, &ctx, &layer.o.w.t()?)?;
-        lora.forward(Module::O, &ctx, &mut x2, 0)?;
+        if let Some(g) = &mut lora.o {
+            g.forward(&ctx, &mut x2)?;
+        }
         let x2 = x2.into_tensor()?;
         let h2 = kernels::rms_norm(&x2, &layer.norm2, eps)?;
         let mut gu = Accumulator::product(&h2, &layer.gate_up.w.t()?)?;
-        lora.forward(Module::Gate, &h2, &mut gu, 0)?;
-        lora.forward(Module::Up, &h2, &mut gu, inter)?;
+        if let Some(g) = &mut lora.gate_up {
+            g.forward(&h2, &mut gu)?;
+        }
         let gu = gu.into_tensor()?;
         let (g, u) = (gu.narrow(1, 0, inter)?, gu.narrow(1, inter, inter)?);
         let act = kernels::swiglu(&g, &u)?;
         let mut x3 = Accumulator::from(&x2)?;
         x3.add_product(0, &act, &layer.down.w.t()?)?;
-        lora.forward(Module::Down, &act, &mut x3, 0)?;
+        if let Some(g) = &mut lora.down {
+            g.forward(&act, &mut x3)?;
+        }
         drop(act);
         let x3 = x3.into_tensor()?;
         saved.push(Saved {
@@ -395,28 +436,19 @@ pub fn lora_gradients(
     // Backward, last layer first.
     let mut grads = BTreeMap::new();
     for (l, (layer, s)) in model.layers.iter().zip(saved).enumerate().rev() {
-        let t = |module| LoraTarget { layer: l, module };
         let lora = &s.lora;
         // MLP: x3 = x2 + down(silu(g) · u).
         let mut dact = Accumulator::product(&dx, &layer.down.w)?;
-        if lora.adapted(Module::Down) {
+        if let Some(g) = &lora.down {
             let act = kernels::swiglu(&s.g, &s.u)?;
-            lora.backward(
-                Module::Down,
-                &act,
-                &dx,
-                &mut dact,
-                t(Module::Down),
-                &mut grads,
-            )?;
+            g.backward(l, &act, &dx, &mut dact, &mut grads)?;
         }
         let dact = dact.into_tensor()?;
         let dgu = kernels::swiglu_backward(&dact, &s.g, &s.u)?;
         drop(dact);
         let mut dh2 = Accumulator::product(&dgu, &layer.gate_up.w)?;
-        for (m, at) in [(Module::Gate, 0), (Module::Up, inter)] {
-            let d = dgu.narrow(1, at, inter)?;
-            lora.backward(m, &s.h2, &d, &mut dh2, t(m), &mut grads)?;
+        if let Some(g) = &lora.gate_up {
+            g.backward(l, &s.h2, &dgu, &mut dh2, &mut grads)?;
         }
         drop(dgu);
         let dh2 = dh2.into_tensor()?;
@@ -424,7 +456,9 @@ pub fn lora_gradients(
         drop(dh2);
         // Attention: x2 = x + o(ctx).
         let mut dctx = Accumulator::product(&dx2, &layer.o.w)?;
-        lora.backward(Module::O, &s.ctx, &dx2, &mut dctx, t(Module::O), &mut grads)?;
+        if let Some(g) = &lora.o {
+            g.backward(l, &s.ctx, &dx2, &mut dctx, &mut grads)?;
+        }
         let dctx = dctx.into_tensor()?;
         let parts = packed
             .spans
@@ -466,9 +500,11 @@ pub fn lora_gradients(
         .reshape((n, kvd))?;
         let dv = Tensor::cat(&dvs, 0)?;
         drop((dqs, dks, dvs));
-        let mut dh1 = Accumulator::product(&Tensor::cat(&[&dq, &dk, &dv], 1)?, &layer.qkv.w)?;
-        for (m, d) in [(Module::Q, &dq), (Module::K, &dk), (Module::V, &dv)] {
-            lora.backward(m, &s.h1, d, &mut dh1, t(m), &mut grads)?;
+        let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
+        drop((dq, dk, dv));
+        let mut dh1 = Accumulator::product(&dqkv, &layer.qkv.w)?;
+        if let Some(g) = &lora.qkv {
+            g.backward(l, &s.h1, &dqkv, &mut dh1, &mut grads)?;
         }
         let dh1 = dh1.into_tensor()?;
         dx = (&dx2 + kernels::rms_norm_backward(&s.x, &layer.norm1, &dh1, eps)?)?;

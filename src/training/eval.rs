@@ -1,5 +1,7 @@
-//! `eval`: accuracy on a task's test split, scored as the paper does: greedy decoding, the
-//! bracketed choice parsed from the start of the reply, compared with the reference answer.
+//! `eval`: accuracy on a task's test split, greedy decoding. Choice tasks (bracketed answers
+//! such as `[B]`) are scored as the paper does: the bracketed choice parsed from the start of
+//! the reply against the reference's; other answers by exact match of the trimmed reply. Each
+//! accuracy comes with its 95% Wilson interval, next to the best constant answer's accuracy.
 
 use std::path::PathBuf;
 
@@ -37,17 +39,51 @@ pub fn parse_choice_lenient(reply: &str) -> Option<String> {
     })
 }
 
-/// Whether `reply` picks the choice of `response` (e.g. `[B]`, `[True]`).
+/// Whether `reply` answers `response`: for a bracketed choice (`[B]`, `[True]`) whether it
+/// picks the same choice ([`parse_choice`]); for any other answer, whether the trimmed reply
+/// equals it.
 pub fn is_correct(reply: &str, response: &str) -> bool {
-    match (parse_choice(reply), parse_choice(response)) {
-        (Some(a), Some(b)) => a == b,
-        _ => false,
+    match parse_choice(response) {
+        Some(want) => parse_choice(reply) == Some(want),
+        None => reply.trim() == response.trim(),
     }
 }
 
-/// Greedy continuation of `prompt` (at most `max_new` tokens, stopping at `eos` or once the
-/// reply has closed its first bracket, which is all [`parse_choice`] reads). Decodes
-/// incrementally over a key/value cache, the output projection only at the last position.
+/// The answer a reply is compared on: the bracketed choice, or the trimmed text.
+fn answer_key(response: &str) -> String {
+    parse_choice(response).unwrap_or_else(|| response.trim().to_string())
+}
+
+/// The 95% Wilson score interval of `k` successes in `n` trials.
+pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n, p) = (1.96f64, n as f64, k as f64 / n as f64);
+    let d = 1.0 + z * z / n;
+    let c = (p + z * z / (2.0 * n)) / d;
+    let h = z * ((p * (1.0 - p) + z * z / (4.0 * n)) / n).sqrt() / d;
+    ((c - h).max(0.0), (c + h).min(1.0))
+}
+
+/// The best constant answer on `examples`: the most frequent reference answer and the share
+/// of examples it is right on (what a model answering one thing always would score).
+pub fn constant_baseline(examples: &[Example]) -> (String, usize) {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for ex in examples {
+        *counts.entry(answer_key(&ex.response)).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .unwrap_or_default()
+}
+
+/// Greedy continuation of `prompt` (at most `max_new` tokens, stopping at `eos` or, with
+/// `stop_at_bracket`, once the reply has closed its first bracket, which is all
+/// [`parse_choice`] reads). Decodes incrementally over a key/value cache, the output
+/// projection only at the last position.
+#[allow(clippy::too_many_arguments)]
 pub fn greedy(
     model: &CausalLm,
     tok: &Tokenizer,
@@ -56,6 +92,7 @@ pub fn greedy(
     max_new: usize,
     max_len: usize,
     eos: u32,
+    stop_at_bracket: bool,
 ) -> Result<String> {
     let mut ids = tok
         .encode(prompt, false)
@@ -85,7 +122,7 @@ pub fn greedy(
             break;
         }
         ids.push(next);
-        if decode(&ids[start..])?.contains(']') {
+        if stop_at_bracket && decode(&ids[start..])?.contains(']') {
             break;
         }
         fresh = vec![next];
@@ -100,6 +137,8 @@ pub struct EvalRow {
     pub label: String,
     /// Correct answers / examples.
     pub accuracy: f64,
+    /// Correct answers.
+    pub correct: usize,
     /// Examples scored.
     pub n: usize,
     /// Correct answers / examples, choices read with [`parse_choice_lenient`].
@@ -128,7 +167,17 @@ pub fn accuracy(
     let (mut correct, mut lenient, mut well_formed) = (0, 0, 0);
     let mut replies = Vec::with_capacity(examples.len());
     for ex in examples {
-        let reply = greedy(model, tok, &prompt_text(ex), adapter, max_new, max_len, eos)?;
+        let choice = parse_choice(&ex.response).is_some();
+        let reply = greedy(
+            model,
+            tok,
+            &prompt_text(ex),
+            adapter,
+            max_new,
+            max_len,
+            eos,
+            choice,
+        )?;
         correct += usize::from(is_correct(&reply, &ex.response));
         well_formed += usize::from(parse_choice(&reply).is_some());
         lenient += usize::from(
@@ -142,6 +191,7 @@ pub fn accuracy(
     Ok(EvalRow {
         label: label.to_string(),
         accuracy: correct as f64 / n,
+        correct,
         lenient_accuracy: lenient as f64 / n,
         n: examples.len(),
         well_formed: well_formed as f64 / n,
@@ -149,22 +199,35 @@ pub fn accuracy(
     })
 }
 
-/// The rows as a Markdown table.
-pub fn markdown(task: &str, rows: &[EvalRow]) -> String {
+/// The rows as a Markdown table, with each accuracy's 95% interval and, last, the best
+/// constant answer on `examples` (the reference no skill is needed for).
+pub fn markdown(task: &str, rows: &[EvalRow], examples: &[Example]) -> String {
     let mut s = format!(
-        "| {task} | accuracy | lenient accuracy | bracketed replies | examples |\n\
-         |---|---|---|---|---|\n"
+        "| {task} | accuracy | 95% interval | lenient accuracy | bracketed replies | examples |\n\
+         |---|---|---|---|---|---|\n"
     );
+    let ci = |k, n| {
+        let (lo, hi) = wilson_interval(k, n);
+        format!("{:.1}-{:.1}%", 100.0 * lo, 100.0 * hi)
+    };
     for r in rows {
         s += &format!(
-            "| {} | {:.1}% | {:.1}% | {:.1}% | {} |\n",
+            "| {} | {:.1}% | {} | {:.1}% | {:.1}% | {} |\n",
             r.label,
             100.0 * r.accuracy,
+            ci(r.correct, r.n),
             100.0 * r.lenient_accuracy,
             100.0 * r.well_formed,
             r.n
         );
     }
+    let (answer, k) = constant_baseline(examples);
+    let n = examples.len();
+    s += &format!(
+        "| constant answer `{answer}` | {:.1}% | {} | | | {n} |\n",
+        100.0 * k as f64 / n.max(1) as f64,
+        ci(k, n)
+    );
     s
 }
 
@@ -177,15 +240,38 @@ pub struct EvalOutputs {
     pub png: Option<PathBuf>,
     /// JSON object: label -> the replies, in example order.
     pub replies: Option<PathBuf>,
+    /// JSON summary: per row its label, correct answers, examples, accuracy and 95% interval,
+    /// and the constant answer's.
+    pub summary: Option<PathBuf>,
 }
 
 /// Writes the table and chart.
-pub fn write_outputs(task: &str, rows: &[EvalRow], out: &EvalOutputs) -> Result<()> {
+pub fn write_outputs(
+    task: &str,
+    rows: &[EvalRow],
+    examples: &[Example],
+    out: &EvalOutputs,
+) -> Result<()> {
     if let Some(p) = &out.markdown {
-        std::fs::write(p, markdown(task, rows)).map_err(|e| DndError::io(p, e))?;
+        std::fs::write(p, markdown(task, rows, examples)).map_err(|e| DndError::io(p, e))?;
     }
     if let Some(p) = &out.png {
         super::plot::bar_chart(&[rows.iter().map(|r| r.accuracy).collect()], p)?;
+    }
+    if let Some(p) = &out.summary {
+        let row = |label: &str, k: usize, n: usize| {
+            let (lo, hi) = wilson_interval(k, n);
+            serde_json::json!({"label": label, "correct": k, "n": n,
+                "accuracy": k as f64 / n.max(1) as f64, "ci95": [lo, hi]})
+        };
+        let (answer, k) = constant_baseline(examples);
+        let v = serde_json::json!({
+            "task": task,
+            "rows": rows.iter().map(|r| row(&r.label, r.correct, r.n)).collect::<Vec<_>>(),
+            "constant": row(&answer, k, examples.len()),
+        });
+        let text = serde_json::to_string_pretty(&v).expect("numbers serialize");
+        std::fs::write(p, text).map_err(|e| DndError::io(p, e))?;
     }
     if let Some(p) = &out.replies {
         let map: serde_json::Map<String, serde_json::Value> = rows
@@ -218,5 +304,36 @@ mod tests {
         assert!(is_correct("[false]", "[False]"));
         assert!(!is_correct("[A]", "[B]"));
         assert!(!is_correct("A", "[A]"));
+        // Answers without brackets: exact match of the trimmed reply.
+        assert!(is_correct(" 68\n", "68"));
+        assert!(!is_correct("68.", "68"));
+        assert!(!is_correct("THE CAT", "THE CAT SAT"));
+    }
+
+    #[test]
+    fn wilson_intervals_match_known_values() {
+        // 50/100: 40.4%-59.6%; 0/20: 0-16.1%; 20/20: 83.9-100%.
+        let (lo, hi) = wilson_interval(50, 100);
+        assert!(
+            (lo - 0.4038).abs() < 1e-3 && (hi - 0.5962).abs() < 1e-3,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson_interval(0, 20);
+        assert!(lo == 0.0 && (hi - 0.1611).abs() < 1e-3, "{hi}");
+        let (lo, hi) = wilson_interval(20, 20);
+        assert!((lo - 0.8389).abs() < 1e-3 && hi > 1.0 - 1e-9, "{lo} {hi}");
+    }
+
+    #[test]
+    fn the_constant_baseline_is_the_most_frequent_answer() {
+        let ex = |r: &str| Example {
+            prompt: "q".into(),
+            response: r.into(),
+            system: None,
+        };
+        let examples = [ex("[A]"), ex("[b]"), ex("[B]"), ex("[C]")];
+        assert_eq!(constant_baseline(&examples), ("b".to_string(), 2));
+        let md = markdown("t", &[], &examples);
+        assert!(md.contains("| constant answer `b` | 50.0% |"), "{md}");
     }
 }

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod plot;
+pub mod tasks;
 
 pub use collect::{collect, CollectOptions};
 pub use generator::{train, TaskSet, TrainOptions, TrainReport};
