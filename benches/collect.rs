@@ -4,8 +4,11 @@
 //! ```sh
 //! cargo bench --profile dev --bench collect -- --model .assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
 //!     [--task ../shared/data/dnd/ARC-e_train.json] [--steps 6] [--batch 4] [--seq-len 256] \
-//!     [--rank 8] [--alpha 16] [--lr 1e-3] [--python .assets/bench-venv/bin/python] [--autograd]
+//!     [--rank 8] [--alpha 16] [--lr 1e-3] [--context K] [--python .assets/bench-venv/bin/python] [--autograd]
 //! ```
+//!
+//! `--context K` puts the text of the next K prompts before each prompt, so that every
+//! sequence is cut to `--seq-len` tokens (the long-sequence memory check).
 //!
 //! The first `steps × batch` examples of the task file, tokenized as `collect` does, make the
 //! batches; the factors start from `collect`'s seeded PEFT initialisation, B then set to small
@@ -198,11 +201,19 @@ fn main() {
     let dev = Device::Cpu;
     let (_, tok, eos) = load_base_model(&model, &dev).expect("the model");
     let examples = read_examples(&task).unwrap();
-    let seqs: Vec<Seq> = examples
-        .iter()
-        .take(steps * batch)
-        .map(|e| {
-            let s = encode(&tok, e, seq_len, eos).unwrap();
+    // `--context K`: each prompt after the text of the next K prompts, so that sequences run
+    // to `--seq-len` (the prompt is cut from the front): the long-sequence memory check.
+    let context: usize = opt("--context").unwrap_or(0);
+    let seqs: Vec<Seq> = (0..(steps * batch).min(examples.len()))
+        .map(|i| {
+            let mut e = examples[i].clone();
+            if context > 0 {
+                let more: Vec<&str> = (1..=context)
+                    .map(|k| examples[(i + k) % examples.len()].prompt.as_str())
+                    .collect();
+                e.prompt = format!("{}\n\n{}", more.join("\n\n"), e.prompt);
+            }
+            let s = encode(&tok, &e, seq_len, eos).unwrap();
             Seq {
                 ids: s.ids,
                 answer_from: s.answer_from,

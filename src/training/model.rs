@@ -121,16 +121,29 @@ impl Linear {
 
     /// `x W^T (+ b) (+ scale · x A^T B^T)`, x of shape (B, T, in).
     fn forward(&self, x: &Tensor, lora: Option<LoraRef>) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.w.t()?)?;
+        let mut y = matmul_t(x, &self.w)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(b)?;
         }
         if let Some((a, b, scale)) = lora {
-            let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            let d = matmul_t(&matmul_t(x, a)?, b)?;
             y = (y + (d * scale)?)?;
         }
         Ok(y)
     }
+}
+
+/// `x wᵀ` for `x` `(..., in)` and `w` `(out, in)`: the leading dimensions flattened into one
+/// 2-D product, because candle's `broadcast_matmul` makes the transposed weight contiguous
+/// (a full copy of the matrix) on every call.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inp = *dims.last().expect("a matrix");
+    let rows = x.elem_count() / inp.max(1);
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("a matrix") = w.dim(0)?;
+    Ok(y.reshape(out)?)
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -172,7 +185,7 @@ impl Fused {
     /// The projections of `x` `(B, T, in)`, one product for all: for each `(out, lora)` its
     /// column block of `x Wᵀ (+ b)`, plus `scale · x Aᵀ Bᵀ` when adapted.
     fn forward(&self, x: &Tensor, parts: &[(usize, Option<LoraRef>)]) -> Result<Vec<Tensor>> {
-        let mut y = x.broadcast_matmul(&self.w.t()?)?;
+        let mut y = matmul_t(x, &self.w)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(b)?;
         }
@@ -183,7 +196,7 @@ impl Fused {
                 let mut p = y.narrow(D::Minus1, at, out)?;
                 at += out;
                 if let Some((a, b, scale)) = lora {
-                    let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                    let d = matmul_t(&matmul_t(x, a)?, b)?;
                     p = (p + (d * scale)?)?;
                 }
                 Ok(p)
@@ -312,7 +325,7 @@ impl CausalLm {
 
     /// Logits of final hidden states (`(N, hidden)` or `(B, T, hidden)`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+        matmul_t(hidden, &self.lm_head)
     }
 
     /// Final (normed) hidden states `(B, T, hidden)` for token ids `(B, T)`. With a cache, the
