@@ -461,16 +461,7 @@ mod tests {
         for t in &ts {
             stats.add(t).unwrap();
         }
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         let want = criterion_weight(&ts).unwrap();
         assert!(diff(&stats.criterion_weight().unwrap(), &want) < 1e-5);
         let mean = Tensor::stack(&ts, 0).unwrap().mean(0).unwrap();

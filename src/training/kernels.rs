@@ -46,6 +46,15 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// `rows × width` outputs, each row filled by `f(row, out)` on the rayon pool.
+fn map_rows(rows: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; rows * width];
+    out.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(r, o)| f(r, o));
+    out
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -67,8 +76,7 @@ impl CustomOp2 for SwiGlu {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u) = (Rows::of(s1, l1, "swiglu")?, Rows::of(s2, l2, "swiglu")?);
         let (n, w) = (g.rows, g.cols);
-        let mut out = vec![0f32; n * w];
-        out.par_chunks_mut(w).enumerate().for_each(|(r, o)| {
+        let out = map_rows(n, w, |r, o| {
             for ((o, &g), &u) in o.iter_mut().zip(g.row(r)).zip(u.row(r)) {
                 *o = g * sigmoid(g) * u;
             }
@@ -103,8 +111,7 @@ impl CustomOp3 for SwiGluBackward {
             Rows::of(s3, l3, op)?,
         );
         let (n, w) = (g.rows, g.cols);
-        let mut out = vec![0f32; n * 2 * w];
-        out.par_chunks_mut(2 * w).enumerate().for_each(|(r, o)| {
+        let out = map_rows(n, 2 * w, |r, o| {
             let (dg, du) = o.split_at_mut(w);
             let (dr, gr, ur) = (d.row(r), g.row(r), u.row(r));
             for i in 0..w {
@@ -160,8 +167,7 @@ impl CustomOp2 for RmsNorm {
         let x = Rows::of(s1, l1, "rms-norm")?;
         let w = weight(s2, l2, x.cols, "rms-norm")?;
         let eps = self.0 as f32;
-        let mut out = vec![0f32; x.rows * x.cols];
-        out.par_chunks_mut(x.cols).enumerate().for_each(|(r, o)| {
+        let out = map_rows(x.rows, x.cols, |r, o| {
             let row = x.row(r);
             let inv = inv_rms(row, eps);
             for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
@@ -194,8 +200,7 @@ impl CustomOp3 for RmsNormBackward {
         let w = weight(s2, l2, x.cols, op)?;
         let eps = self.0 as f32;
         let h = x.cols;
-        let mut out = vec![0f32; x.rows * h];
-        out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+        let out = map_rows(x.rows, h, |r, o| {
             let (xr, dr) = (x.row(r), dy.row(r));
             let inv = inv_rms(xr, eps);
             let gx: f32 = (0..h).map(|i| dr[i] * w[i] * xr[i]).sum::<f32>() / h as f32;
@@ -382,16 +387,7 @@ mod tests {
 
     use super::*;
 
-    fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff as close;
 
     /// Each kernel against the same arithmetic in candle's ops; inputs include a column block
     /// of a wider matrix (read in place).
