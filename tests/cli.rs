@@ -247,3 +247,45 @@ fn collect_writes_the_last_steps_and_refuses_bad_options() {
         "{md}"
     );
 }
+
+/// `dnd tasks` writes a train and a test file per task and the task list; the same seed
+/// writes the same files.
+#[test]
+fn tasks_are_written_reproducibly() {
+    let dir = std::env::temp_dir().join(format!("dnd-cli-tasks-{}", std::process::id()));
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    for sub in ["a", "b"] {
+        dnd(&[
+            "tasks",
+            "--out",
+            &s(&dir.join(sub)),
+            "--train",
+            "20",
+            "--test",
+            "10",
+            "--seed",
+            "3",
+        ]);
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("a/tasks.json")).unwrap()).unwrap();
+    let tasks = list.as_array().unwrap();
+    assert_eq!(tasks.len(), 20);
+    for t in tasks {
+        let name = t["name"].as_str().unwrap();
+        for (split, n) in [("train", 20), ("test", 10)] {
+            let file = format!("{name}_{split}.json");
+            let a = std::fs::read_to_string(dir.join("a").join(&file)).unwrap();
+            let items: Vec<serde_json::Value> = serde_json::from_str(&a).unwrap();
+            assert_eq!(items.len(), n, "{file}");
+            assert!(items.iter().all(|e| e["prompt"].is_string()
+                && e["response"].is_string()
+                && e["system"].is_string()));
+            assert_eq!(
+                a,
+                std::fs::read_to_string(dir.join("b").join(&file)).unwrap()
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
