@@ -164,27 +164,35 @@ pub fn accuracy(
 ) -> Result<EvalRow> {
     let bar = super::progress_bar(examples.len(), "eval", progress);
     bar.set_message(label.to_string());
+    // Examples decode in parallel: one sequence's decoding steps are too small to keep more
+    // than one core busy.
+    use rayon::prelude::*;
+    let replies = examples
+        .par_iter()
+        .map(|ex| {
+            let choice = parse_choice(&ex.response).is_some();
+            let reply = greedy(
+                model,
+                tok,
+                &prompt_text(ex),
+                adapter,
+                max_new,
+                max_len,
+                eos,
+                choice,
+            );
+            bar.inc(1);
+            reply
+        })
+        .collect::<Result<Vec<String>>>()?;
     let (mut correct, mut lenient, mut well_formed) = (0, 0, 0);
-    let mut replies = Vec::with_capacity(examples.len());
-    for ex in examples {
-        let choice = parse_choice(&ex.response).is_some();
-        let reply = greedy(
-            model,
-            tok,
-            &prompt_text(ex),
-            adapter,
-            max_new,
-            max_len,
-            eos,
-            choice,
-        )?;
-        correct += usize::from(is_correct(&reply, &ex.response));
-        well_formed += usize::from(parse_choice(&reply).is_some());
+    for (ex, reply) in examples.iter().zip(&replies) {
+        let reply = reply.as_str();
+        correct += usize::from(is_correct(reply, &ex.response));
+        well_formed += usize::from(parse_choice(reply).is_some());
         lenient += usize::from(
-            parse_choice(&ex.response).is_some_and(|c| parse_choice_lenient(&reply) == Some(c)),
+            parse_choice(&ex.response).is_some_and(|c| parse_choice_lenient(reply) == Some(c)),
         );
-        replies.push(reply);
-        bar.inc(1);
     }
     bar.finish_and_clear();
     let n = examples.len().max(1) as f64;
