@@ -8,7 +8,8 @@
 #
 # Environment: STEPS (60), BATCH (4), LR (1e-3), LIMIT (test examples, 200), TASKS
 # (space-separated names; default all), OUT (runs/learnability/MODEL), DND (the dnd binary).
-# Writes OUT/summary.md: task, family, base and LoRA accuracy with intervals, constant answer.
+# Writes OUT/summary.md: task, family, base and LoRA accuracy with intervals, the base model's
+# lenient accuracy (the answer anywhere in its reply), the constant answer, the gain.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 which="${1:-smollm2}"
@@ -46,12 +47,12 @@ import json, sys
 out, names = sys.argv[1], sys.argv[2:]
 fam = {t["name"]: t["family"] for t in json.load(open(f"{out}/data/tasks.json"))}
 pct = lambda r: f'{100*r["accuracy"]:.1f}% ({100*r["ci95"][0]:.1f}-{100*r["ci95"][1]:.1f})'
-lines = ["| task | family | base | own LoRA | constant answer | gain (points) |", "|---|---|---|---|---|---|"]
+lines = ["| task | family | base | base, lenient | own LoRA | constant answer | gain (points) |", "|---|---|---|---|---|---|---|"]
 for t in names:
     s = json.load(open(f"{out}/results/{t}.json"))
     rows = {r["label"]: r for r in s["rows"]}
     b, l, c = rows["base"], rows["lora"], s["constant"]
-    lines.append(f'| {t} | {fam[t]} | {pct(b)} | {pct(l)} | {pct(c)} `{c["label"]}` | {100*(l["accuracy"]-b["accuracy"]):+.1f} |')
+    lines.append(f'| {t} | {fam[t]} | {pct(b)} | {100*b["lenient_accuracy"]:.1f}% | {pct(l)} | {pct(c)} `{c["label"]}` | {100*(l["accuracy"]-b["accuracy"]):+.1f} |')
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

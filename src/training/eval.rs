@@ -49,6 +49,18 @@ pub fn is_correct(reply: &str, response: &str) -> bool {
     }
 }
 
+/// Whether `reply` answers `response` in another format than asked: a choice read with
+/// [`parse_choice_lenient`]; any other answer anywhere in the reply, ignoring case (a base
+/// model often says `The city is Lima.` for `Lima`).
+pub fn is_correct_lenient(reply: &str, response: &str) -> bool {
+    match parse_choice(response) {
+        Some(want) => parse_choice_lenient(reply) == Some(want),
+        None => reply
+            .to_lowercase()
+            .contains(&response.trim().to_lowercase()),
+    }
+}
+
 /// The answer a reply is compared on: the bracketed choice, or the trimmed text.
 fn answer_key(response: &str) -> String {
     parse_choice(response).unwrap_or_else(|| response.trim().to_string())
@@ -141,7 +153,7 @@ pub struct EvalRow {
     pub correct: usize,
     /// Examples scored.
     pub n: usize,
-    /// Correct answers / examples, choices read with [`parse_choice_lenient`].
+    /// Correct answers / examples read leniently ([`is_correct_lenient`]).
     pub lenient_accuracy: f64,
     /// Share of replies that opened with a bracketed choice (right or wrong).
     pub well_formed: f64,
@@ -190,9 +202,7 @@ pub fn accuracy(
         let reply = reply.as_str();
         correct += usize::from(is_correct(reply, &ex.response));
         well_formed += usize::from(parse_choice(reply).is_some());
-        lenient += usize::from(
-            parse_choice(&ex.response).is_some_and(|c| parse_choice_lenient(reply) == Some(c)),
-        );
+        lenient += usize::from(is_correct_lenient(reply, &ex.response));
     }
     bar.finish_and_clear();
     let n = examples.len().max(1) as f64;
@@ -275,7 +285,11 @@ pub fn write_outputs(
         let (answer, k) = constant_baseline(examples);
         let v = serde_json::json!({
             "task": task,
-            "rows": rows.iter().map(|r| row(&r.label, r.correct, r.n)).collect::<Vec<_>>(),
+            "rows": rows.iter().map(|r| {
+                let mut v = row(&r.label, r.correct, r.n);
+                v["lenient_accuracy"] = serde_json::json!(r.lenient_accuracy);
+                v
+            }).collect::<Vec<_>>(),
             "constant": row(&answer, k, examples.len()),
         });
         let text = serde_json::to_string_pretty(&v).expect("numbers serialize");
@@ -316,6 +330,9 @@ mod tests {
         assert!(is_correct(" 68\n", "68"));
         assert!(!is_correct("68.", "68"));
         assert!(!is_correct("THE CAT", "THE CAT SAT"));
+        assert!(is_correct_lenient("The city is Lima.", "Lima"));
+        assert!(!is_correct_lenient("The city is Quito.", "Lima"));
+        assert!(is_correct_lenient("B: carbon dioxide", "[B]"));
     }
 
     #[test]
