@@ -10,7 +10,7 @@
 //!   get theirs from their own small products;
 //! - the forward keeps only what the backward reads (per layer: inputs of the norms and
 //!   projections, the attention probabilities, the MLP's gate and up);
-//! - q/k/v and gate/up are one product each (their stacked weights, [`super::model::Fused`]);
+//! - q/k/v and gate/up are one product each (over their stacked weights);
 //! - the batch is packed: sequences are concatenated without padding for every projection,
 //!   and attention runs per sequence (grouped-query heads as one product per key/value
 //!   head), so no arithmetic is spent on pad positions. Under a causal mask, right padding

@@ -1,4 +1,5 @@
-//! Training on candle's autograd (CPU).
+//! Training (CPU): LoRA steps on an explicit backward pass ([`backward`]), generator training on
+//! candle's autograd.
 //!
 //! - [`model::CausalLm`]: the training forward of Qwen2 / Llama models; its logits match the
 //!   inference model's (checked against the transformers fixtures of the golden tiny models).
