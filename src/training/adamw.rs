@@ -100,8 +100,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as named tensors (`{layer}.{module}.{m|v}.{a|b}`) and the step count.
-    pub fn state(&self) -> (HashMap<String, Tensor>, u64) {
+    /// The moments as named tensors (`{layer}.{module}.{m|v}.{a|b}`); the step count is
+    /// [`Self::steps`].
+    pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (t, (m, v)) in &self.moments {
             let key = format!("{}.{}", t.layer, t.module.name());
@@ -110,7 +111,7 @@ impl AdamW {
             out.insert(format!("{key}.v.a"), v.a.clone());
             out.insert(format!("{key}.v.b"), v.b.clone());
         }
-        (out, self.steps)
+        out
     }
 
     /// Restores what [`Self::state`] returned for the targets of `lora`.

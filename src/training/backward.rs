@@ -259,10 +259,9 @@ fn pack(batch: &[Sequence], device: &candle_core::Device) -> Result<Packed> {
         let start = ids.len();
         ids.extend_from_slice(&s.ids);
         spans.push((start, s.ids.len()));
-        // Position p predicts token p + 1; answer tokens start at `answer_from`.
-        for p in s.answer_from.saturating_sub(1)..s.ids.len().saturating_sub(1) {
+        for (p, token) in s.answer_targets() {
             rows.push((start + p) as u32);
-            targets.push(s.ids[p + 1]);
+            targets.push(token);
         }
     }
     if rows.is_empty() {

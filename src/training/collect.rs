@@ -66,10 +66,9 @@ pub fn answer_loss(model: &CausalLm, hidden: &Tensor, batch: &[Sequence]) -> Res
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (i, s) in batch.iter().enumerate().take(b) {
-        // Position p predicts token p + 1; answer tokens start at `answer_from`.
-        for p in s.answer_from.saturating_sub(1)..s.ids.len().min(t) - 1 {
+        for (p, token) in s.answer_targets().take_while(|&(p, _)| p + 1 < t) {
             rows.push((i * t + p) as u32);
-            targets.push(s.ids[p + 1]);
+            targets.push(token);
         }
     }
     if rows.is_empty() {
@@ -174,7 +173,7 @@ impl Order {
 }
 
 fn save_state(out: &Path, lora: &TrainableLora, opt: &AdamW, progress: &Progress) -> Result<()> {
-    let (mut tensors, _) = opt.state();
+    let mut tensors = opt.state();
     for t in lora.targets() {
         let (a, b) = lora.var(t).expect("a trained target");
         let key = format!("{}.{}", t.layer, t.module.name());

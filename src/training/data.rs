@@ -60,6 +60,15 @@ pub struct Sequence {
     pub answer_from: usize,
 }
 
+impl Sequence {
+    /// `(p, token)` for every position `p` that predicts an answer token (`token`, at
+    /// `p + 1`): what the answer loss averages over.
+    pub fn answer_targets(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (self.answer_from.saturating_sub(1)..self.ids.len().saturating_sub(1))
+            .map(|p| (p, self.ids[p + 1]))
+    }
+}
+
 /// Tokenizes an example, cutting the prompt's beginning when the whole exceeds `max_len`.
 pub fn encode(tok: &Tokenizer, ex: &Example, max_len: usize, eos: u32) -> Result<Sequence> {
     let ids = |text: &str| -> Result<Vec<u32>> {
