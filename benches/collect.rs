@@ -30,8 +30,7 @@ use util::peak_rss_mib;
 use candle_core::{Device, Tensor};
 use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter, LoraPair, Module};
 use mistralrs_dnd::training::adamw::{AdamW, AdamWConfig};
-use mistralrs_dnd::training::backward::lora_gradients;
-use mistralrs_dnd::training::collect::{answer_loss, pad_batch};
+use mistralrs_dnd::training::collect::{answer_loss, pad_batch, train_step};
 use mistralrs_dnd::training::data::{encode, read_examples, Sequence};
 use mistralrs_dnd::training::{load_base_model, TrainableLora};
 use rand::{Rng, SeedableRng};
@@ -134,9 +133,7 @@ fn child(work: &Path, autograd: bool) {
             candle_opt.backward_step(&loss).unwrap();
             loss.to_scalar::<f32>().unwrap()
         } else {
-            let g = lora_gradients(&model, &seqs, &lora.detached().unwrap()).unwrap();
-            adamw.step(&lora, &g.grads).unwrap();
-            g.loss
+            train_step(&model, &lora, &mut adamw, &seqs).unwrap()
         };
         m.step_s.push(t.elapsed().as_secs_f64());
         m.losses.push(loss as f64);

@@ -96,6 +96,19 @@ pub fn pad_batch(batch: &[Sequence], pad: u32, device: &Device) -> Result<Tensor
     Ok(Tensor::from_vec(ids, (batch.len(), t), device)?)
 }
 
+/// One step of `collect`: the loss and LoRA gradients of `batch` by the explicit backward pass,
+/// then an AdamW update of the factors. Returns the loss.
+pub fn train_step(
+    model: &CausalLm,
+    lora: &TrainableLora,
+    opt: &mut AdamW,
+    batch: &[Sequence],
+) -> Result<f32> {
+    let g = lora_gradients(model, batch, &lora.detached()?)?;
+    opt.step(lora, &g.grads)?;
+    Ok(g.loss)
+}
+
 /// Where an interrupted run's state lives inside the output folder.
 const STATE: &str = "collect-state";
 
@@ -300,11 +313,10 @@ pub fn collect(opts: &CollectOptions) -> Result<Vec<f32>> {
             .into_iter()
             .map(|i| seqs[i].clone())
             .collect();
-        let g = lora_gradients(&model, &batch, &lora.detached()?)?;
-        opt.step(&lora, &g.grads)?;
-        progress.losses.push(g.loss);
+        let loss = train_step(&model, &lora, &mut opt, &batch)?;
+        progress.losses.push(loss);
         progress.step = step;
-        bar.set_message(format!("loss {:.4}", g.loss));
+        bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
         if step + opts.keep_last > opts.steps {
             let dir = opts.out.join(format!("step-{step:05}"));
