@@ -52,6 +52,28 @@ pub fn read_prompts(path: impl AsRef<Path>) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
+/// The distinct non-blank `system` fields of a task file, in order of first appearance (none
+/// for prompt lists and plain text): the instructions a task's requests carry.
+pub fn read_systems(path: impl AsRef<Path>) -> Result<Vec<String>> {
+    let path = path.as_ref();
+    let text = read_to_string(path)?;
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('[') {
+        return Ok(Vec::new());
+    }
+    let v: Vec<Value> =
+        serde_json::from_str(trimmed).map_err(|e| DndError::json(path.display(), e))?;
+    let mut systems: Vec<String> = Vec::new();
+    for item in v {
+        if let Some(Value::String(s)) = item.get("system") {
+            if !s.trim().is_empty() && !systems.contains(s) {
+                systems.push(s.clone());
+            }
+        }
+    }
+    Ok(systems)
+}
+
 /// Picks `n` prompts without replacement, reproducibly for a seed (all of them, in order, when
 /// there are at most `n`).
 pub fn sample_prompts(prompts: &[String], n: usize, seed: u64) -> Vec<String> {
@@ -75,13 +97,16 @@ mod tests {
         let task = dir.join("task.json");
         std::fs::write(
             &task,
-            r#"[{"prompt":"q1\nA: x","response":"[A]"},{"prompt":"q2"}]"#,
+            r#"[{"prompt":"q1\nA: x","response":"[A]","system":"S1"},{"prompt":"q2","system":" "},
+               {"prompt":"q3","system":"S2"},{"prompt":"q4","system":"S1"}]"#,
         )
         .unwrap();
-        assert_eq!(read_prompts(&task).unwrap(), ["q1\nA: x", "q2"]);
+        assert_eq!(read_prompts(&task).unwrap(), ["q1\nA: x", "q2", "q3", "q4"]);
+        assert_eq!(read_systems(&task).unwrap(), ["S1", "S2"]);
         let list = dir.join("list.json");
         std::fs::write(&list, r#"["a","b"]"#).unwrap();
         assert_eq!(read_prompts(&list).unwrap(), ["a", "b"]);
+        assert!(read_systems(&list).unwrap().is_empty());
         let txt = dir.join("p.txt");
         std::fs::write(&txt, "one\n\n  two  \n").unwrap();
         assert_eq!(read_prompts(&txt).unwrap(), ["one", "two"]);

@@ -9,9 +9,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{encoder_dir, golden_path};
+use mistralrs_dnd::adapters::TokenLayout;
 use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter, LoraSpec, Module};
 use mistralrs_dnd::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
-use mistralrs_dnd::training::{collect, train, CollectOptions, TaskSet, TrainOptions};
+use mistralrs_dnd::training::data::{encode, read_examples};
+use mistralrs_dnd::training::generator::through_base_model;
+use mistralrs_dnd::training::{
+    collect, load_base_model, train, CollectOptions, Objective, TaskSet, TrainOptions,
+};
 use mistralrs_dnd::{Generator, LoadOptions};
 
 fn write_task(dir: &Path, name: &str, f: impl Fn(usize) -> (String, String)) -> PathBuf {
@@ -79,12 +84,16 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         TaskSet {
             name: "parity".into(),
             prompts: mistralrs_dnd::prompts::read_prompts(&parity).unwrap(),
+            systems: vec!["Say whether the number is even.".into()],
             checkpoints: collect_task(&dir, &parity, "parity"),
+            examples: read_examples(&parity).unwrap(),
         },
         TaskSet {
             name: "letters".into(),
             prompts: mistralrs_dnd::prompts::read_prompts(&letters).unwrap(),
+            systems: Vec::new(),
             checkpoints: collect_task(&dir, &letters, "letters"),
+            examples: read_examples(&letters).unwrap(),
         },
     ];
     let shape = BaseModelShape::from_path(golden_path("tiny-qwen2")).unwrap();
@@ -114,12 +123,14 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         encoder_dir: encoder_dir(),
         tasks: tasks.clone(),
         exclude: vec!["letters".into()],
+        objective: Objective::Mse,
         steps: 60,
         lr: 3e-2,
         weight_decay: 0.0,
         mean_offset: false,
         warmup: 5,
         grad_clip: 1.0,
+        system_share: 0.0,
         condition_noise: 1e-4,
         target_noise: 1e-5,
         seed: 0,
@@ -139,6 +150,7 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
     assert!(tail < 0.7 * head, "loss did not fall: {head} -> {tail}");
     assert_eq!(report.task_steps.keys().collect::<Vec<_>>(), ["parity"]);
     assert_eq!(report.encoded_prompts, 12, "each prompt encoded once");
+    assert_eq!(report.system_steps, 0);
     let png = std::fs::read(dir.join("gen.safetensors.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");
 
@@ -163,6 +175,21 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         resumed.losses[40],
         l[40]
     );
+
+    // System-prompt conditions: every step with a share of 1 (only the instruction is encoded),
+    // some with a share of 1/2; a task without a system prompt cannot take part.
+    let mut all_system = opts("gen-sys.safetensors", Some(8), false);
+    all_system.system_share = 1.0;
+    all_system.cache_dir = None;
+    let r = train(&all_system).unwrap();
+    assert_eq!((r.system_steps, r.encoded_prompts), (8, 1));
+    let mut half = opts("gen-half.safetensors", Some(40), false);
+    half.system_share = 0.5;
+    let r = train(&half).unwrap();
+    assert!((10..=30).contains(&r.system_steps), "{}", r.system_steps);
+    half.exclude.clear();
+    let err = train(&half).unwrap_err().to_string();
+    assert!(err.contains("letters has no system prompt"), "{err}");
 
     let g = Generator::load(
         dir.join("gen.safetensors"),
@@ -212,4 +239,98 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
     assert!(common::max_abs_diff(&added, &mean) <= 1e-5);
     let wrong = offset.narrow(0, 1, offset.dim(0).unwrap() - 1).unwrap();
     assert!(dec.set_token_offset(Some(wrong)).is_err());
+
+    // Through the base model (SFT), from the offset checkpoint: the answer loss falls, and the
+    // starting checkpoint's offset is kept.
+    let mut sft = opts("gen-sft.safetensors", None, false);
+    sft.init = dir.join("gen-offset.safetensors");
+    sft.objective = Objective::Sft {
+        model: golden_path("tiny-qwen2"),
+        batch: 4,
+        seq_len: 48,
+    };
+    sft.steps = 40;
+    sft.lr = 1e-2;
+    let r = train(&sft).unwrap();
+    let head: f32 = r.losses[..5].iter().sum::<f32>() / 5.0;
+    let tail: f32 = r.losses[35..].iter().sum::<f32>() / 5.0;
+    assert!(
+        tail < 0.8 * head,
+        "answer loss did not fall: {head} -> {tail}"
+    );
+    let (cfg, vb) =
+        checkpoint::open(dir.join("gen-sft.safetensors"), &Device::Cpu, DType::F32).unwrap();
+    let kept = ConditionDecoder::new(cfg, vb).unwrap();
+    assert!(common::max_abs_diff(kept.token_offset().unwrap(), &offset) == 0.0);
+    // Without labelled examples there is nothing to train on.
+    sft.tasks[0].examples.clear();
+    let err = train(&sft).unwrap_err().to_string();
+    assert!(err.contains("no labelled examples"), "{err}");
+}
+
+/// The SFT surrogate's gradient with respect to the tokens is the derivative of the answer
+/// loss: central differences through the detokenized adapter agree, for core values and for
+/// the encoded statistics.
+#[test]
+fn sft_gradient_matches_finite_differences() {
+    let dev = Device::Cpu;
+    let (model, tok, eos) = load_base_model(golden_path("tiny-qwen2"), &dev).unwrap();
+    let shape = BaseModelShape::from_path(golden_path("tiny-qwen2")).unwrap();
+    let layout = TokenLayout::new(
+        shape,
+        LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            chunk_width: 32,
+            target_modules: Module::ALL.to_vec(),
+        },
+    )
+    .unwrap();
+    let (th, tw) = layout.token_shape();
+    let tokens = Tensor::randn(0f32, 0.3, (layout.num_tokens(), th, tw), &dev).unwrap();
+    let ex = |p: &str, r: &str| mistralrs_dnd::training::data::Example {
+        prompt: p.into(),
+        response: r.into(),
+        system: Some("Answer briefly.".into()),
+    };
+    let batch: Vec<_> = [ex("Is 4 even?", "[True]"), ex("Is 7 even?", "[False]")]
+        .iter()
+        .map(|e| encode(&tok, e, 48, eos).unwrap())
+        .collect();
+    let var = candle_core::Var::from_tensor(&tokens).unwrap();
+    let (loss, surrogate) = through_base_model(&model, &layout, var.as_tensor(), &batch).unwrap();
+    let grad = surrogate.backward().unwrap();
+    let g = grad.get(var.as_tensor()).unwrap();
+    let loss_at = |t: &Tensor| {
+        let a = layout.detokenize(t, &dev).unwrap();
+        mistralrs_dnd::training::backward::lora_gradients(&model, &batch, &a)
+            .unwrap()
+            .loss
+    };
+    assert!((loss_at(&tokens) - loss).abs() < 1e-5);
+    let flat_g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+    // The largest core entry, and statistics entries (row r, columns 0 and 1) of that token.
+    let big = flat_g
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .unwrap()
+        .0;
+    let token = big / (th * tw);
+    let at = |row: usize, col: usize| token * th * tw + row * tw + col;
+    for i in [big, at(2, 0), at(2, 1), at(3, 32)] {
+        let eps = 1e-2f32;
+        let mut v: Vec<f32> = tokens.flatten_all().unwrap().to_vec1().unwrap();
+        let orig = v[i];
+        v[i] = orig + eps;
+        let up = loss_at(&Tensor::from_vec(v.clone(), tokens.dims(), &dev).unwrap());
+        v[i] = orig - eps;
+        let down = loss_at(&Tensor::from_vec(v, tokens.dims(), &dev).unwrap());
+        let numeric = (up - down) / (2.0 * eps);
+        let analytic = flat_g[i];
+        assert!(
+            (numeric - analytic).abs() <= 0.05 * analytic.abs().max(1e-3),
+            "entry {i}: finite differences {numeric}, surrogate {analytic}"
+        );
+    }
 }

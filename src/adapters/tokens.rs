@@ -214,6 +214,78 @@ impl TokenLayout {
         Ok(Tensor::from_vec(out, (self.num_tokens(), th, tw), device)?)
     }
 
+    /// The LoRA factors `(target, A (r, in), B (out, r))` of a `(T, r+2, c+2)` token tensor,
+    /// computed with tensor operations so that gradients flow back to the tokens: what
+    /// training a generator through the base model's loss needs. The same numbers as
+    /// [`Self::detokenize`] (in the tokens' dtype instead of f64), without its finiteness check.
+    pub fn factors(&self, tokens: &Tensor) -> Result<Vec<(LoraTarget, Tensor, Tensor)>> {
+        let (th, tw) = self.token_shape();
+        let t = self.num_tokens();
+        if tokens.dims() != [t, th, tw] {
+            return Err(DndError::Incompatible(format!(
+                "token tensor has shape {:?}, this layout needs {:?}",
+                tokens.dims(),
+                [t, th, tw]
+            )));
+        }
+        let tokens = &tokens.contiguous()?;
+        let (r, c) = (self.spec.rank, self.spec.chunk_width);
+        let dev = tokens.device();
+        let index = |v: Vec<u32>| Tensor::new(v.as_slice(), dev);
+        let even = index((0..tw as u32).step_by(2).collect())?;
+        let odd = index((1..tw as u32).step_by(2).collect())?;
+        // Each pair of statistics rows (and the interleaved rows of the last two columns)
+        // holds one encoded (mean, std); the token's are their decoded averages.
+        let (mut mean, mut std) = (None::<Tensor>, None::<Tensor>);
+        for q in 0..2 {
+            let row = tokens.narrow(1, r + q, 1)?.squeeze(1)?.contiguous()?;
+            let cols =
+                tokens.index_select(&index((q as u32..th as u32).step_by(2).collect())?, 1)?;
+            let m = ((row.index_select(&even, 1)?.mean(1)?
+                + cols.narrow(2, c, 1)?.squeeze(2)?.mean(1)?)?
+                * 0.5)?;
+            let s = ((row.index_select(&odd, 1)?.mean(1)?
+                + cols.narrow(2, c + 1, 1)?.squeeze(2)?.mean(1)?)?
+                * 0.5)?;
+            let m = (m / 16.0)?;
+            let s = ((((s - 1.6)?.exp()? - 0.1)? / 0.9)? * 0.5)?;
+            mean = Some(match mean {
+                Some(x) => (x + m)?,
+                None => m,
+            });
+            std = Some(match std {
+                Some(x) => (x + s)?,
+                None => s,
+            });
+        }
+        let (mean, std) = (
+            mean.expect("two rows").reshape((t, 1, 1))?,
+            std.expect("two rows").reshape((t, 1, 1))?,
+        );
+        let w = tokens
+            .narrow(1, 0, r)?
+            .narrow(2, 0, c)?
+            .broadcast_mul(&std)?
+            .broadcast_add(&mean)?;
+        // Token order: per layer and module, A's column chunks, then B^T's.
+        let mut out = Vec::with_capacity(self.shape.num_layers * self.spec.target_modules.len());
+        let mut i = 0;
+        let chunks = |i: usize, n: usize| -> Result<Tensor> {
+            Ok(w.narrow(0, i, n)?.transpose(0, 1)?.reshape((r, n * c))?)
+        };
+        for layer in 0..self.shape.num_layers {
+            for &module in &self.spec.target_modules {
+                let (inp, outp) = self.shape.in_out(module);
+                let a = chunks(i, inp / c)?;
+                i += inp / c;
+                let b = chunks(i, outp / c)?.t()?;
+                i += outp / c;
+                out.push((LoraTarget { layer, module }, a, b));
+            }
+        }
+        Ok(out)
+    }
+
     /// Turns a `(T, r+2, c+2)` token tensor (exact or generated) back into an adapter on
     /// `device`, using the spec's alpha. Non-finite tokens are an error.
     pub fn detokenize(&self, tokens: &Tensor, device: &Device) -> Result<LoraAdapter> {
@@ -418,5 +490,56 @@ mod tests {
         assert_eq!(l.tokens_per_layer(), 179);
         assert_eq!(l.num_tokens(), 4296);
         assert_eq!(l.token_shape(), (10, 130));
+    }
+
+    #[test]
+    fn tensor_factors_equal_detokenize_and_carry_gradients() {
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            chunk_width: 4,
+            target_modules: vec![Module::Q, Module::Down],
+        };
+        let shape = BaseModelShape {
+            model_type: "llama".into(),
+            num_layers: 2,
+            hidden: 8,
+            intermediate: 12,
+            q_dim: 8,
+            kv_dim: 4,
+        };
+        let layout = TokenLayout::new(shape, spec).unwrap();
+        let (th, tw) = layout.token_shape();
+        // Random tokens whose statistics rows decode to positive stds.
+        let dev = Device::Cpu;
+        let tokens =
+            (Tensor::randn(0f32, 0.5, (layout.num_tokens(), th, tw), &dev).unwrap() + 1.0).unwrap();
+        let var = candle_core::Var::from_tensor(&tokens).unwrap();
+        let adapter = layout.detokenize(&tokens, &dev).unwrap();
+        let factors = layout.factors(var.as_tensor()).unwrap();
+        assert_eq!(factors.len(), adapter.pairs().len());
+        let mut total = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
+        for (target, a, b) in &factors {
+            let p = adapter.get(target.layer, target.module).unwrap();
+            assert_eq!((a.dims(), b.dims()), (p.a.dims(), p.b.dims()));
+            let d = |x: &Tensor, y: &Tensor| {
+                (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(d(a, &p.a) < 1e-5 && d(b, &p.b) < 1e-5, "{target:?}");
+            total = (total + (a.sum_all().unwrap() + b.sum_all().unwrap()).unwrap()).unwrap();
+        }
+        // Every token reaches some factor: its core values with nonzero gradient.
+        let g = total.backward().unwrap();
+        let gt = g.get(var.as_tensor()).unwrap();
+        let core = gt.narrow(1, 0, 2).unwrap().narrow(2, 0, 4).unwrap();
+        let min = core.abs().unwrap().flatten_all().unwrap().min(0).unwrap();
+        assert!(min.to_scalar::<f32>().unwrap() > 0.0);
     }
 }

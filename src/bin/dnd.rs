@@ -214,12 +214,27 @@ enum Command {
         /// The Sentence-BERT folder.
         #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
         encoder: PathBuf,
-        /// A task as NAME=PROMPTS_FILE:CHECKPOINTS_DIR (the `collect` output); repeat per task.
+        /// A task as NAME=PROMPTS_FILE:CHECKPOINTS_DIR (the `collect` output), or
+        /// NAME=TASK_FILE for --objective sft; repeat per task.
         #[arg(long = "task", required = true)]
         tasks: Vec<String>,
         /// Task names to leave out (held out for evaluation); repeatable.
         #[arg(long)]
         exclude: Vec<String>,
+        /// What the generator learns from: `mse` (the paper: the checkpoints' tokens) or `sft`
+        /// (the base model's answer loss on the tasks' examples with the generated LoRA
+        /// applied; needs --model; keeps the --init checkpoint's token offset).
+        #[arg(long, default_value = "mse", value_parser = ["mse", "sft"])]
+        objective: String,
+        /// The base model (folder or .gguf), for --objective sft.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Examples per step, for --objective sft.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Most tokens per example, for --objective sft.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
         /// Optimiser steps in total.
         #[arg(long, default_value_t = 1000)]
         steps: usize,
@@ -239,6 +254,11 @@ enum Command {
         /// Gradient clipping (global L2 norm).
         #[arg(long, default_value_t = 1.0)]
         grad_clip: f64,
+        /// Share of the steps conditioned on one of the task's system prompts (the `system`
+        /// fields of its prompts file) instead of N of its prompts: what serves requests whose
+        /// adapter comes from their system prompt. 0 is the paper's recipe.
+        #[arg(long, default_value_t = 0.0, value_parser = share)]
+        system_share: f64,
         /// Seed of the task, checkpoint, prompt and noise draws.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -373,23 +393,40 @@ fn parse_task(s: &str) -> Result<mistralrs_dnd::training::TaskSet> {
     let (name, rest) = s
         .split_once('=')
         .with_context(|| format!("--task {s:?}: expected NAME=PROMPTS_FILE:CHECKPOINTS_DIR"))?;
-    let (prompts, dir) = rest
-        .rsplit_once(':')
-        .with_context(|| format!("--task {s:?}: expected NAME=PROMPTS_FILE:CHECKPOINTS_DIR"))?;
-    let mut checkpoints: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("--task {name}: reading {dir}"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("adapter_config.json").exists())
-        .collect();
-    checkpoints.sort();
-    if checkpoints.is_empty() {
-        bail!("--task {name}: no PEFT checkpoint folders in {dir}");
+    // Without a checkpoint folder (enough for --objective sft) the task has no targets.
+    let (prompts, dir) = match rest.rsplit_once(':') {
+        Some((p, d)) => (p, Some(d)),
+        None => (rest, None),
+    };
+    let mut checkpoints: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = dir {
+        checkpoints = std::fs::read_dir(dir)
+            .with_context(|| format!("--task {name}: reading {dir}"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("adapter_config.json").exists())
+            .collect();
+        checkpoints.sort();
+        if checkpoints.is_empty() {
+            bail!("--task {name}: no PEFT checkpoint folders in {dir}");
+        }
     }
     Ok(mistralrs_dnd::training::TaskSet {
         name: name.to_string(),
         prompts: read_prompts(prompts)?,
+        systems: mistralrs_dnd::prompts::read_systems(prompts)?,
+        // Labelled examples when the prompts file is a task file (what --objective sft needs;
+        // training says so when a task has none).
+        examples: mistralrs_dnd::training::data::read_examples(prompts).unwrap_or_default(),
         checkpoints,
     })
+}
+
+/// A share in [0, 1].
+fn share(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
 }
 
 /// `q_proj`, `k_proj`, ... to modules.
@@ -579,12 +616,17 @@ fn main() -> Result<()> {
             encoder,
             tasks,
             exclude,
+            objective,
+            model,
+            batch,
+            seq_len,
             steps,
             lr,
             weight_decay,
             mean_offset,
             warmup,
             grad_clip,
+            system_share,
             seed,
             out,
             loss_png,
@@ -597,18 +639,34 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|t| parse_task(t))
                 .collect::<Result<Vec<_>>>()?;
+            use mistralrs_dnd::training::Objective;
+            let objective = match (objective.as_str(), model) {
+                ("sft", Some(model)) => Objective::Sft {
+                    model,
+                    batch,
+                    seq_len,
+                },
+                ("sft", None) => bail!("--objective sft needs --model (the base model)"),
+                (_, Some(_)) => bail!("--model is for --objective sft"),
+                _ => Objective::Mse,
+            };
+            if mean_offset && matches!(objective, Objective::Sft { .. }) {
+                bail!("--mean-offset is for --objective mse (sft keeps the --init checkpoint's offset)");
+            }
             let t0 = Instant::now();
             let report = mistralrs_dnd::training::train(&mistralrs_dnd::training::TrainOptions {
                 init,
                 encoder_dir: encoder,
                 tasks,
                 exclude,
+                objective,
                 steps,
                 lr,
                 weight_decay,
                 mean_offset,
                 warmup,
                 grad_clip,
+                system_share,
                 condition_noise: 1e-4,
                 target_noise: 1e-5,
                 seed,

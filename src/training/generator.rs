@@ -15,6 +15,20 @@
 //! does not learn to reproduce; B factors paired with the wrong A are noise to the model. With
 //! the offset, A comes from the mean and the network spends its capacity on what
 //! differs between tasks; an untrained network yields the mean adapter.
+//!
+//! With `system_share` > 0 (our addition) that share of the steps conditions on one of the
+//! task's system prompts instead, repeated to N as the server fills a short prompt list, so
+//! that one generator serves both conditions the server's policy produces: a request's system
+//! prompt, or a few example prompts.
+//!
+//! [`Objective::Sft`] (beyond the paper, as Text-to-LoRA's SFT mode) trains through the base
+//! model instead: the generated tokens become LoRA factors by tensor operations
+//! ([`TokenLayout::factors`]), the explicit LoRA backward pass gives the answer loss of a batch
+//! of the task's examples and its gradient with respect to every factor, and the generator's
+//! gradient follows from the surrogate `Σ ⟨factor, its gradient⟩`, whose derivative through
+//! the generator is the true one. It needs the tasks' examples, not their checkpoints, and
+//! keeps the starting checkpoint's token offset (start it from a generator the paper's recipe
+//! trained, or from `dnd init`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,8 +38,10 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::backward::lora_gradients;
+use super::data::{encode, Example, Sequence};
 use super::plot;
-use crate::adapters::{LoraAdapter, TokenLayout};
+use crate::adapters::{LoraAdapter, LoraPair, TokenLayout};
 use crate::cache::fingerprint;
 use crate::encoder::TextEncoder;
 use crate::error::{DndError, Result};
@@ -38,8 +54,29 @@ pub struct TaskSet {
     pub name: String,
     /// Its prompts (conditions are drawn from them).
     pub prompts: Vec<String>,
-    /// PEFT checkpoint folders (targets).
+    /// Its system prompts (instructions), conditions of the `system_share` steps.
+    pub systems: Vec<String>,
+    /// PEFT checkpoint folders (targets of [`Objective::Mse`]).
     pub checkpoints: Vec<PathBuf>,
+    /// Its labelled examples (what [`Objective::Sft`] trains on).
+    pub examples: Vec<Example>,
+}
+
+/// What the generator learns from.
+#[derive(Debug, Clone, Default)]
+pub enum Objective {
+    /// The paper's: token-weighted MSE to the tasks' collected checkpoints.
+    #[default]
+    Mse,
+    /// The base model's answer loss on the tasks' examples with the generated LoRA applied.
+    Sft {
+        /// The base model (folder or .gguf) the generator's adapters are for.
+        model: PathBuf,
+        /// Examples per step.
+        batch: usize,
+        /// Most tokens per example.
+        seq_len: usize,
+    },
 }
 
 /// Generator training settings.
@@ -53,6 +90,8 @@ pub struct TrainOptions {
     pub tasks: Vec<TaskSet>,
     /// Task names left out (held-out tasks).
     pub exclude: Vec<String>,
+    /// The loss.
+    pub objective: Objective,
     /// Optimiser steps.
     pub steps: usize,
     /// Peak learning rate.
@@ -66,6 +105,9 @@ pub struct TrainOptions {
     pub warmup: usize,
     /// Gradient clipping (global L2 norm).
     pub grad_clip: f64,
+    /// Share of the steps conditioned on one system prompt of the task (repeated to N)
+    /// rather than on N of its prompts; 0 is the paper's recipe.
+    pub system_share: f64,
     /// Std of the noise added to conditions.
     pub condition_noise: f64,
     /// Std of the noise added to targets.
@@ -95,6 +137,9 @@ pub struct TrainReport {
     pub losses: Vec<f32>,
     /// Steps drawn per task.
     pub task_steps: BTreeMap<String, usize>,
+    /// Of them, steps conditioned on a system prompt.
+    #[serde(default)]
+    pub system_steps: usize,
     /// Prompts that went through BERT in this run (the rest came from the cache).
     pub encoded_prompts: usize,
 }
@@ -286,44 +331,103 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             DndError::Incompatible(format!("{} does not fit the generator: {e}", c.display()))
         })
     };
+    let sft = matches!(opts.objective, Objective::Sft { .. });
     let mut stats = TokenStats::default();
     for t in &tasks {
-        if t.checkpoints.is_empty() || t.prompts.is_empty() {
+        if t.prompts.is_empty() {
             return Err(DndError::InvalidInput(format!(
-                "task {} needs prompts and at least one checkpoint",
+                "task {} has no prompts",
                 t.name
             )));
         }
-        for c in &t.checkpoints {
-            stats.add(&load_target(c)?)?;
+        if !sft && t.checkpoints.is_empty() {
+            return Err(DndError::InvalidInput(format!(
+                "task {} needs at least one checkpoint",
+                t.name
+            )));
+        }
+        if sft && t.examples.is_empty() {
+            return Err(DndError::InvalidInput(format!(
+                "task {} has no labelled examples, which training through the base model needs",
+                t.name
+            )));
+        }
+        if opts.system_share > 0.0 && t.systems.is_empty() {
+            return Err(DndError::InvalidInput(format!(
+                "task {} has no system prompt, which a system share of {} needs",
+                t.name, opts.system_share
+            )));
+        }
+        if !sft {
+            for c in &t.checkpoints {
+                stats.add(&load_target(c)?)?;
+            }
         }
     }
-    let weight = stats.criterion_weight()?;
-    let w4 = weight.reshape((weight.dim(0)?, 1, 1))?;
 
     // Weights: the starting checkpoint, or the run being resumed.
     let resume = opts.resume && opts.out.exists() && state_path(&opts.out).exists();
     let source = if resume { &opts.out } else { &opts.init };
     let varmap = VarMap::new();
+    let (mut source_weight, mut source_offset) = (None, None);
     {
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, t) in candle_core::safetensors::load(source, &dev)? {
-            if name != "criterion_weight" && name != TOKEN_OFFSET {
-                data.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+            match name.as_str() {
+                "criterion_weight" => source_weight = Some(t.to_dtype(DType::F32)?),
+                TOKEN_OFFSET => source_offset = Some(t.to_dtype(DType::F32)?),
+                _ => {
+                    data.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+                }
             }
         }
     }
+    // The MSE recipe derives its weight and offset from the checkpoints; training through the
+    // base model keeps the starting checkpoint's.
+    let (weight, offset) = if sft {
+        (source_weight, source_offset)
+    } else {
+        let offset = if opts.mean_offset {
+            Some(stats.mean()?)
+        } else {
+            None
+        };
+        (Some(stats.criterion_weight()?), offset)
+    };
+    drop(stats);
     let mut decoder = ConditionDecoder::new(
         config.clone(),
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
     )?;
-    let offset = if opts.mean_offset {
-        Some(stats.mean()?)
-    } else {
-        None
-    };
-    drop(stats);
     decoder.set_token_offset(offset.clone())?;
+    // The base model and the tasks' tokenized examples, for training through it.
+    let base = match &opts.objective {
+        Objective::Mse => None,
+        Objective::Sft {
+            model,
+            batch,
+            seq_len,
+        } => {
+            let shape = crate::adapters::BaseModelShape::from_path(model)?;
+            if !config.base_model.same_widths(&shape) {
+                return Err(DndError::Incompatible(format!(
+                    "the generator makes adapters for another base model than {}",
+                    model.display()
+                )));
+            }
+            let (lm, tok, eos) = super::load_base_model(model, &dev)?;
+            let seqs = tasks
+                .iter()
+                .map(|t| {
+                    t.examples
+                        .iter()
+                        .map(|e| encode(&tok, e, *seq_len, eos))
+                        .collect::<Result<Vec<Sequence>>>()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some((lm, seqs, (*batch).max(1)))
+        }
+    };
     let (mut start, mut report) = if resume {
         let text = std::fs::read_to_string(state_path(&opts.out))
             .map_err(|e| DndError::io(state_path(&opts.out), e))?;
@@ -358,7 +462,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let n = config.num_prompts;
     let save = |report: &TrainReport, step: usize, config: &mut GeneratorConfig| -> Result<()> {
         let mut tensors = checkpoint::varmap_tensors(&varmap);
-        tensors.insert("criterion_weight".into(), weight.clone());
+        if let Some(w) = &weight {
+            tensors.insert("criterion_weight".into(), w.clone());
+        }
         if let Some(o) = &offset {
             tensors.insert(TOKEN_OFFSET.into(), o.clone());
         }
@@ -383,8 +489,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         );
         let ti = rng.random_range(0..tasks.len());
         let task = tasks[ti];
-        let target = &load_target(&task.checkpoints[rng.random_range(0..task.checkpoints.len())])?;
-        let prompts: Vec<&str> = if task.prompts.len() >= n {
+        let target = match &base {
+            None => Some(load_target(
+                &task.checkpoints[rng.random_range(0..task.checkpoints.len())],
+            )?),
+            Some(_) => None,
+        };
+        let by_system = opts.system_share > 0.0 && rng.random_bool(opts.system_share.min(1.0));
+        let prompts: Vec<&str> = if by_system {
+            let s = task.systems[rng.random_range(0..task.systems.len())].as_str();
+            vec![s; n]
+        } else if task.prompts.len() >= n {
             rand::seq::index::sample(&mut rng, task.prompts.len(), n)
                 .into_iter()
                 .map(|i| task.prompts[i].as_str())
@@ -396,11 +511,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         };
         let cond = cache.condition(&prompts)?;
         let cond = (&cond + noise(&mut rng, cond.dims(), opts.condition_noise)?)?.unsqueeze(0)?;
-        let tgt = (target + noise(&mut rng, target.dims(), opts.target_noise)?)?;
         opt.set_learning_rate(learning_rate(step, opts.steps, opts.warmup, opts.lr));
         let pred = decoder.forward(&cond)?.squeeze(0)?;
-        let loss = (pred - tgt)?.sqr()?.broadcast_mul(&w4)?.mean_all()?;
-        let mut grads = loss.backward()?;
+        let (l, mut grads) = match (&target, &base) {
+            (Some(target), _) => {
+                let tgt = (target + noise(&mut rng, target.dims(), opts.target_noise)?)?;
+                let w = weight.as_ref().expect("the MSE recipe has its weight");
+                let w4 = w.reshape((w.dim(0)?, 1, 1))?;
+                let loss = (pred - tgt)?.sqr()?.broadcast_mul(&w4)?.mean_all()?;
+                (loss.to_scalar::<f32>()?, loss.backward()?)
+            }
+            (None, Some((lm, seqs, batch))) => {
+                let seqs = &seqs[ti];
+                let batch: Vec<Sequence> =
+                    rand::seq::index::sample(&mut rng, seqs.len(), (*batch).min(seqs.len()))
+                        .into_iter()
+                        .map(|i| seqs[i].clone())
+                        .collect();
+                let (l, surrogate) = through_base_model(lm, &layout, &pred, &batch)?;
+                (l, surrogate.backward()?)
+            }
+            (None, None) => unreachable!("a target or a base model per objective"),
+        };
         let vars = varmap.all_vars();
         let mut sq = 0f64;
         for v in &vars {
@@ -418,9 +550,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             }
         }
         opt.step(&grads)?;
-        let l = loss.to_scalar::<f32>()?;
         report.losses.push(l);
         *report.task_steps.entry(task.name.clone()).or_default() += 1;
+        report.system_steps += usize::from(by_system);
         bar.set_message(format!("loss {l:.5}"));
         bar.inc(1);
         start += 1;
@@ -435,6 +567,47 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         plot::line_chart(&report.losses, png)?;
     }
     Ok(report)
+}
+
+/// The answer loss of `batch` with the LoRA of `tokens` applied, and a scalar whose gradient
+/// with respect to `tokens` (and whatever computed them) is the loss's:
+/// `Σ ⟨A, ∂loss/∂A⟩ + ⟨B, ∂loss/∂B⟩` with the factor gradients held constant.
+pub fn through_base_model(
+    model: &super::CausalLm,
+    layout: &TokenLayout,
+    tokens: &Tensor,
+    batch: &[Sequence],
+) -> Result<(f32, Tensor)> {
+    let factors = layout.factors(tokens)?;
+    let pairs = factors
+        .iter()
+        .map(|(t, a, b)| {
+            Ok((
+                *t,
+                LoraPair {
+                    a: a.detach().contiguous()?,
+                    b: b.detach().contiguous()?,
+                },
+            ))
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let spec = layout.spec();
+    let adapter = LoraAdapter::new(spec.rank, spec.alpha, pairs)?;
+    let g = lora_gradients(model, batch, &adapter)?;
+    let mut terms = Vec::with_capacity(2 * factors.len());
+    for (t, a, b) in &factors {
+        let gp = g.grads.get(t).ok_or_else(|| {
+            DndError::Incompatible(format!(
+                "no gradient for layer {} {}",
+                t.layer,
+                t.module.name()
+            ))
+        })?;
+        terms.push((a * &gp.a)?.sum_all()?);
+        terms.push((b * &gp.b)?.sum_all()?);
+    }
+    let surrogate = Tensor::stack(&terms, 0)?.sum_all()?;
+    Ok((g.loss, surrogate))
 }
 
 #[cfg(test)]

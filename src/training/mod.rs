@@ -22,7 +22,7 @@ pub mod plot;
 pub mod tasks;
 
 pub use collect::{collect, CollectOptions};
-pub use generator::{train, TaskSet, TrainOptions, TrainReport};
+pub use generator::{train, Objective, TaskSet, TrainOptions, TrainReport};
 pub use lora::TrainableLora;
 pub use model::{CausalLm, LmConfig};
 

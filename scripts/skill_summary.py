@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Tables of scripts/skill.sh: per generator (holdout and objective: mse, sft), per scored task, the base model, the
+task's own LoRA, DnD from the system prompt and from 16 example prompts, the best constant
+answer, and the share of the own-LoRA gain each DnD condition recovers; then the mean recovery
+over the learnable tasks (own LoRA >= 20 points over base) with a 95% bootstrap interval
+(tasks resampled, and each score redrawn from its binomial), and the share of replies inside
+the label space for choice tasks. Writes SKILL/summary.md and SKILL/summary.json."""
+import argparse
+import json
+import os
+import random
+
+LEARNABLE = 0.20
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def rows(summary):
+    return {r["label"]: r for r in summary["rows"]}
+
+
+def in_label_space(replies, labels):
+    if not labels:
+        return None
+    return sum(any(r.strip().startswith(l) for l in labels) for r in replies) / max(len(replies), 1)
+
+
+def recovery(base, own, dnd):
+    return (dnd - base) / (own - base)
+
+
+def bootstrap(items, key, draws=1000, seed=0):
+    """95% interval of the mean recovery: tasks resampled, each accuracy redrawn."""
+    rng = random.Random(seed)
+    means = []
+    for _ in range(draws):
+        sample = [rng.choice(items) for _ in items]
+        vals = []
+        for it in sample:
+            redraw = {}
+            for k in ("base", "own", key):
+                p, n = it[k], it[f"n_{k}"]
+                redraw[k] = sum(rng.random() < p for _ in range(n)) / n
+            gain = redraw["own"] - redraw["base"]
+            vals.append((redraw[key] - redraw["base"]) / gain if gain > 0 else 0.0)
+        means.append(sum(vals) / len(vals))
+    means.sort()
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--learn", required=True)
+    ap.add_argument("--skill", required=True)
+    ap.add_argument("--holdouts", nargs="+", required=True)
+    a = ap.parse_args()
+    tasks = {t["name"]: t for t in load(f"{a.learn}/data/tasks.json")}
+    pct = lambda r: f'{100 * r["accuracy"]:.1f} ({100 * r["ci95"][0]:.0f}-{100 * r["ci95"][1]:.0f})'
+    md, out = [], {}
+    for h, variant in [(h, v) for h in a.holdouts for v in ("mse", "sft")]:
+        name = h.replace(":", "-") + "-" + variant
+        folder = f"{a.skill}/results/{name}"
+        if not os.path.isdir(folder):
+            continue
+        md += [f"### Generator `{name}`", "",
+               "| task | family | base | own LoRA | DnD, system prompt | DnD, 16 prompts | constant answer | in label space (sys / ex) | recovered (sys / ex) |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        items = []
+        for t in tasks:
+            f = f"{folder}/{t}.json"
+            if not os.path.exists(f):
+                continue
+            learn = load(f"{a.learn}/results/{t}.json")
+            lr, dr = rows(learn), rows(load(f))
+            base, own = lr["base"], lr["lora"]
+            sys_, ex = dr["dnd-system"], dr["dnd-examples"]
+            test = load(f"{a.learn}/data/{t}_test.json")
+            labels = sorted({e["response"] for e in test}) if all(
+                e["response"].startswith("[") for e in test) else []
+            replies = load(f"{folder}/{t}.replies.json")
+            space = [in_label_space(replies[k], labels) for k in ("dnd-system", "dnd-examples")]
+            gain = own["accuracy"] - base["accuracy"]
+            learnable = gain >= LEARNABLE
+            rec = [recovery(base["accuracy"], own["accuracy"], r["accuracy"]) if learnable else None
+                   for r in (sys_, ex)]
+            fmt_space = " / ".join("-" if s is None else f"{100 * s:.0f}%" for s in space)
+            fmt_rec = " / ".join("-" if r is None else f"{100 * r:.0f}%" for r in rec)
+            c = learn["constant"]
+            md.append(f'| {t} | {tasks[t]["family"]} | {pct(base)} | {pct(own)} | {pct(sys_)} | {pct(ex)} '
+                      f'| {pct(c)} `{c["label"]}` | {fmt_space} | {fmt_rec} |')
+            item = {"task": t, "family": tasks[t]["family"], "n_base": base["n"], "n_own": own["n"],
+                    "n_system": sys_["n"], "n_examples": ex["n"], "base": base["accuracy"],
+                    "own": own["accuracy"], "system": sys_["accuracy"], "examples": ex["accuracy"],
+                    "constant": c["accuracy"], "learnable": learnable,
+                    "recovered_system": rec[0], "recovered_examples": rec[1],
+                    "label_space_system": space[0], "label_space_examples": space[1]}
+            items.append(item)
+        learn_items = [i for i in items if i["learnable"]]
+        agg = {"tasks": len(items), "learnable": len(learn_items)}
+        if learn_items:
+            for key in ("system", "examples"):
+                mean = sum(i[f"recovered_{key}"] for i in learn_items) / len(learn_items)
+                lo, hi = bootstrap(learn_items, key)
+                agg[key] = {"mean_recovered": mean, "ci95": [lo, hi],
+                            "mean_accuracy": sum(i[key] for i in learn_items) / len(learn_items)}
+            agg["base_mean_accuracy"] = sum(i["base"] for i in learn_items) / len(learn_items)
+            agg["own_mean_accuracy"] = sum(i["own"] for i in learn_items) / len(learn_items)
+            md += ["", f'Over the {len(learn_items)} learnable tasks (own LoRA >= {100 * LEARNABLE:.0f} points over base): '
+                   f'base {100 * agg["base_mean_accuracy"]:.1f}%, own LoRA {100 * agg["own_mean_accuracy"]:.1f}%, '
+                   + ", ".join(f'DnD from the {"system prompt" if k == "system" else "16 prompts"} '
+                               f'{100 * agg[k]["mean_accuracy"]:.1f}% (recovers {100 * agg[k]["mean_recovered"]:.0f}% of the '
+                               f'gain, 95% interval {100 * agg[k]["ci95"][0]:.0f}-{100 * agg[k]["ci95"][1]:.0f}%)'
+                               for k in ("system", "examples")) + "."]
+        md.append("")
+        out[name] = {"tasks": items, "aggregate": agg}
+    with open(f"{a.skill}/summary.md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(f"{a.skill}/summary.json", "w") as f:
+        json.dump(out, f, indent=1)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
