@@ -219,6 +219,22 @@ fn collect_writes_the_last_steps_and_refuses_bad_options() {
         "o"
     ])
     .contains("NAME=PROMPTS_FILE:CHECKPOINTS_DIR"));
+    // A task without checkpoints serves --objective sft only; sft needs the base model.
+    let bare = format!("x={}", s(&task));
+    let err = dnd_err(&["train", "--init", &s(&init), "--task", &bare, "--out", "o"]);
+    assert!(err.contains("needs at least one checkpoint"), "{err}");
+    let err = dnd_err(&[
+        "train",
+        "--init",
+        &s(&init),
+        "--task",
+        &bare,
+        "--out",
+        "o",
+        "--objective",
+        "sft",
+    ]);
+    assert!(err.contains("needs --model"), "{err}");
 
     // eval: base and one checkpoint, as a Markdown table.
     let table = dnd(&[

@@ -412,7 +412,9 @@ fn parse_task(s: &str) -> Result<mistralrs_dnd::training::TaskSet> {
     }
     Ok(mistralrs_dnd::training::TaskSet {
         name: name.to_string(),
-        prompts: read_prompts(prompts)?,
+        prompts: read_prompts(prompts).with_context(|| {
+            format!("--task {s:?}: expected NAME=PROMPTS_FILE:CHECKPOINTS_DIR (or NAME=TASK_FILE for --objective sft)")
+        })?,
         systems: mistralrs_dnd::prompts::read_systems(prompts)?,
         // Labelled examples when the prompts file is a task file (what --objective sft needs;
         // training says so when a task has none).
