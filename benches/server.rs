@@ -179,6 +179,7 @@ async fn main() {
             device: Device::Cpu,
             dtype: DType::F32,
             base_model_id: FILE.into(),
+            abstain_distance: None,
         },
     )
     .unwrap();

@@ -54,6 +54,7 @@ async fn main() -> Result<()> {
             device: Device::Cpu,
             dtype: DType::F32,
             base_model_id: MODEL_FILE.into(),
+            abstain_distance: None,
         },
     )?;
 

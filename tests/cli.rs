@@ -305,3 +305,142 @@ fn tasks_are_written_reproducibly() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn score_rates_replies_from_elsewhere_by_the_eval_rules() {
+    let dir = std::env::temp_dir().join(format!("dnd-cli-score-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = dir.join("t.json");
+    std::fs::write(
+        &task,
+        r#"[{"prompt":"a","response":"[yes]"},{"prompt":"b","response":"[no]"},
+            {"prompt":"c","response":"[no]"}]"#,
+    )
+    .unwrap();
+    let replies = dir.join("r.json");
+    // Examples 2 and 0: the server answered [no] to both, then [maybe] and [yes].
+    std::fs::write(
+        &replies,
+        r#"{"examples":[2,0],"replies":{"served":["[no]","[no]"],"other":["[maybe]","[yes] sure"]}}"#,
+    )
+    .unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let out = dir.join("s.json");
+    let table = dnd(&[
+        "score",
+        "--task",
+        &s(&task),
+        "--replies",
+        &s(&replies),
+        "--out-json",
+        &s(&out),
+    ]);
+    assert!(table.contains("| served | 50.0% |"), "{table}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let row = |label: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["label"] == label)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(row("served")["correct"], 1);
+    assert_eq!(row("other")["correct"], 1);
+    assert_eq!(row("other")["label_space"], 0.5);
+    assert_eq!(v["constant"]["n"], 2);
+    std::fs::write(&replies, r#"{"examples":[7],"replies":{"x":["[no]"]}}"#).unwrap();
+    let err = dnd_err(&["score", "--task", &s(&task), "--replies", &s(&replies)]);
+    assert!(err.contains("example 7 is beyond"), "{err}");
+    std::fs::write(&replies, r#"{"examples":[0,1],"replies":{"x":["[no]"]}}"#).unwrap();
+    let err = dnd_err(&["score", "--task", &s(&task), "--replies", &s(&replies)]);
+    assert!(err.contains("1 replies for 2 examples"), "{err}");
+}
+
+#[test]
+fn anchors_measure_how_far_prompts_are_from_the_training_conditions() {
+    let dir = std::env::temp_dir().join(format!("dnd-cli-anchors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let (ckpt, anchored) = (dir.join("g.safetensors"), dir.join("a.safetensors"));
+    let tiny = golden_path("tiny-llama");
+    dnd(&[
+        "init",
+        "--base-model",
+        &s(&tiny),
+        "--chunk-width",
+        "16",
+        "--num-prompts",
+        "4",
+        "--max-length",
+        "16",
+        "--stages",
+        "8x8x32",
+        "--out",
+        &s(&ckpt),
+    ]);
+    let task = dir.join("sum.json");
+    std::fs::write(
+        &task,
+        r#"[{"prompt":"3 and 4","response":"7","system":"Add the two numbers."},
+            {"prompt":"1 and 9","response":"10","system":"Reply with the sum of the numbers."}]"#,
+    )
+    .unwrap();
+    let enc = s(&encoder_dir());
+    let probe = dir.join("probe.txt");
+    std::fs::write(
+        &probe,
+        "Add the two numbers.\nWrite a haiku about autumn.\n",
+    )
+    .unwrap();
+    let err = dnd_err(&[
+        "distance",
+        "--checkpoint",
+        &s(&ckpt),
+        "--encoder",
+        &enc,
+        "--prompts",
+        &s(&probe),
+    ]);
+    assert!(err.contains("no anchors"), "{err}");
+    let log = dnd(&[
+        "anchors",
+        "--checkpoint",
+        &s(&ckpt),
+        "--encoder",
+        &enc,
+        "--task",
+        &format!("sum={}", s(&task)),
+        "--out",
+        &s(&anchored),
+    ]);
+    assert!(log.contains("3 anchors from 1 tasks"), "{log}");
+    let out = dnd(&[
+        "distance",
+        "--checkpoint",
+        &s(&anchored),
+        "--encoder",
+        &enc,
+        "--prompts",
+        &s(&probe),
+        "--each",
+    ]);
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    // The trained instruction is its own anchor; the haiku request is far from all three.
+    assert_eq!(lines[0][1], "sum: system 1");
+    assert!(lines[0][0].parse::<f32>().unwrap() < 1e-4, "{out}");
+    assert!(lines[1][0].parse::<f32>().unwrap() > 0.3, "{out}");
+    // The weights are the input's: the same adapter from both checkpoints.
+    let a = Generator::load(&ckpt, encoder_dir(), &LoadOptions::default()).unwrap();
+    let b = Generator::load(&anchored, encoder_dir(), &LoadOptions::default()).unwrap();
+    assert!(a.anchors().is_none() && b.anchors().unwrap().names().len() == 3);
+    let (la, lb) = (
+        a.generate(&["3 and 4"]).unwrap(),
+        b.generate(&["3 and 4"]).unwrap(),
+    );
+    for (t, p) in la.pairs() {
+        assert_close("A", &p.a, &lb.pairs()[t].a, 0.0);
+    }
+}

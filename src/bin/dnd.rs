@@ -322,6 +322,23 @@ enum Command {
         #[arg(long)]
         out_json: Option<PathBuf>,
     },
+    /// Score replies obtained elsewhere (e.g. from the server) by `eval`'s rules: the same
+    /// table and JSON summary.
+    Score {
+        /// Task file (JSON list of {prompt, response[, system]}).
+        #[arg(long)]
+        task: PathBuf,
+        /// JSON object {"examples": [indices into the task file], "replies": {LABEL: [one
+        /// reply per listed example]}}.
+        #[arg(long)]
+        replies: PathBuf,
+        /// Markdown table output.
+        #[arg(long)]
+        out_md: Option<PathBuf>,
+        /// JSON summary output (as `eval --out-json`).
+        #[arg(long)]
+        out_json: Option<PathBuf>,
+    },
     /// Split a task file into train and test files, deterministically for a seed.
     Split {
         /// The task file (JSON list).
@@ -356,6 +373,42 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Store the generator's training conditions as anchors (per task: each system prompt of
+    /// its file, and a sample of its prompts), so that the server can abstain on prompts far
+    /// from all of them (`--dnd-abstain-distance`).
+    Anchors {
+        /// The generator checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The Sentence-BERT folder.
+        #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
+        encoder: PathBuf,
+        /// A training task as NAME=TASK_FILE (train's NAME=FILE:DIR is accepted); repeatable.
+        #[arg(long = "task", required = true)]
+        tasks: Vec<String>,
+        /// Seed of the prompt sample (the generator's N prompts per task).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output checkpoint: the input's weights and config with the anchors.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The distance (1 - cosine of pooled encodings) of prompts to the nearest training
+    /// condition of a generator with anchors: the whole file as one prompt set, or each prompt.
+    Distance {
+        /// The generator checkpoint (with anchors: `dnd anchors`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The Sentence-BERT folder.
+        #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
+        encoder: PathBuf,
+        /// Prompt file: a task file, a JSON list of strings, or one prompt per line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// One line per prompt (as a request's system prompt alone) instead of one set.
+        #[arg(long)]
+        each: bool,
+    },
     /// Generate a LoRA adapter (PEFT folder) from prompts.
     Generate {
         /// The generator checkpoint.
@@ -386,6 +439,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `NAME=TASK_FILE` (or `NAME=TASK_FILE:ANYTHING`, as `train` takes it) to its name and file.
+fn parse_named_file(s: &str) -> Result<(String, PathBuf)> {
+    let (name, rest) = s
+        .split_once('=')
+        .with_context(|| format!("--task {s:?}: expected NAME=TASK_FILE"))?;
+    let file = rest.rsplit_once(':').map_or(rest, |(f, _)| f);
+    Ok((name.to_string(), PathBuf::from(file)))
 }
 
 /// `NAME=PROMPTS_FILE:CHECKPOINTS_DIR` to a training task (checkpoints: the PEFT folders inside).
@@ -760,6 +822,63 @@ fn main() -> Result<()> {
                 },
             )?;
         }
+        Command::Score {
+            task,
+            replies,
+            out_md,
+            out_json,
+        } => {
+            use mistralrs_dnd::training::eval;
+            #[derive(serde::Deserialize)]
+            struct Replies {
+                examples: Vec<usize>,
+                replies: std::collections::BTreeMap<String, Vec<String>>,
+            }
+            let all = mistralrs_dnd::training::data::read_examples(&task)?;
+            let text = std::fs::read_to_string(&replies)
+                .with_context(|| format!("reading {}", replies.display()))?;
+            let r: Replies = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: expected {{\"examples\": [..], \"replies\": {{..}}}}",
+                    replies.display()
+                )
+            })?;
+            let examples = r
+                .examples
+                .iter()
+                .map(|&i| {
+                    all.get(i).cloned().with_context(|| {
+                        format!(
+                            "example {i} is beyond the {} of {}",
+                            all.len(),
+                            task.display()
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if r.replies.is_empty() {
+                bail!("{}: no replies", replies.display());
+            }
+            let rows = r
+                .replies
+                .into_iter()
+                .map(|(label, v)| eval::score(&examples, v, &label))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let name = task
+                .file_stem()
+                .map_or("task".into(), |s| s.to_string_lossy().into_owned());
+            print!("{}", eval::markdown(&name, &rows, &examples));
+            eval::write_outputs(
+                &name,
+                &rows,
+                &examples,
+                &eval::EvalOutputs {
+                    markdown: out_md,
+                    summary: out_json,
+                    ..Default::default()
+                },
+            )?;
+        }
         Command::Split {
             task,
             test_fraction,
@@ -799,6 +918,74 @@ fn main() -> Result<()> {
                 test,
                 out.display()
             );
+        }
+        Command::Anchors {
+            checkpoint: ckpt,
+            encoder,
+            tasks,
+            seed,
+            out,
+        } => {
+            let gen = Generator::load(&ckpt, &encoder, &LoadOptions::default())?;
+            let n = gen.config().num_prompts;
+            let (mut names, mut rows) = (Vec::new(), Vec::new());
+            for t in &tasks {
+                let (name, file) = parse_named_file(t)?;
+                let systems = mistralrs_dnd::prompts::read_systems(&file)?;
+                for (i, sys) in systems.iter().enumerate() {
+                    names.push(format!("{name}: system {}", i + 1));
+                    rows.push(gen.pooled(&[sys])?);
+                }
+                let prompts = sample_prompts(&read_prompts(&file)?, n, seed);
+                names.push(format!("{name}: prompts"));
+                rows.push(gen.pooled(&prompts)?);
+            }
+            let mut config = mistralrs_dnd::generator::checkpoint::read_config(&ckpt)?;
+            config.anchor_names = names;
+            let mut tensors: std::collections::HashMap<String, candle_core::Tensor> =
+                candle_core::safetensors::load(&ckpt, &Device::Cpu)?
+                    .into_iter()
+                    .collect();
+            tensors.insert(
+                mistralrs_dnd::generator::anchors::CONDITION_ANCHORS.into(),
+                candle_core::Tensor::stack(&rows, 0)?,
+            );
+            mistralrs_dnd::generator::checkpoint::save(&out, &config, &tensors)?;
+            eprintln!(
+                "{} anchors from {} tasks; wrote {}",
+                config.anchor_names.len(),
+                tasks.len(),
+                out.display()
+            );
+        }
+        Command::Distance {
+            checkpoint: ckpt,
+            encoder,
+            prompts,
+            each,
+        } => {
+            let gen = Generator::load(&ckpt, &encoder, &LoadOptions::default())?;
+            if gen.anchors().is_none() {
+                bail!(
+                    "{} has no anchors (add them with `dnd anchors`)",
+                    ckpt.display()
+                );
+            }
+            let all = read_prompts(&prompts)?;
+            let sets: Vec<Vec<String>> = if each {
+                all.iter().map(|p| vec![p.clone()]).collect()
+            } else {
+                vec![sample_prompts(&all, gen.config().num_prompts, 0)]
+            };
+            for set in &sets {
+                let near = gen.nearest(set)?.expect("checked above");
+                let shown = if each {
+                    set[0].replace('\n', " ")
+                } else {
+                    format!("{} prompts", set.len())
+                };
+                println!("{:.4}\t{}\t{}", near.distance, near.name, shown);
+            }
         }
         Command::Generate {
             checkpoint: ckpt,

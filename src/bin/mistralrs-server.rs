@@ -81,6 +81,12 @@ struct DndArgs {
     /// Most characters per prompt.
     #[arg(long, default_value_t = 4000)]
     dnd_max_prompt_chars: usize,
+    /// Serve the base model (source `abstained`, with the distance) to requests whose
+    /// condition is farther than this from every condition the generator was trained on
+    /// (1 - cosine of pooled encodings; the generator needs anchors, `dnd anchors`). Off when
+    /// absent; README "Abstention" gives the measured choice.
+    #[arg(long)]
+    dnd_abstain_distance: Option<f32>,
 }
 
 #[derive(Subcommand)]
@@ -231,6 +237,7 @@ fn build_provider(
             device,
             dtype,
             base_model_id: name.to_string(),
+            abstain_distance: d.dnd_abstain_distance,
         },
     )
     .with_context(|| format!("loading the generator {}", gen.display()))?;

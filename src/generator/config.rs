@@ -50,6 +50,10 @@ pub struct GeneratorConfig {
     /// Free-form provenance (how it was trained, or "random weights").
     #[serde(default)]
     pub note: Option<String>,
+    /// Names of the training-condition anchors stored with the weights (see
+    /// [`super::anchors`]), in row order; empty when the checkpoint has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anchor_names: Vec<String>,
 }
 
 impl GeneratorConfig {
@@ -88,6 +92,7 @@ impl GeneratorConfig {
             base_model_name: None,
             lora: layout.spec().clone(),
             note: None,
+            anchor_names: Vec::new(),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -3,6 +3,7 @@
 //! `prompts -> TextEncoder -> condition (1, N, L, C) -> [ConditionProjection] ->
 //! HyperConvDecoder -> tokens (1, T, r+2, c+2) -> TokenLayout::detokenize -> LoraAdapter`.
 
+pub mod anchors;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;
@@ -165,6 +166,7 @@ pub struct Generator {
     encoder: TextEncoder,
     decoder: ConditionDecoder,
     device: Device,
+    anchors: Option<anchors::Anchors>,
 }
 
 impl Generator {
@@ -175,9 +177,41 @@ impl Generator {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let (config, vb) = checkpoint::open(checkpoint, &opts.device, opts.dtype)?;
+        let anchors = if vb.contains_tensor(anchors::CONDITION_ANCHORS) {
+            let rows = vb.get_unchecked(anchors::CONDITION_ANCHORS)?;
+            Some(anchors::Anchors::new(config.anchor_names.clone(), rows)?)
+        } else {
+            None
+        };
         let decoder = ConditionDecoder::new(config, vb)?;
         let encoder = TextEncoder::load(encoder_dir, &opts.device, opts.dtype)?;
-        Self::from_parts(encoder, decoder)
+        let mut g = Self::from_parts(encoder, decoder)?;
+        g.anchors = anchors;
+        Ok(g)
+    }
+
+    /// The training-condition anchors, if the checkpoint has them.
+    pub fn anchors(&self) -> Option<&anchors::Anchors> {
+        self.anchors.as_ref()
+    }
+
+    /// Replaces the anchors (`dnd anchors` computes them with [`Self::pooled`]).
+    pub fn set_anchors(&mut self, anchors: Option<anchors::Anchors>) {
+        self.anchors = anchors;
+    }
+
+    /// The pooled embedding of a prompt set, as anchors are made.
+    pub fn pooled(&self, prompts: &[impl AsRef<str>]) -> Result<Tensor> {
+        let refs: Vec<&str> = prompts.iter().map(AsRef::as_ref).collect();
+        anchors::pooled(&self.encoder, &refs, self.config().max_length)
+    }
+
+    /// The training condition nearest to a prompt set, or `None` without anchors.
+    pub fn nearest(&self, prompts: &[impl AsRef<str>]) -> Result<Option<anchors::Nearest>> {
+        match &self.anchors {
+            Some(a) => Ok(Some(a.nearest(&self.pooled(prompts)?)?)),
+            None => Ok(None),
+        }
     }
 
     /// Joins an encoder and a decoder, checking that their widths agree.
@@ -196,6 +230,7 @@ impl Generator {
             encoder,
             decoder,
             device,
+            anchors: None,
         })
     }
 

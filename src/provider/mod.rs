@@ -26,6 +26,7 @@ use crate::cache::{
 };
 use crate::engine::to_sequence_lora;
 use crate::error::{DndError, Result};
+use crate::generator::anchors::Nearest;
 use crate::generator::{Generator, LoadOptions};
 use crate::policy::{Condition, PromptPolicy};
 pub use error::{GenerationError, ProviderError};
@@ -61,6 +62,10 @@ pub struct ProviderOptions {
     pub dtype: DType,
     /// Identity of the base model, part of every adapter key.
     pub base_model_id: String,
+    /// Abstain (serve the base model, saying so) when a condition's distance to the nearest
+    /// training condition of the generator exceeds this (see
+    /// [`crate::generator::anchors`]); needs a generator with anchors. `None`: never.
+    pub abstain_distance: Option<f32>,
 }
 
 /// Which adapter a request got.
@@ -74,6 +79,9 @@ pub struct Served {
     pub source: Option<Source>,
     /// How long its generation took (when this request generated or waited for it).
     pub generation: Option<Duration>,
+    /// Set when the provider abstained: the condition's nearest training condition, farther
+    /// than the abstention distance (the request gets the base model).
+    pub abstained: Option<Nearest>,
 }
 
 /// A generator, its adapter cache and the prompt policy, as an engine adapter provider.
@@ -84,7 +92,12 @@ pub struct DndProvider {
     adapter_bytes: usize,
     cache: Arc<LoraCache>,
     prepared: Mutex<HashMap<usize, Option<Arc<SequenceLora>>>>,
+    /// Abstention decisions by key (a condition's distance never changes), bounded.
+    nearest: Mutex<HashMap<AdapterKey, Nearest>>,
 }
+
+/// Most remembered abstention decisions (the map is cleared when full).
+const NEAREST_MEMO: usize = 4096;
 
 impl DndProvider {
     /// Loads a generator checkpoint and encoder folder (on the model's device, f32) and checks
@@ -121,6 +134,11 @@ impl DndProvider {
         if opts.policy.max_prompts == 0 || opts.policy.max_prompts > n {
             opts.policy.max_prompts = n;
         }
+        if opts.abstain_distance.is_some() && generator.anchors().is_none() {
+            return Err(DndError::InvalidInput(
+                "abstaining needs a generator with training-condition anchors (dnd anchors)".into(),
+            ));
+        }
         let adapter_bytes = adapter_bytes(&generator, opts.dtype);
         if adapter_bytes > opts.limits.max_bytes {
             return Err(DndError::InvalidInput(format!(
@@ -136,6 +154,7 @@ impl DndProvider {
             opts,
             adapter_bytes,
             prepared: Mutex::new(HashMap::new()),
+            nearest: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -184,6 +203,19 @@ impl DndProvider {
             Condition::Prompts(p) => normalize_prompts(&p),
         };
         let key = AdapterKey::new(&self.generator_id, &self.opts.base_model_id, &prompts);
+        if let Some(limit) = self.opts.abstain_distance {
+            // A cached adapter passed this test when it was made.
+            if self.cache.peek_meta(&key).is_none() {
+                let near = self.nearest_of(&key, &prompts).await?;
+                if near.distance > limit {
+                    tracing::debug!(adapter = %key, distance = near.distance, "abstained");
+                    return Ok(Served {
+                        abstained: Some(near),
+                        ..Served::default()
+                    });
+                }
+            }
+        }
         let prompts = Arc::new(prompts);
         let make = {
             let (generator, prompts, key) = (self.generator.clone(), prompts.clone(), key.clone());
@@ -219,7 +251,33 @@ impl DndProvider {
             key: Some(key),
             source: Some(lookup.source),
             generation: lookup.generation,
+            abstained: None,
         })
+    }
+
+    /// The training condition nearest to a prompt set (remembered by key).
+    async fn nearest_of(
+        &self,
+        key: &AdapterKey,
+        prompts: &[String],
+    ) -> std::result::Result<Nearest, ProviderError> {
+        let memo = || self.nearest.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = memo().get(key) {
+            return Ok(n.clone());
+        }
+        let (generator, p) = (self.generator.clone(), prompts.to_vec());
+        let failed = |m: String| ProviderError::Generation(GenerationError::Failed(m));
+        let near = tokio::task::spawn_blocking(move || generator.nearest(&p))
+            .await
+            .map_err(|e| failed(format!("distance task: {e}")))?
+            .map_err(|e| failed(format!("distance: {e}")))?
+            .ok_or_else(|| failed("the generator has no anchors".into()))?;
+        let mut m = memo();
+        if m.len() >= NEAREST_MEMO {
+            m.clear();
+        }
+        m.insert(key.clone(), near.clone());
+        Ok(near)
     }
 
     /// A cached adapter by key (a client referring to an adapter it was served before).
@@ -232,6 +290,7 @@ impl DndProvider {
             key: Some(k),
             source: Some(Source::Cached),
             generation: None,
+            abstained: None,
         })
     }
 

@@ -71,6 +71,7 @@ fn provider(poison: bool, source: PromptSource) -> Arc<DndProvider> {
             device: Device::Cpu,
             dtype: DType::F32,
             base_model_id: "tiny-qwen2".into(),
+            abstain_distance: None,
         },
     )
     .unwrap()
@@ -218,4 +219,63 @@ async fn the_engine_hook_applies_the_policy_or_the_prepared_choice() {
         ("system", "You grade essays.")
     );
     let _ = Turn::new("user", "x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_conditions_get_the_base_model_and_say_so() {
+    let mut g = generator(false);
+    // Anchors: two trained conditions (arithmetic and sentiment instructions).
+    let trained = [
+        "Add the two numbers and reply with the sum.",
+        "Classify the review as [positive] or [negative].",
+    ];
+    let rows: Vec<Tensor> = trained.iter().map(|t| g.pooled(&[*t]).unwrap()).collect();
+    let anchors = crate::generator::anchors::Anchors::new(
+        vec!["add: system 1".into(), "sentiment: system 1".into()],
+        Tensor::stack(&rows, 0).unwrap(),
+    )
+    .unwrap();
+    // Without anchors, abstaining is refused at construction.
+    let opts = |limit| ProviderOptions {
+        policy: PromptPolicy {
+            source: PromptSource::Auto,
+            max_prompts: 0,
+            max_chars: 1000,
+        },
+        limits: CacheLimits {
+            max_entries: 4,
+            max_bytes: 1 << 30,
+            wait_timeout: Duration::from_secs(1),
+        },
+        device: Device::Cpu,
+        dtype: DType::F32,
+        base_model_id: "tiny-qwen2".into(),
+        abstain_distance: limit,
+    };
+    let bare = DndProvider::new(generator(false), "gen", opts(Some(0.5)));
+    assert!(bare.err().unwrap().to_string().contains("anchors"));
+    g.set_anchors(Some(anchors));
+    let p = DndProvider::new(g, "gen", opts(Some(0.5))).unwrap();
+    // A paraphrase of a trained instruction is near: an adapter.
+    let near = p
+        .resolve(prompts(&["Add both numbers and answer with their sum."]))
+        .await
+        .unwrap();
+    assert_eq!(near.source, Some(Source::Generated));
+    assert!(near.abstained.is_none() && near.adapter.is_some());
+    // Ordinary chat is far: no adapter, the nearest condition and its distance reported,
+    // and nothing generated or cached.
+    let far = p
+        .resolve(prompts(&["Write a haiku about autumn."]))
+        .await
+        .unwrap();
+    let n = far.abstained.clone().expect("abstained");
+    assert!(far.adapter.is_none() && far.key.is_none() && far.source.is_none());
+    assert!(n.distance > 0.5, "{n:?}");
+    let again = p
+        .resolve(prompts(&["Write a haiku about autumn."]))
+        .await
+        .unwrap();
+    assert_eq!(again.abstained, Some(n));
+    assert_eq!(p.cache().len(), 1);
 }

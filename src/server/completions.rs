@@ -101,11 +101,26 @@ async fn choose(
 
 /// The `dnd` response field.
 fn dnd_info(served: &Served) -> Value {
-    json!({
+    let mut v = json!({
         "adapter": served.key.as_ref().map(|k| k.as_str()),
-        "source": served.source.map_or("base", |s| s.as_str()),
+        "source": source_name(served),
         "generation_ms": served.generation.map(|d| d.as_secs_f64() * 1e3),
-    })
+    });
+    if let Some(n) = &served.abstained {
+        v["distance"] = json!(n.distance);
+        v["nearest"] = json!(n.name);
+    }
+    v
+}
+
+/// `generated`, `joined`, `cached`, `base`, or `abstained` (base model: the condition was
+/// farther from every trained one than the abstention distance).
+fn source_name(served: &Served) -> &'static str {
+    match (&served.abstained, served.source) {
+        (Some(_), _) => "abstained",
+        (None, Some(s)) => s.as_str(),
+        (None, None) => "base",
+    }
 }
 
 fn dnd_headers(served: &Served) -> HeaderMap {
@@ -117,7 +132,7 @@ fn dnd_headers(served: &Served) -> HeaderMap {
     );
     h.insert(
         "x-dnd-adapter-source",
-        HeaderValue::from_static(served.source.map_or("base", |s| s.as_str())),
+        HeaderValue::from_static(source_name(served)),
     );
     h
 }

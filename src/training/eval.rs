@@ -157,6 +157,9 @@ pub struct EvalRow {
     pub lenient_accuracy: f64,
     /// Share of replies that opened with a bracketed choice (right or wrong).
     pub well_formed: f64,
+    /// For choice tasks, the share of replies whose choice is one of the task's labels (the
+    /// reference answers of `examples`); `None` for free-text answers.
+    pub label_space: Option<f64>,
     /// The replies, in example order.
     pub replies: Vec<String>,
 }
@@ -197,14 +200,35 @@ pub fn accuracy(
             reply
         })
         .collect::<Result<Vec<String>>>()?;
-    let (mut correct, mut lenient, mut well_formed) = (0, 0, 0);
+    bar.finish_and_clear();
+    score(examples, replies, label)
+}
+
+/// Scores `replies` (one per example, in order; from any source, e.g. a server) as the row
+/// `label`, by the rules of [`accuracy`].
+pub fn score(examples: &[Example], replies: Vec<String>, label: &str) -> Result<EvalRow> {
+    if replies.len() != examples.len() {
+        return Err(DndError::InvalidInput(format!(
+            "{label}: {} replies for {} examples",
+            replies.len(),
+            examples.len()
+        )));
+    }
+    let labels: Option<std::collections::BTreeSet<String>> =
+        examples.iter().map(|e| parse_choice(&e.response)).collect();
+    let (mut correct, mut lenient, mut well_formed, mut inside) = (0, 0, 0, 0);
     for (ex, reply) in examples.iter().zip(&replies) {
         let reply = reply.as_str();
         correct += usize::from(is_correct(reply, &ex.response));
-        well_formed += usize::from(parse_choice(reply).is_some());
+        let choice = parse_choice(reply);
+        inside += usize::from(
+            labels
+                .as_ref()
+                .is_some_and(|l| choice.as_ref().is_some_and(|c| l.contains(c))),
+        );
+        well_formed += usize::from(choice.is_some());
         lenient += usize::from(is_correct_lenient(reply, &ex.response));
     }
-    bar.finish_and_clear();
     let n = examples.len().max(1) as f64;
     Ok(EvalRow {
         label: label.to_string(),
@@ -213,6 +237,7 @@ pub fn accuracy(
         lenient_accuracy: lenient as f64 / n,
         n: examples.len(),
         well_formed: well_formed as f64 / n,
+        label_space: labels.map(|_| inside as f64 / n),
         replies,
     })
 }
@@ -288,6 +313,9 @@ pub fn write_outputs(
             "rows": rows.iter().map(|r| {
                 let mut v = row(&r.label, r.correct, r.n);
                 v["lenient_accuracy"] = serde_json::json!(r.lenient_accuracy);
+                if let Some(s) = r.label_space {
+                    v["label_space"] = serde_json::json!(s);
+                }
                 v
             }).collect::<Vec<_>>(),
             "constant": row(&answer, k, examples.len()),
@@ -358,6 +386,15 @@ mod tests {
         };
         let examples = [ex("[A]"), ex("[b]"), ex("[B]"), ex("[C]")];
         assert_eq!(constant_baseline(&examples), ("b".to_string(), 2));
+        // Replies scored as given: right, wrong label, outside the labels, no choice.
+        let replies = ["[A]", "[C] maybe", "[Z]", "b"].map(String::from).to_vec();
+        let row = score(&examples, replies, "r").unwrap();
+        assert_eq!((row.correct, row.n), (1, 4));
+        assert_eq!((row.well_formed, row.label_space), (0.75, Some(0.5)));
+        assert!(score(&examples, vec![], "r").is_err());
+        let free = [ex("68")];
+        let row = score(&free, vec!["68".into()], "r").unwrap();
+        assert_eq!((row.correct, row.label_space), (1, None));
         let md = markdown("t", &[], &examples);
         assert!(md.contains("| constant answer `b` | 50.0% |"), "{md}");
     }

@@ -45,6 +45,7 @@ use crate::adapters::{LoraAdapter, LoraPair, TokenLayout};
 use crate::cache::fingerprint;
 use crate::encoder::TextEncoder;
 use crate::error::{DndError, Result};
+use crate::generator::anchors::CONDITION_ANCHORS;
 use crate::generator::{checkpoint, ConditionDecoder, GeneratorConfig, TOKEN_OFFSET};
 
 /// One training task: its prompts and the folders of its collected PEFT checkpoints.
@@ -369,13 +370,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let resume = opts.resume && opts.out.exists() && state_path(&opts.out).exists();
     let source = if resume { &opts.out } else { &opts.init };
     let varmap = VarMap::new();
-    let (mut source_weight, mut source_offset) = (None, None);
+    let (mut source_weight, mut source_offset, mut source_anchors) = (None, None, None);
     {
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, t) in candle_core::safetensors::load(source, &dev)? {
             match name.as_str() {
                 "criterion_weight" => source_weight = Some(t.to_dtype(DType::F32)?),
                 TOKEN_OFFSET => source_offset = Some(t.to_dtype(DType::F32)?),
+                // Kept as they are: they describe the conditions, not trained weights.
+                CONDITION_ANCHORS => source_anchors = Some(t),
                 _ => {
                     data.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
                 }
@@ -467,6 +470,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         if let Some(o) = &offset {
             tensors.insert(TOKEN_OFFSET.into(), o.clone());
+        }
+        if let Some(a) = &source_anchors {
+            tensors.insert(CONDITION_ANCHORS.into(), a.clone());
         }
         let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
         config.note = Some(format!(
