@@ -51,10 +51,42 @@ impl Drop for Server {
     }
 }
 
+/// The tiny generator with one training-condition anchor, the instruction `trained`.
+fn anchored_generator(dir: &Path, trained: &str) -> PathBuf {
+    let path = tiny_generator(dir);
+    let g = mistralrs_dnd::Generator::load(
+        &path,
+        root().join(".assets/all-MiniLM-L6-v2"),
+        &mistralrs_dnd::LoadOptions::default(),
+    )
+    .unwrap();
+    let mut cfg = checkpoint::read_config(&path).unwrap();
+    cfg.anchor_names = vec!["sum: system 1".into()];
+    let mut tensors: std::collections::HashMap<_, _> =
+        candle_core::safetensors::load(&path, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let row = g.pooled(&[trained]).unwrap().unsqueeze(0).unwrap();
+    tensors.insert(
+        mistralrs_dnd::generator::anchors::CONDITION_ANCHORS.to_string(),
+        row,
+    );
+    checkpoint::save(&path, &cfg, &tensors).unwrap();
+    path
+}
+
 fn start_server(extra: &[&str], name: &str) -> Server {
+    start_server_with(extra, name, None)
+}
+
+fn start_server_with(extra: &[&str], name: &str, anchor: Option<&str>) -> Server {
     let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let gen = tiny_generator(&dir);
+    let gen = match anchor {
+        Some(a) => anchored_generator(&dir, a),
+        None => tiny_generator(&dir),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_mistralrs-server"))
         .current_dir(root())
         .args(["--port", "0", "--cpu", "--max-seqs", "16"])
@@ -136,4 +168,11 @@ fn sixty_four_concurrent_requests_over_sixteen_prompt_sets_with_room_for_four() 
         "load",
     );
     python(&[&server.url, "load", &budget.to_string()]);
+}
+
+#[test]
+fn ordinary_chat_far_from_the_trained_conditions_gets_the_base_model() {
+    let trained = "Add the two numbers and reply with the sum.";
+    let server = start_server_with(&["--dnd-abstain-distance", "0.5"], "abstain", Some(trained));
+    python(&[&server.url, "abstain", trained]);
 }

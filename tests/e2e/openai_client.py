@@ -2,6 +2,7 @@
 
     python openai_client.py BASE_URL e2e  BASE_PROMPT EXPECTED_BASE_TEXT
     python openai_client.py BASE_URL load BUDGET_BYTES
+    python openai_client.py BASE_URL abstain TRAINED_SYSTEM_PROMPT
 
 Exits non-zero (an AssertionError with a message) when the server misbehaves; prints a JSON
 summary of what it measured on success.
@@ -214,9 +215,29 @@ def load(budget):
             "peak_bytes": after["dnd_adapter_bytes_resident_peak"], "budget": budget}
 
 
+def abstain(trained):
+    # A paraphrase of a trained instruction gets an adapter; ordinary chat (far from every
+    # trained condition) gets the base model, says so, and answers exactly as the base does.
+    near = chat(trained.replace("two", "both"))
+    assert dnd(near)["source"] == "generated", dnd(near)
+    far = chat("You are a helpful assistant.", "Write a haiku about autumn.")
+    d = dnd(far)
+    assert d["source"] == "abstained" and d["adapter"] is None, d
+    assert d["distance"] > 0.5 and d["nearest"].startswith("sum:"), d
+    base = chat("You are a helpful assistant.", "Write a haiku about autumn.", extra_body={"dnd": {"base": True}})
+    assert far.choices[0].message.content == base.choices[0].message.content
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "system", "content": "You are a helpful assistant."},
+                               {"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
+    assert raw.headers["x-dnd-adapter-source"] == "abstained", raw.headers
+    return {"near": dnd(near)["source"], "far_distance": d["distance"]}
+
+
 if MODE == "e2e":
     print(json.dumps(e2e(sys.argv[3], sys.argv[4])))
 elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
+elif MODE == "abstain":
+    print(json.dumps(abstain(sys.argv[3])))
 else:
     raise SystemExit(f"unknown mode {MODE}")
