@@ -393,6 +393,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Store a generator checkpoint's tensors in another dtype (f16 halves a shipped file;
+    /// loading converts to the compute dtype).
+    Cast {
+        /// The generator checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Storage dtype: f16, bf16 or f32.
+        #[arg(long, value_parser = ["f16", "bf16", "f32"])]
+        dtype: String,
+        /// Output checkpoint.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The distance (1 - cosine of pooled encodings) of prompts to the nearest training
     /// condition of a generator with anchors: the whole file as one prompt set, or each prompt.
     Distance {
@@ -955,6 +968,28 @@ fn main() -> Result<()> {
                 "{} anchors from {} tasks; wrote {}",
                 config.anchor_names.len(),
                 tasks.len(),
+                out.display()
+            );
+        }
+        Command::Cast {
+            checkpoint: ckpt,
+            dtype,
+            out,
+        } => {
+            let dt = match dtype.as_str() {
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                _ => DType::F32,
+            };
+            let config = mistralrs_dnd::generator::checkpoint::read_config(&ckpt)?;
+            let tensors = candle_core::safetensors::load(&ckpt, &Device::Cpu)?
+                .into_iter()
+                .map(|(k, t)| Ok((k, t.to_dtype(dt)?)))
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            mistralrs_dnd::generator::checkpoint::save(&out, &config, &tensors)?;
+            eprintln!(
+                "{} tensors as {dtype}; wrote {}",
+                tensors.len(),
                 out.display()
             );
         }
