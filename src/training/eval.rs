@@ -2,13 +2,16 @@
 //! such as `[B]`) are scored as the paper does: the bracketed choice parsed from the start of
 //! the reply against the reference's; other answers by exact match of the trimmed reply. Each
 //! accuracy comes with its 95% Wilson interval, next to the best constant answer's accuracy.
+//! Choice tasks also get a choice-likelihood score (the label whose tokens are likeliest after
+//! the prompt), which does not depend on the reply's format.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
 use tokenizers::Tokenizer;
 
-use super::data::{prompt_text, Example};
+use super::collect::answer_loss;
+use super::data::{encode, prompt_text, Example};
 use super::model::{CausalLm, KvCache};
 use crate::adapters::LoraAdapter;
 use crate::error::{DndError, Result};
@@ -160,6 +163,9 @@ pub struct EvalRow {
     /// For choice tasks, the share of replies whose choice is one of the task's labels (the
     /// reference answers of `examples`); `None` for free-text answers.
     pub label_space: Option<f64>,
+    /// For choice tasks scored by the model itself ([`accuracy`]), the share of examples whose
+    /// likeliest label is the reference ([`choice_likelihood`]); `None` otherwise.
+    pub choice_likelihood: Option<f64>,
     /// The replies, in example order.
     pub replies: Vec<String>,
 }
@@ -201,7 +207,58 @@ pub fn accuracy(
         })
         .collect::<Result<Vec<String>>>()?;
     bar.finish_and_clear();
-    score(examples, replies, label)
+    let mut row = score(examples, replies, label)?;
+    row.choice_likelihood = choice_likelihood(model, tok, examples, adapter, max_len, eos)?;
+    Ok(row)
+}
+
+/// For choice tasks (every reference answer bracketed), the share of examples whose likeliest
+/// label, by the summed log-probability of the label's tokens and the end of turn after the
+/// prompt, is the reference: lm-evaluation-harness's `acc` over the task's label set (the
+/// distinct reference answers). `None` for free-text tasks.
+pub fn choice_likelihood(
+    model: &CausalLm,
+    tok: &Tokenizer,
+    examples: &[Example],
+    adapter: Option<&LoraAdapter>,
+    max_len: usize,
+    eos: u32,
+) -> Result<Option<f64>> {
+    let mut labels: Vec<(String, String)> = Vec::new();
+    for ex in examples {
+        let Some(key) = parse_choice(&ex.response) else {
+            return Ok(None);
+        };
+        if !labels.iter().any(|(k, _)| *k == key) {
+            labels.push((key, ex.response.clone()));
+        }
+    }
+    use rayon::prelude::*;
+    let correct = examples
+        .par_iter()
+        .map(|ex| -> Result<usize> {
+            let mut best = (f32::NEG_INFINITY, "");
+            for (key, text) in &labels {
+                let candidate = Example {
+                    response: text.clone(),
+                    ..ex.clone()
+                };
+                let s = encode(tok, &candidate, max_len, eos)?;
+                let ids = Tensor::new(s.ids.as_slice(), &model.device)?.unsqueeze(0)?;
+                let hidden = model.hidden(&ids, adapter, None)?;
+                let mean = answer_loss(model, &hidden, std::slice::from_ref(&s))?
+                    .to_scalar::<f32>()?;
+                let logp = -mean * (s.ids.len() - s.answer_from) as f32;
+                if logp > best.0 {
+                    best = (logp, key.as_str());
+                }
+            }
+            Ok(usize::from(
+                parse_choice(&ex.response).as_deref() == Some(best.1),
+            ))
+        })
+        .sum::<Result<usize>>()?;
+    Ok(Some(correct as f64 / examples.len().max(1) as f64))
 }
 
 /// Scores `replies` (one per example, in order; from any source, e.g. a server) as the row
@@ -238,6 +295,7 @@ pub fn score(examples: &[Example], replies: Vec<String>, label: &str) -> Result<
         n: examples.len(),
         well_formed: well_formed as f64 / n,
         label_space: labels.map(|_| inside as f64 / n),
+        choice_likelihood: None,
         replies,
     })
 }
@@ -315,6 +373,9 @@ pub fn write_outputs(
                 v["lenient_accuracy"] = serde_json::json!(r.lenient_accuracy);
                 if let Some(s) = r.label_space {
                     v["label_space"] = serde_json::json!(s);
+                }
+                if let Some(c) = r.choice_likelihood {
+                    v["choice_likelihood"] = serde_json::json!(c);
                 }
                 v
             }).collect::<Vec<_>>(),
