@@ -235,6 +235,10 @@ enum Command {
         /// Most tokens per example, for --objective sft.
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
+        /// Share of --objective sft steps whose examples the base model sees without their
+        /// system prompt, so that only the generated adapter carries the task.
+        #[arg(long, default_value_t = 0.0, value_parser = share)]
+        bare_share: f64,
         /// Optimiser steps in total.
         #[arg(long, default_value_t = 1000)]
         steps: usize,
@@ -697,6 +701,7 @@ fn main() -> Result<()> {
             model,
             batch,
             seq_len,
+            bare_share,
             steps,
             lr,
             weight_decay,
@@ -722,6 +727,7 @@ fn main() -> Result<()> {
                     model,
                     batch,
                     seq_len,
+                    bare_share,
                 },
                 ("sft", None) => bail!("--objective sft needs --model (the base model)"),
                 (_, Some(_)) => bail!("--model is for --objective sft"),

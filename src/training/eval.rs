@@ -246,8 +246,8 @@ pub fn choice_likelihood(
                 let s = encode(tok, &candidate, max_len, eos)?;
                 let ids = Tensor::new(s.ids.as_slice(), &model.device)?.unsqueeze(0)?;
                 let hidden = model.hidden(&ids, adapter, None)?;
-                let mean = answer_loss(model, &hidden, std::slice::from_ref(&s))?
-                    .to_scalar::<f32>()?;
+                let mean =
+                    answer_loss(model, &hidden, std::slice::from_ref(&s))?.to_scalar::<f32>()?;
                 let logp = -mean * (s.ids.len() - s.answer_from) as f32;
                 if logp > best.0 {
                     best = (logp, key.as_str());

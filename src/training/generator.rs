@@ -77,6 +77,10 @@ pub enum Objective {
         batch: usize,
         /// Most tokens per example.
         seq_len: usize,
+        /// Share of the steps whose examples the base model sees without their system prompt,
+        /// so that only the generated adapter can carry the task (0: always with it, as
+        /// served).
+        bare_share: f64,
     },
 }
 
@@ -410,6 +414,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             model,
             batch,
             seq_len,
+            bare_share,
         } => {
             let shape = crate::adapters::BaseModelShape::from_path(model)?;
             if !config.base_model.same_widths(&shape) {
@@ -419,16 +424,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 )));
             }
             let (lm, tok, eos) = super::load_base_model(model, &dev)?;
+            // Per task: its examples as served, and without their system prompt.
             let seqs = tasks
                 .iter()
                 .map(|t| {
-                    t.examples
+                    let with = t
+                        .examples
                         .iter()
                         .map(|e| encode(&tok, e, *seq_len, eos))
-                        .collect::<Result<Vec<Sequence>>>()
+                        .collect::<Result<Vec<Sequence>>>()?;
+                    let bare = t
+                        .examples
+                        .iter()
+                        .map(|e| {
+                            let e = Example {
+                                system: None,
+                                ..e.clone()
+                            };
+                            encode(&tok, &e, *seq_len, eos)
+                        })
+                        .collect::<Result<Vec<Sequence>>>()?;
+                    Ok((with, bare))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Some((lm, seqs, (*batch).max(1)))
+            Some((lm, seqs, (*batch).max(1), *bare_share))
         }
     };
     let (mut start, mut report) = if resume {
@@ -527,13 +546,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 let loss = (pred - tgt)?.sqr()?.broadcast_mul(&w4)?.mean_all()?;
                 (loss.to_scalar::<f32>()?, loss.backward()?)
             }
-            (None, Some((lm, seqs, batch))) => {
-                let seqs = &seqs[ti];
-                let batch: Vec<Sequence> =
-                    rand::seq::index::sample(&mut rng, seqs.len(), (*batch).min(seqs.len()))
-                        .into_iter()
-                        .map(|i| seqs[i].clone())
-                        .collect();
+            (None, Some((lm, seqs, batch, bare_share))) => {
+                let (with, bare) = &seqs[ti];
+                let idx = rand::seq::index::sample(&mut rng, with.len(), (*batch).min(with.len()));
+                let shown = if *bare_share > 0.0 && rng.random_bool(bare_share.min(1.0)) {
+                    bare
+                } else {
+                    with
+                };
+                let batch: Vec<Sequence> = idx.into_iter().map(|i| shown[i].clone()).collect();
                 let (l, surrogate) = through_base_model(lm, &layout, &pred, &batch)?;
                 (l, surrogate.backward()?)
             }
