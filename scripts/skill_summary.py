@@ -66,8 +66,8 @@ def main():
         if not os.path.isdir(folder):
             continue
         md += [f"### Generator `{name}`", "",
-               "| task | family | base | own LoRA | DnD, system prompt | DnD, 16 prompts | constant answer | in label space (sys / ex) | recovered (sys / ex) |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "| task | family | base | own LoRA | DnD, system prompt | DnD, 16 prompts | DnD, another task's system prompt | constant answer | in label space (sys / ex) | choice likelihood (sys / ex) | recovered (sys / ex) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
         items = []
         for t in tasks:
             f = f"{folder}/{t}.json"
@@ -83,26 +83,41 @@ def main():
             replies = load(f"{folder}/{t}.replies.json")
             space = [in_label_space(replies[k], labels) for k in ("dnd-system", "dnd-examples")]
             c = learn["constant"]
+            control_file = f"{folder}/{t}.control.json"
+            control = rows(load(control_file))["dnd-other-task"] if os.path.exists(control_file) else None
+            if control is not None:
+                with open(f"{folder}/{t}.control.condition") as cf:
+                    control_from = cf.read().strip()
             # Learnable: the own LoRA beats both the base model and the best constant answer by
             # the margin (an adapter answering one label must not count as skill).
             learnable = own["accuracy"] - max(base["accuracy"], c["accuracy"]) >= LEARNABLE
             rec = [recovery(base["accuracy"], own["accuracy"], r["accuracy"]) if learnable else None
                    for r in (sys_, ex)]
             fmt_space = " / ".join("-" if s is None else f"{100 * s:.0f}%" for s in space)
+            likely = [r.get("choice_likelihood") for r in (sys_, ex)]
+            fmt_likely = " / ".join("-" if x is None else f"{100 * x:.0f}%" for x in likely)
             fmt_rec = " / ".join("-" if r is None else f"{100 * r:.0f}%" for r in rec)
-            md.append(f'| {t} | {tasks[t]["family"]} | {pct(base)} | {pct(own)} | {pct(sys_)} | {pct(ex)} '
-                      f'| {pct(c)} `{c["label"]}` | {fmt_space} | {fmt_rec} |')
+            fmt_control = "-" if control is None else f"{pct(control)} ({control_from})"
+            md.append(f'| {t} | {tasks[t]["family"]} | {pct(base)} | {pct(own)} | {pct(sys_)} | {pct(ex)} | {fmt_control} '
+                      f'| {pct(c)} `{c["label"]}` | {fmt_space} | {fmt_likely} | {fmt_rec} |')
             item = {"task": t, "family": tasks[t]["family"], "n_base": base["n"], "n_own": own["n"],
                     "n_system": sys_["n"], "n_examples": ex["n"], "base": base["accuracy"],
                     "own": own["accuracy"], "system": sys_["accuracy"], "examples": ex["accuracy"],
                     "constant": c["accuracy"], "learnable": learnable,
                     "recovered_system": rec[0], "recovered_examples": rec[1],
-                    "label_space_system": space[0], "label_space_examples": space[1]}
+                    "label_space_system": space[0], "label_space_examples": space[1],
+                    "choice_likelihood_system": likely[0], "choice_likelihood_examples": likely[1],
+                    "other_task": None if control is None else control["accuracy"],
+                    "n_other_task": None if control is None else control["n"]}
             items.append(item)
         learn_items = [i for i in items if i["learnable"]]
         agg = {"tasks": len(items), "learnable": len(learn_items)}
         if learn_items:
-            for key in ("system", "examples"):
+            keys = ["system", "examples"] + (["other_task"] if all(i["other_task"] is not None for i in learn_items) else [])
+            for i in learn_items:
+                if "other_task" in keys:
+                    i["recovered_other_task"] = recovery(i["base"], i["own"], i["other_task"])
+            for key in keys:
                 mean = sum(i[f"recovered_{key}"] for i in learn_items) / len(learn_items)
                 lo, hi = bootstrap(learn_items, key)
                 agg[key] = {"mean_recovered": mean, "ci95": [lo, hi],
@@ -115,6 +130,11 @@ def main():
                                f'{100 * agg[k]["mean_accuracy"]:.1f}% (recovers {100 * agg[k]["mean_recovered"]:.0f}% of the '
                                f'gain, 95% interval {100 * agg[k]["ci95"][0]:.0f}-{100 * agg[k]["ci95"][1]:.0f}%)'
                                for k in ("system", "examples")) + "."]
+            if "other_task" in agg:
+                o = agg["other_task"]
+                md.append(f'Control, each task answered with the adapter made from another family\'s task\'s system prompt: '
+                          f'{100 * o["mean_accuracy"]:.1f}% (recovers {100 * o["mean_recovered"]:.0f}%, '
+                          f'{100 * o["ci95"][0]:.0f}-{100 * o["ci95"][1]:.0f}%).')
         md.append("")
         out[name] = {"tasks": items, "aggregate": agg}
     with open(f"{a.skill}/summary.md", "w") as f:

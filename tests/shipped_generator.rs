@@ -1,8 +1,14 @@
-//! The generator that ships for SmolLM2-135M-Instruct (`generators/`, trained by
-//! `scripts/experiment.sh`) fits the model, and its adapters do what it was trained for: on
-//! multiple-choice questions written for this test (not in any task file), an adapter generated
-//! from the questions makes the bracketed answers the task files use far likelier than the base
-//! model does. Needs `scripts/fetch-assets.sh encoder smollm2`.
+//! The generators that ship for SmolLM2-135M-Instruct (`generators/`) fit the model and do what
+//! they were trained for, on questions and instructions written for this test (in no task file):
+//! - the skills generator (`scripts/skill.sh`): an adapter made from an instruction alone makes
+//!   that task's answers far likelier than the base model does (README "Skill results" shows
+//!   that adapters made from other tasks' instructions mostly do too: the skill is largely
+//!   shared); its anchors put paraphrased instructions near the trained conditions and
+//!   ordinary chat far from them;
+//! - the paper's six-task replica (`scripts/experiment.sh`): an adapter generated from
+//!   multiple-choice questions makes the bracketed answers the task files use far likelier.
+//!
+//! Needs `scripts/fetch-assets.sh encoder smollm2`.
 
 use std::path::PathBuf;
 
@@ -42,14 +48,21 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Mean answer-token loss over the questions.
-fn mean_loss(lm: &CausalLm, tok: &tokenizers::Tokenizer, eos: u32, a: Option<&LoraAdapter>) -> f32 {
+/// Mean answer-token loss over the questions under a system prompt.
+fn mean_loss(
+    lm: &CausalLm,
+    tok: &tokenizers::Tokenizer,
+    eos: u32,
+    a: Option<&LoraAdapter>,
+    system: &str,
+    questions: &[(&str, &str)],
+) -> f32 {
     let mut total = 0.0;
-    for (q, r) in QUESTIONS {
+    for (q, r) in questions {
         let ex = Example {
-            prompt: q.into(),
-            response: r.into(),
-            system: Some(SYSTEM.into()),
+            prompt: q.to_string(),
+            response: r.to_string(),
+            system: Some(system.into()),
         };
         let s = encode(tok, &ex, 256, eos).unwrap();
         let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
@@ -62,17 +75,88 @@ fn mean_loss(lm: &CausalLm, tok: &tokenizers::Tokenizer, eos: u32, a: Option<&Lo
             .to_scalar::<f32>()
             .unwrap();
     }
-    total / QUESTIONS.len() as f32
+    total / questions.len() as f32
 }
 
-#[test]
-fn shipped_generator_specialises_smollm2() {
+fn assets() -> (PathBuf, PathBuf) {
     let gguf = root().join(".assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let encoder = root().join(".assets/all-MiniLM-L6-v2");
     assert!(
         gguf.exists() && encoder.exists(),
         "run scripts/fetch-assets.sh encoder smollm2"
     );
+    (gguf, encoder)
+}
+
+/// Instructions paraphrased by hand (none is a system prompt of `dnd tasks`) with questions.
+const SKILLS: [(&str, [(&str, &str); 3]); 3] = [
+    (
+        "Repeat what the user writes, but in capital letters.",
+        [
+            ("green apples fall slowly", "GREEN APPLES FALL SLOWLY"),
+            ("the old red barn", "THE OLD RED BARN"),
+            ("quiet morning rain", "QUIET MORNING RAIN"),
+        ],
+    ),
+    (
+        "Tell me if this opinion is [positive] or [negative].",
+        [
+            ("The pizza was wonderful, I loved it.", "[positive]"),
+            ("What a dreadful film, so boring.", "[negative]"),
+            ("Our stay at the hotel was lovely.", "[positive]"),
+        ],
+    ),
+    (
+        "Answer with the integer that comes right after the given one.",
+        [("41", "42"), ("699", "700"), ("15", "16")],
+    ),
+];
+
+#[test]
+fn skills_generator_specialises_smollm2_from_the_system_prompt() {
+    let (gguf, encoder) = assets();
+    let gen = Generator::load(
+        root().join("generators/smollm2-135m-skills.safetensors"),
+        &encoder,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let (lm, tok, eos) = load_gguf(&gguf, &Device::Cpu).unwrap();
+    let adapters: Vec<LoraAdapter> = SKILLS
+        .iter()
+        .map(|(system, _)| gen.generate(&[*system]).unwrap())
+        .collect();
+    adapters[0]
+        .check_fits(&BaseModelShape::from_path(&gguf).unwrap())
+        .unwrap();
+    let mut failures = Vec::new();
+    for (i, (system, qs)) in SKILLS.iter().enumerate() {
+        let base = mean_loss(&lm, &tok, eos, None, system, qs);
+        let own = mean_loss(&lm, &tok, eos, Some(&adapters[i]), system, qs);
+        let other = &adapters[(i + 1) % adapters.len()];
+        let wrong = mean_loss(&lm, &tok, eos, Some(other), system, qs);
+        eprintln!("{system:?}: answer loss base {base:.3}, own adapter {own:.3}, another task's {wrong:.3}");
+        failures.extend(
+            (own >= 0.7 * base).then(|| format!("{system:?}: base {base}, own adapter {own}")),
+        );
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Abstention: the paraphrases are near a trained condition, ordinary chat is not.
+    let limit = 0.5;
+    for (system, _) in SKILLS {
+        let n = gen.nearest(&[system]).unwrap().expect("anchors");
+        assert!(n.distance < limit, "{system:?}: {n:?}");
+    }
+    let chat = std::fs::read_to_string(root().join("tests/fixtures/general_chat.txt")).unwrap();
+    for line in chat.lines().filter(|l| !l.trim().is_empty()) {
+        let n = gen.nearest(&[line]).unwrap().unwrap();
+        assert!(n.distance > limit, "{line:?} is near {n:?}");
+    }
+}
+
+#[test]
+fn six_task_generator_teaches_smollm2_the_answer_format() {
+    let (gguf, encoder) = assets();
     let gen = Generator::load(
         root().join("generators/smollm2-135m-six-tasks.safetensors"),
         &encoder,
@@ -87,8 +171,8 @@ fn shipped_generator_specialises_smollm2() {
     assert_eq!(adapter.rank(), 8);
 
     let (lm, tok, eos) = load_gguf(&gguf, &Device::Cpu).unwrap();
-    let base = mean_loss(&lm, &tok, eos, None);
-    let adapted = mean_loss(&lm, &tok, eos, Some(&adapter));
+    let base = mean_loss(&lm, &tok, eos, None, SYSTEM, &QUESTIONS);
+    let adapted = mean_loss(&lm, &tok, eos, Some(&adapter), SYSTEM, &QUESTIONS);
     eprintln!("answer loss: base {base:.3}, generated adapter {adapted:.3}");
     assert!(adapted.is_finite());
     assert!(

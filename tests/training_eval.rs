@@ -67,8 +67,14 @@ fn a_lora_trained_on_the_examples_beats_the_base_model() {
     assert!(tuned.accuracy >= 0.75, "tuned accuracy {}", tuned.accuracy);
     // Scored by likelihood, the tuned LoRA prefers the right label too; the base model's score
     // exists whatever its replies' format.
-    let (lb, lt) = (base.choice_likelihood.unwrap(), tuned.choice_likelihood.unwrap());
-    assert!(lt >= 0.75 && lt >= lb, "choice likelihood: base {lb}, tuned {lt}");
+    let (lb, lt) = (
+        base.choice_likelihood.unwrap(),
+        tuned.choice_likelihood.unwrap(),
+    );
+    assert!(
+        lt >= 0.75 && lt >= lb,
+        "choice likelihood: base {lb}, tuned {lt}"
+    );
     let rows = [base, tuned];
     let md = markdown("parity", &rows, &examples);
     assert!(md.contains("| base | 0.0% | 0.0-32.4% |"), "{md}");
