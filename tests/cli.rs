@@ -395,38 +395,33 @@ fn anchors_measure_how_far_prompts_are_from_the_training_conditions() {
         "Add the two numbers.\nWrite a haiku about autumn.\n",
     )
     .unwrap();
-    let err = dnd_err(&[
-        "distance",
-        "--checkpoint",
-        &s(&ckpt),
-        "--encoder",
-        &enc,
-        "--prompts",
-        &s(&probe),
-    ]);
+    let gen_args = |ckpt: &Path| {
+        [
+            "--checkpoint".to_string(),
+            s(ckpt),
+            "--encoder".into(),
+            enc.clone(),
+        ]
+    };
+    let probe_args = ["--prompts".to_string(), s(&probe)];
+    let err = dnd_err(&[&["distance".to_string()][..], &gen_args(&ckpt), &probe_args].concat());
     assert!(err.contains("no anchors"), "{err}");
-    let log = dnd(&[
-        "anchors",
-        "--checkpoint",
-        &s(&ckpt),
-        "--encoder",
-        &enc,
-        "--task",
-        &format!("sum={}", s(&task)),
-        "--out",
-        &s(&anchored),
-    ]);
+    let task_arg = [
+        "--task".to_string(),
+        format!("sum={}", s(&task)),
+        "--out".into(),
+        s(&anchored),
+    ];
+    let log = dnd(&[&["anchors".to_string()][..], &gen_args(&ckpt), &task_arg].concat());
     assert!(log.contains("3 anchors from 1 tasks"), "{log}");
+    let each = ["--each".to_string()];
     let out = dnd(&[
-        "distance",
-        "--checkpoint",
-        &s(&anchored),
-        "--encoder",
-        &enc,
-        "--prompts",
-        &s(&probe),
-        "--each",
-    ]);
+        &["distance".to_string()][..],
+        &gen_args(&anchored),
+        &probe_args,
+        &each,
+    ]
+    .concat());
     let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
     // The trained instruction is its own anchor; the haiku request is far from all three.
     assert_eq!(lines[0][1], "sum: system 1");

@@ -39,6 +39,17 @@ impl From<Dtype> for DType {
     }
 }
 
+/// A generator checkpoint and the encoder it runs with.
+#[derive(clap::Args)]
+struct GeneratorFiles {
+    /// The generator checkpoint.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The Sentence-BERT folder.
+    #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
+    encoder: PathBuf,
+}
+
 #[derive(clap::Args)]
 struct LoraArgs {
     /// Base model: a model folder, its config.json, or a .gguf file.
@@ -381,12 +392,8 @@ enum Command {
     /// its file, and a sample of its prompts), so that the server can abstain on prompts far
     /// from all of them (`--dnd-abstain-distance`).
     Anchors {
-        /// The generator checkpoint.
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// The Sentence-BERT folder.
-        #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
-        encoder: PathBuf,
+        #[command(flatten)]
+        generator: GeneratorFiles,
         /// A training task as NAME=TASK_FILE (train's NAME=FILE:DIR is accepted); repeatable.
         #[arg(long = "task", required = true)]
         tasks: Vec<String>,
@@ -413,12 +420,9 @@ enum Command {
     /// The distance (1 - cosine of pooled encodings) of prompts to the nearest training
     /// condition of a generator with anchors: the whole file as one prompt set, or each prompt.
     Distance {
-        /// The generator checkpoint (with anchors: `dnd anchors`).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// The Sentence-BERT folder.
-        #[arg(long, default_value = ".assets/all-MiniLM-L6-v2")]
-        encoder: PathBuf,
+        /// The generator (with anchors: `dnd anchors`).
+        #[command(flatten)]
+        generator: GeneratorFiles,
         /// Prompt file: a task file, a JSON list of strings, or one prompt per line.
         #[arg(long)]
         prompts: PathBuf,
@@ -500,6 +504,22 @@ fn parse_task(s: &str) -> Result<mistralrs_dnd::training::TaskSet> {
         examples: mistralrs_dnd::training::data::read_examples(prompts).unwrap_or_default(),
         checkpoints,
     })
+}
+
+/// Prints an evaluation's table and writes its outputs, named after the task file.
+fn print_and_write(
+    task: &std::path::Path,
+    rows: &[mistralrs_dnd::training::eval::EvalRow],
+    examples: &[mistralrs_dnd::training::data::Example],
+    outputs: &mistralrs_dnd::training::eval::EvalOutputs,
+) -> Result<()> {
+    use mistralrs_dnd::training::eval;
+    let name = task
+        .file_stem()
+        .map_or("task".into(), |s| s.to_string_lossy().into_owned());
+    print!("{}", eval::markdown(&name, rows, examples));
+    eval::write_outputs(&name, rows, examples, outputs)?;
+    Ok(())
 }
 
 /// A share in [0, 1].
@@ -825,12 +845,8 @@ fn main() -> Result<()> {
                     true,
                 )?);
             }
-            let name = task
-                .file_stem()
-                .map_or("task".into(), |s| s.to_string_lossy().into_owned());
-            print!("{}", eval::markdown(&name, &rows, &examples));
-            eval::write_outputs(
-                &name,
+            print_and_write(
+                &task,
                 &rows,
                 &examples,
                 &eval::EvalOutputs {
@@ -883,12 +899,8 @@ fn main() -> Result<()> {
                 .into_iter()
                 .map(|(label, v)| eval::score(&examples, v, &label))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let name = task
-                .file_stem()
-                .map_or("task".into(), |s| s.to_string_lossy().into_owned());
-            print!("{}", eval::markdown(&name, &rows, &examples));
-            eval::write_outputs(
-                &name,
+            print_and_write(
+                &task,
                 &rows,
                 &examples,
                 &eval::EvalOutputs {
@@ -939,8 +951,11 @@ fn main() -> Result<()> {
             );
         }
         Command::Anchors {
-            checkpoint: ckpt,
-            encoder,
+            generator:
+                GeneratorFiles {
+                    checkpoint: ckpt,
+                    encoder,
+                },
             tasks,
             seed,
             out,
@@ -1000,8 +1015,11 @@ fn main() -> Result<()> {
             );
         }
         Command::Distance {
-            checkpoint: ckpt,
-            encoder,
+            generator:
+                GeneratorFiles {
+                    checkpoint: ckpt,
+                    encoder,
+                },
             prompts,
             each,
         } => {
