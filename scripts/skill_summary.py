@@ -4,7 +4,7 @@ task's own LoRA, DnD from the system prompt and from 16 example prompts, the bes
 answer, and the share of the own-LoRA gain each DnD condition recovers; then the mean recovery
 over the learnable tasks (own LoRA >= 20 points over the base model and the best constant answer) with a 95% bootstrap interval
 (tasks resampled, and each score redrawn from its binomial), and the share of replies inside
-the label space for choice tasks. Writes SKILL/summary.md and SKILL/summary.json."""
+the label space for choice tasks (as `dnd eval` reports it). Writes SKILL/summary.md and SKILL/summary.json."""
 import argparse
 import json
 import os
@@ -20,12 +20,6 @@ def load(path):
 
 def rows(summary):
     return {r["label"]: r for r in summary["rows"]}
-
-
-def in_label_space(replies, labels):
-    if not labels:
-        return None
-    return sum(any(r.strip().startswith(l) for l in labels) for r in replies) / max(len(replies), 1)
 
 
 def recovery(base, own, dnd):
@@ -77,11 +71,8 @@ def main():
             lr, dr = rows(learn), rows(load(f))
             base, own = lr["base"], lr["lora"]
             sys_, ex = dr["dnd-system"], dr["dnd-examples"]
-            test = load(f"{a.learn}/data/{t}_test.json")
-            labels = sorted({e["response"] for e in test}) if all(
-                e["response"].startswith("[") for e in test) else []
-            replies = load(f"{folder}/{t}.replies.json")
-            space = [in_label_space(replies[k], labels) for k in ("dnd-system", "dnd-examples")]
+            # `dnd eval`'s share of replies inside the task's labels (choice tasks only).
+            space = [r.get("label_space") for r in (sys_, ex)]
             c = learn["constant"]
             control_file = f"{folder}/{t}.control.json"
             control = rows(load(control_file))["dnd-other-task"] if os.path.exists(control_file) else None

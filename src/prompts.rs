@@ -15,10 +15,7 @@ use crate::error::{read_to_string, DndError, Result};
 pub fn read_prompts(path: impl AsRef<Path>) -> Result<Vec<String>> {
     let path = path.as_ref();
     let text = read_to_string(path)?;
-    let trimmed = text.trim_start();
-    let prompts: Vec<String> = if trimmed.starts_with('[') {
-        let v: Vec<Value> =
-            serde_json::from_str(trimmed).map_err(|e| DndError::json(path.display(), e))?;
+    let prompts: Vec<String> = if let Some(v) = json_list(path, &text)? {
         v.into_iter()
             .enumerate()
             .map(|(i, item)| match item {
@@ -56,13 +53,9 @@ pub fn read_prompts(path: impl AsRef<Path>) -> Result<Vec<String>> {
 /// for prompt lists and plain text): the instructions a task's requests carry.
 pub fn read_systems(path: impl AsRef<Path>) -> Result<Vec<String>> {
     let path = path.as_ref();
-    let text = read_to_string(path)?;
-    let trimmed = text.trim_start();
-    if !trimmed.starts_with('[') {
+    let Some(v) = json_list(path, &read_to_string(path)?)? else {
         return Ok(Vec::new());
-    }
-    let v: Vec<Value> =
-        serde_json::from_str(trimmed).map_err(|e| DndError::json(path.display(), e))?;
+    };
     let mut systems: Vec<String> = Vec::new();
     for item in v {
         if let Some(Value::String(s)) = item.get("system") {
@@ -72,6 +65,17 @@ pub fn read_systems(path: impl AsRef<Path>) -> Result<Vec<String>> {
         }
     }
     Ok(systems)
+}
+
+/// The items of a file's text when it is a JSON array (it starts with `[`), else `None`.
+fn json_list(path: &Path, text: &str) -> Result<Option<Vec<Value>>> {
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('[') {
+        return Ok(None);
+    }
+    serde_json::from_str(trimmed)
+        .map(Some)
+        .map_err(|e| DndError::json(path.display(), e))
 }
 
 /// Picks `n` prompts without replacement, reproducibly for a seed (all of them, in order, when

@@ -112,14 +112,6 @@ impl Anchors {
     }
 }
 
-/// Cosine distance of two pooled embeddings (for tests and tools).
-pub fn distance(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let c = (a * b)?.sum_all()?.to_scalar::<f32>()?;
-    let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    Ok(1.0 - c / (na * nb).max(1e-12))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,11 +138,5 @@ mod tests {
             Tensor::zeros((2, 2), DType::F32, &dev).unwrap()
         )
         .is_err());
-        let d = distance(
-            &Tensor::new(&[1f32, 0.0], &dev).unwrap(),
-            &Tensor::new(&[0f32, 2.0], &dev).unwrap(),
-        )
-        .unwrap();
-        assert!((d - 1.0).abs() < 1e-6);
     }
 }

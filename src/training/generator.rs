@@ -424,7 +424,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 )));
             }
             let (lm, tok, eos) = super::load_base_model(model, &dev)?;
-            // Per task: its examples as served, and without their system prompt.
+            // Per task: its examples as served, and (when some steps hide it) without their
+            // system prompt.
             let seqs = tasks
                 .iter()
                 .map(|t| {
@@ -433,17 +434,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                         .iter()
                         .map(|e| encode(&tok, e, *seq_len, eos))
                         .collect::<Result<Vec<Sequence>>>()?;
-                    let bare = t
-                        .examples
-                        .iter()
-                        .map(|e| {
-                            let e = Example {
-                                system: None,
-                                ..e.clone()
-                            };
-                            encode(&tok, &e, *seq_len, eos)
+                    let bare = (*bare_share > 0.0)
+                        .then(|| {
+                            t.examples
+                                .iter()
+                                .map(|e| {
+                                    let e = Example {
+                                        system: None,
+                                        ..e.clone()
+                                    };
+                                    encode(&tok, &e, *seq_len, eos)
+                                })
+                                .collect::<Result<Vec<Sequence>>>()
                         })
-                        .collect::<Result<Vec<Sequence>>>()?;
+                        .transpose()?;
                     Ok((with, bare))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -549,10 +553,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             (None, Some((lm, seqs, batch, bare_share))) => {
                 let (with, bare) = &seqs[ti];
                 let idx = rand::seq::index::sample(&mut rng, with.len(), (*batch).min(with.len()));
-                let shown = if *bare_share > 0.0 && rng.random_bool(bare_share.min(1.0)) {
-                    bare
-                } else {
-                    with
+                let shown = match bare {
+                    Some(bare) if rng.random_bool(bare_share.min(1.0)) => bare,
+                    _ => with,
                 };
                 let batch: Vec<Sequence> = idx.into_iter().map(|i| shown[i].clone()).collect();
                 let (l, surrogate) = through_base_model(lm, &layout, &pred, &batch)?;
