@@ -28,6 +28,27 @@ fn dnd_err<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `dnd init` of a small seeded generator (N = 4, L = 16, one 8x8x32 stage) for a tiny model.
+fn init_tiny(base_model: &str, out: &str) -> String {
+    dnd(&[
+        "init",
+        "--base-model",
+        base_model,
+        "--chunk-width",
+        "16",
+        "--num-prompts",
+        "4",
+        "--max-length",
+        "16",
+        "--stages",
+        "8x8x32",
+        "--seed",
+        "3",
+        "--out",
+        out,
+    ])
+}
+
 #[test]
 fn init_inspect_generate() {
     let dir = std::env::temp_dir().join(format!("dnd-cli-{}", std::process::id()));
@@ -38,25 +59,7 @@ fn init_inspect_generate() {
     let enc = encoder_dir();
     let enc_s = enc.to_str().unwrap();
 
-    let init = |out: &str| {
-        dnd(&[
-            "init",
-            "--base-model",
-            tiny_s,
-            "--chunk-width",
-            "16",
-            "--num-prompts",
-            "4",
-            "--max-length",
-            "16",
-            "--stages",
-            "8x8x32",
-            "--seed",
-            "3",
-            "--out",
-            out,
-        ])
-    };
+    let init = |out: &str| init_tiny(tiny_s, out);
     let msg = init(ckpt_s);
     assert!(msg.contains("tokens of (10, 18)"), "{msg}");
     let cfg: serde_json::Value = serde_json::from_str(&dnd(&["inspect", ckpt_s])).unwrap();
@@ -365,22 +368,7 @@ fn anchors_measure_how_far_prompts_are_from_the_training_conditions() {
     std::fs::create_dir_all(&dir).unwrap();
     let s = |p: &Path| p.display().to_string();
     let (ckpt, anchored) = (dir.join("g.safetensors"), dir.join("a.safetensors"));
-    let tiny = golden_path("tiny-llama");
-    dnd(&[
-        "init",
-        "--base-model",
-        &s(&tiny),
-        "--chunk-width",
-        "16",
-        "--num-prompts",
-        "4",
-        "--max-length",
-        "16",
-        "--stages",
-        "8x8x32",
-        "--out",
-        &s(&ckpt),
-    ]);
+    init_tiny(&s(&golden_path("tiny-llama")), &s(&ckpt));
     let task = dir.join("sum.json");
     std::fs::write(
         &task,
