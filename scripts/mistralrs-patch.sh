@@ -8,7 +8,9 @@
 #
 # patches/<crate>-<version>/*.patch are unified diffs (paths a/src/..., b/src/...), applied in
 # name order with `patch -p1` and no fuzz: a hunk that does not apply exactly stops everything
-# with the patch's name. Run it from outside any cargo workspace step that needs the patched
+# with the patch's name. Bug fixes to mistral.rs that stand on their own (each one a patch that
+# upstream could take alone) are numbered files, NNNN-what-it-fixes.patch, applied first;
+# dnd.patch, the adapter-provider feature, comes last and is the one `regen` rewrites. Run it from outside any cargo workspace step that needs the patched
 # path (Cargo refuses a [patch] whose folder does not exist yet).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -106,14 +108,22 @@ regen() {
   for cv in $(crates); do
     [ -d "$work/$cv" ] || { echo "no working copy of $cv: run prepare first" >&2; exit 1; }
     fetch_pristine "$cv"
-    local out="$patches/$cv/dnd.patch"
-    # One patch per crate, paths as a/... b/...; earlier split patches are folded into it.
-    (cd "$root/target" && diff -ruN --exclude=.dnd-stamp --exclude=.git --exclude=target \
-      "mistralrs-pristine/$cv" "mistralrs-patched/$cv" |
+    local out="$patches/$cv/dnd.patch" base p
+    # dnd.patch is the difference between the working copy and pristine plus the numbered
+    # bug-fix patches; those stay as they are (edit one by hand, or fold it into dnd.patch by
+    # deleting it before regen).
+    base="$(mktemp -d)"
+    cp -a "$pristine/$cv" "$base/a"
+    chmod -R u+w "$base/a"
+    for p in "$patches/$cv"/*.patch; do
+      [ -e "$p" ] && [ "$(basename "$p")" != dnd.patch ] || continue
+      (cd "$base/a" && patch -p1 --batch --forward --fuzz=0 --no-backup-if-mismatch <"$p" >/dev/null)
+    done
+    (cd "$base" && diff -ruN --exclude=.dnd-stamp --exclude=.git --exclude=target \
+      a "$work/$cv" |
       sed -E -e '/^diff -ruN /d' -e 's#^(---|\+\+\+) ([^\t]*)\t.*#\1 \2#' \
-        -e "s#^--- mistralrs-pristine/$cv/#--- a/#" \
-        -e "s#^\+\+\+ mistralrs-patched/$cv/#+++ b/#") >"$out.new" || true
-    find "$patches/$cv" -name '*.patch' ! -name dnd.patch -delete
+        -e "s#^\+\+\+ $work/$cv/#+++ b/#") >"$out.new" || true
+    rm -rf "$base"
     mv "$out.new" "$out"
     stamp_of "$cv" >"$work/$cv/.dnd-stamp"
     echo "wrote ${out#"$root"/} ($(grep -c '^@@' "$out") hunks)" >&2

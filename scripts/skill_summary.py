@@ -50,11 +50,13 @@ def main():
     ap.add_argument("--learn", required=True)
     ap.add_argument("--skill", required=True)
     ap.add_argument("--holdouts", nargs="+", required=True)
+    ap.add_argument("--variants", nargs="+", default=["mse", "sft"],
+                    help="generator variants (the suffix of gen/HOLDOUT-VARIANT.safetensors)")
     a = ap.parse_args()
     tasks = {t["name"]: t for t in load(f"{a.learn}/data/tasks.json")}
     pct = lambda r: f'{100 * r["accuracy"]:.1f} ({100 * r["ci95"][0]:.0f}-{100 * r["ci95"][1]:.0f})'
     md, out = [], {}
-    for h, variant in [(h, v) for h in a.holdouts for v in ("mse", "sft")]:
+    for h, variant in [(h, v) for h in a.holdouts for v in a.variants]:
         name = h.replace(":", "-") + "-" + variant
         folder = f"{a.skill}/results/{name}"
         if not os.path.isdir(folder):

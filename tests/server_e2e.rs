@@ -87,15 +87,26 @@ fn start_server_with(extra: &[&str], name: &str, anchor: Option<&str>) -> Server
         Some(a) => anchored_generator(&dir, a),
         None => tiny_generator(&dir),
     };
+    let model: [std::ffi::OsString; 5] = [
+        "plain".into(),
+        "-m".into(),
+        golden_path("tiny-qwen2").into(),
+        "-d".into(),
+        "f32".into(),
+    ];
+    spawn_server(&gen, extra, &model)
+}
+
+/// `mistralrs-server` with the DnD provider, generator `gen`, options `extra` and the model
+/// subcommand `model`; waits for its address.
+fn spawn_server(gen: &Path, extra: &[&str], model: &[std::ffi::OsString]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mistralrs-server"))
         .current_dir(root())
         .args(["--port", "0", "--cpu", "--max-seqs", "16"])
         .args(["--adapter-provider", "dnd", "--dnd-generator"])
-        .arg(&gen)
+        .arg(gen)
         .args(extra)
-        .args(["plain", "-m"])
-        .arg(golden_path("tiny-qwen2"))
-        .args(["-d", "f32"])
+        .args(model)
         .stdout(Stdio::piped())
         .spawn()
         .expect("mistralrs-server starts");
@@ -175,4 +186,28 @@ fn ordinary_chat_far_from_the_trained_conditions_gets_the_base_model() {
     let trained = "Add the two numbers and reply with the sum.";
     let server = start_server_with(&["--dnd-abstain-distance", "0.5"], "abstain", Some(trained));
     python(&[&server.url, "abstain", trained]);
+}
+
+#[test]
+fn greedy_replies_do_not_depend_on_what_else_is_running() {
+    // SmolLM2 with the shipped skills generator: small prompts whose replies a perturbed KV
+    // cache or a misrouted adapter row visibly changes. With mistral.rs's prefix cache on
+    // (`--prefix-cache-n 16`) this fails: a base reply changes when it runs beside adapter
+    // requests.
+    let gguf = root().join(".assets/smollm2");
+    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    assert!(
+        gguf.join(file).exists(),
+        "run scripts/fetch-assets.sh smollm2"
+    );
+    let model: [std::ffi::OsString; 5] = [
+        "gguf".into(),
+        "-m".into(),
+        gguf.into(),
+        "-f".into(),
+        file.into(),
+    ];
+    let gen = root().join("generators/smollm2-135m-skills.safetensors");
+    let server = spawn_server(&gen, &[], &model);
+    python(&[&server.url, "concurrent", file]);
 }

@@ -34,6 +34,12 @@ struct Args {
     /// Most sequences running at once.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
+    /// Most finished sequences whose KV cache mistral.rs keeps for later prompts with the same
+    /// prefix (0: off). Off by default: with it on, greedy replies to concurrent requests that
+    /// share a system prompt differ from the same requests sent one at a time (README, "Prefix
+    /// cache").
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_n: usize,
     /// Run on the CPU even when an accelerator is available.
     #[arg(long)]
     cpu: bool,
@@ -145,6 +151,11 @@ fn model_dtype(s: &str) -> Result<ModelDType> {
     })
 }
 
+/// mistral.rs's prefix-cache size, `None` when turned off.
+fn prefix_cache(args: &Args) -> Option<usize> {
+    (args.prefix_cache_n > 0).then_some(args.prefix_cache_n)
+}
+
 /// Builds the engine; returns it with the served name and the base model's shape file.
 async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, DType)> {
     let str_path = |p: &Path| p.to_string_lossy().into_owned();
@@ -157,7 +168,8 @@ async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, D
             let mut b = TextModelBuilder::new(str_path(model_id))
                 .with_token_source(TokenSource::None)
                 .with_dtype(model_dtype(dtype)?)
-                .with_max_num_seqs(args.max_seqs);
+                .with_max_num_seqs(args.max_seqs)
+                .with_prefix_cache_n(prefix_cache(args));
             if let Some(a) = arch {
                 b = b.with_loader_type(a.parse().map_err(anyhow::Error::msg)?);
             }
@@ -186,7 +198,8 @@ async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, D
                 vec![quantized_filename.clone()],
             )
             .with_token_source(TokenSource::None)
-            .with_max_num_seqs(args.max_seqs);
+            .with_max_num_seqs(args.max_seqs)
+            .with_prefix_cache_n(prefix_cache(args));
             if args.cpu {
                 b = b.with_force_cpu();
             }

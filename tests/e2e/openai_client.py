@@ -3,6 +3,7 @@
     python openai_client.py BASE_URL e2e  BASE_PROMPT EXPECTED_BASE_TEXT
     python openai_client.py BASE_URL load BUDGET_BYTES
     python openai_client.py BASE_URL abstain TRAINED_SYSTEM_PROMPT
+    python openai_client.py BASE_URL concurrent MODEL_NAME
 
 Exits non-zero (an AssertionError with a message) when the server misbehaves; prints a JSON
 summary of what it measured on success.
@@ -21,7 +22,7 @@ import openai
 
 BASE, MODE = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=600)
-MODEL = "tiny-qwen2"
+MODEL = sys.argv[3] if MODE == "concurrent" else "tiny-qwen2"
 
 
 def no_fffd(text):
@@ -32,12 +33,12 @@ def dnd(resp):
     return resp.model_extra["dnd"]
 
 
-def chat(system, user="Hello there", **extra):
+def chat(system, user="Hello there", max_tokens=8, **extra):
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}
     ]
     return client.chat.completions.create(
-        model=MODEL, messages=msgs, max_tokens=8, temperature=0, **extra
+        model=MODEL, messages=msgs, max_tokens=max_tokens, temperature=0, **extra
     )
 
 
@@ -233,11 +234,42 @@ def abstain(trained):
     return {"near": dnd(near)["source"], "far_distance": d["distance"]}
 
 
+def concurrent():
+    # Greedy replies must not depend on what else is running: requests sharing a system prompt
+    # (the prefix a prefix cache would reuse), half on the base model and half with the
+    # system prompt's adapter, asked all at once on a fresh server, then one at a time, then
+    # all at once again.
+    system = "Label the sentiment of the text: [positive] or [negative]."
+    things = ["show", "hotel", "game", "book", "album", "meal", "trip", "film", "service", "song"]
+    words = ["brilliant", "terrible", "lovely", "dull", "charming", "awful"]
+    jobs = [(f"The {t} was {words[i % len(words)]}{'.' * (1 + i % 3)}", i % 2 == 0)
+            for i, t in enumerate(things)]
+
+    def ask(job):
+        user, base = job
+        extra = {"extra_body": {"dnd": {"base": True}}} if base else {}
+        r = chat(system, user, max_tokens=16, **extra)
+        assert (dnd(r)["source"] == "base") == base, dnd(r)
+        return r.choices[0].message.content
+
+    # Fewer clients than requests, so that later requests start while earlier ones decode.
+    with cf.ThreadPoolExecutor(4) as pool:
+        first = list(pool.map(ask, jobs, timeout=900))
+    alone = [ask(j) for j in jobs]
+    with cf.ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(ask, jobs, timeout=900))
+    differ = [(j[0], a, f, g) for j, a, f, g in zip(jobs, alone, first, again) if not a == f == g]
+    assert not differ, f"replies that change with concurrency (prompt, alone, concurrent, again): {differ}"
+    return {"requests": 3 * len(jobs), "distinct_replies": len(set(alone))}
+
+
 if MODE == "e2e":
     print(json.dumps(e2e(sys.argv[3], sys.argv[4])))
 elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
 elif MODE == "abstain":
     print(json.dumps(abstain(sys.argv[3])))
+elif MODE == "concurrent":
+    print(json.dumps(concurrent()))
 else:
     raise SystemExit(f"unknown mode {MODE}")
