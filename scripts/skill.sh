@@ -16,37 +16,32 @@
 # Environment: LIMIT (test examples per score, sampled with SEED; 100), TRAIN_STEPS (MSE, 200),
 # TRAIN_LR (1e-3), SFT_STEPS (300), SFT_LR (1e-4), SYSTEM_SHARE (0.5), EVAL_MSE (score the MSE
 # generators too: 1 for every holdout; default only for `all`), VARIANTS (the generators scored,
-# overriding that: e.g. "sft"), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
+# overriding that: e.g. "sft"; "sft-bare" also trains the SFT variant whose loss sees no system
+# prompt on a BARE_SHARE of its examples, 0.5), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
 # (runs/skill/MODEL), LEARN (runs/learnability/MODEL), DND (the dnd binary), SEED (0).
 # Writes OUT/summary.md and OUT/summary.json (scripts/skill_summary.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 which="${1:-smollm2}"
-case "$which" in
-  smollm2) model="$root/.assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; preset=smollm2-135m-small ;;
-  qwen05) model="$root/.assets/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-          preset=qwen25-05b-common-sense ;;
-  *) echo "unknown model '$which' (smollm2, qwen05)" >&2; exit 2 ;;
-esac
-LIMIT="${LIMIT:-100}" TRAIN_STEPS="${TRAIN_STEPS:-200}" TRAIN_LR="${TRAIN_LR:-1e-3}"
+# shellcheck source=scripts/lib/skill-common.sh
+. "$root/scripts/lib/skill-common.sh"
+TRAIN_STEPS="${TRAIN_STEPS:-200}" TRAIN_LR="${TRAIN_LR:-1e-3}"
 SFT_STEPS="${SFT_STEPS:-300}" SFT_LR="${SFT_LR:-1e-4}"
-SYSTEM_SHARE="${SYSTEM_SHARE:-0.5}" COLLECT_STEPS="${COLLECT_STEPS:-40}" SEED="${SEED:-0}"
-out="${OUT:-$root/runs/skill/$which}"
-learn="${LEARN:-$root/runs/learnability/$which}"
-dnd="${DND:-$root/target/debug/dnd}"
-if [ -z "${DND:-}" ]; then
-  (cd "$root" && cargo build --bin dnd --quiet)
-fi
+SYSTEM_SHARE="${SYSTEM_SHARE:-0.5}" BARE_SHARE="${BARE_SHARE:-0.5}"
 "$root/scripts/fetch-assets.sh" encoder >/dev/null
 
 # 1. Data, each task's own LoRA, and the base / own-LoRA rows (skipped where done).
 STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" "$root/scripts/learnability.sh" "$which" >/dev/null
-data="$learn/data"
-all_tasks=$(python3 -c 'import json,sys; print(" ".join(t["name"] for t in json.load(open(sys.argv[1]))))' "$data/tasks.json")
-family_of() { python3 -c 'import json,sys; print(" ".join(t["name"] for t in json.load(open(sys.argv[1])) if t["family"] == sys.argv[2]))' "$data/tasks.json" "$1"; }
+all_tasks="$(task_names)"
 HOLDOUTS="${HOLDOUTS:-all $(python3 -c 'import json,sys; print(" ".join(sorted({"family:" + t["family"] for t in json.load(open(sys.argv[1]))})))' "$data/tasks.json") task:sentiment_good_bad task:extract_color task:successor task:first_letters}"
 
 mkdir -p "$out/gen" "$out/adapters" "$out/results"
+# adapter GEN DIR PROMPT_ARGS...: the adapter the generator makes from the prompts, into DIR.
+adapter() {
+  local gen="$1" dir="$2"
+  shift 2
+  "$dnd" generate --checkpoint "$gen" "$@" --out "$dir"
+}
 [ -f "$out/gen/init.safetensors" ] || "$dnd" init --preset "$preset" --seed "$SEED" --out "$out/gen/init.safetensors"
 task_args=() sft_args=()
 for t in $all_tasks; do
@@ -72,14 +67,19 @@ for h in $HOLDOUTS; do
       --save-every 50 --loss-png "$out/results/loss-$name-mse.png" --cache-dir "$out/enc-cache" --resume
     touch "$out/gen/$name-mse.done"
   fi
-  if [ ! -f "$out/gen/$name-sft.done" ]; then
+  # SFT generators: `sft` conditions on each example's own prompt context; `sft-bare` (when
+  # VARIANTS asks for it) also, on a BARE_SHARE of its examples, drops the system prompt from
+  # the context the loss is computed in, so that only the adapter can tell the task.
+  for v in sft ${VARIANTS:-}; do
+    case "$v" in sft) bare=0 ;; sft-bare) bare="$BARE_SHARE" ;; *) continue ;; esac
+    [ -f "$out/gen/$name-$v.done" ] && continue
     "$dnd" train --objective sft --model "$model" --init "$out/gen/$name-mse.safetensors" \
       "${sft_args[@]}" "${excl[@]}" --steps "$SFT_STEPS" --lr "$SFT_LR" \
       --warmup $((SFT_STEPS / 20 + 1)) --seed "$SEED" --system-share "$SYSTEM_SHARE" \
-      --out "$out/gen/$name-sft.safetensors" --save-every 25 --loss-png "$out/results/loss-$name-sft.png" \
-      --cache-dir "$out/enc-cache" --resume
-    touch "$out/gen/$name-sft.done"
-  fi
+      --bare-share "$bare" --out "$out/gen/$name-$v.safetensors" --save-every 25 \
+      --loss-png "$out/results/loss-$name-$v.png" --cache-dir "$out/enc-cache" --resume
+    touch "$out/gen/$name-$v.done"
+  done
   variants=sft
   if [ "$h" = all ] || [ -n "${EVAL_MSE:-}" ]; then variants="mse sft"; fi
   variants="${VARIANTS:-$variants}"
@@ -93,24 +93,22 @@ for h in $HOLDOUTS; do
       python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
         "$data/${t}_test.json" >"$out/adapters/$name-$v/$t.system.txt"
       start=$(date +%s.%N)
-      "$dnd" generate --checkpoint "$gen" --prompts "$out/adapters/$name-$v/$t.system.txt" \
-        --out "$out/adapters/$name-$v/$t-system"
+      adapter "$gen" "$out/adapters/$name-$v/$t-system" --prompts "$out/adapters/$name-$v/$t.system.txt"
       mid=$(date +%s.%N)
-      "$dnd" generate --checkpoint "$gen" --prompts "$data/${t}_test.json" --sample 16 --seed "$SEED" \
-        --out "$out/adapters/$name-$v/$t-examples"
+      adapter "$gen" "$out/adapters/$name-$v/$t-examples" --prompts "$data/${t}_test.json" --sample 16 --seed "$SEED"
       end=$(date +%s.%N)
       echo "$name-$v $t $(echo "$mid - $start" | bc) $(echo "$end - $mid" | bc)" >>"$out/results/generate-seconds.txt"
-      "$dnd" eval --model "$model" --task "$data/${t}_test.json" --limit "$LIMIT" --seed "$SEED" \
-        --max-new-tokens 16 --no-base \
-        --adapter "dnd-system=$out/adapters/$name-$v/$t-system" \
-        --adapter "dnd-examples=$out/adapters/$name-$v/$t-examples" \
-        --out-md "$out/results/$name-$v/$t.md" --out-json "$res.tmp" \
-        --out-replies "$out/results/$name-$v/$t.replies.json"
-      mv "$res.tmp" "$res"
+      score "$t" "$res" "dnd-system=$out/adapters/$name-$v/$t-system" \
+        "dnd-examples=$out/adapters/$name-$v/$t-examples"
       # Adapters are 10 MB each and regenerate from the generator in a second.
       rm -rf "$out/adapters/$name-$v/$t-system" "$out/adapters/$name-$v/$t-examples"
     done
   done
+  # On held-out tasks, the LoRA baselines DnD is compared with (mean and best other-task LoRA).
+  if [ "$h" != all ]; then
+    OUT="$out" LEARN="$learn" DND="$dnd" LIMIT="$LIMIT" SEED="$SEED" COLLECT_STEPS="$COLLECT_STEPS" \
+      "$root/scripts/holdout_baselines.sh" "$h" "$which"
+  fi
 done
 # Control: does the condition matter? For the generator trained on every task, each task is also
 # answered with the adapter made from another family's task's test system prompt (task i gets
@@ -119,21 +117,23 @@ done
 # instruction in the context) rather than the task the condition names.
 if [[ " $HOLDOUTS " == *" all "* ]]; then
   read -r -a listed <<<"$all_tasks"
-  for i in "${!listed[@]}"; do
-    t="${listed[$i]}" o="${listed[$(((i + 5) % ${#listed[@]}))]}"
-    res="$out/results/all-sft/$t.control.json"
-    [ -f "$res" ] && continue
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
-      "$data/${o}_test.json" >"$out/adapters/all-sft/$t.other-system.txt"
-    "$dnd" generate --checkpoint "$out/gen/all-sft.safetensors" \
-      --prompts "$out/adapters/all-sft/$t.other-system.txt" --out "$out/adapters/all-sft/$t-other"
-    "$dnd" eval --model "$model" --task "$data/${t}_test.json" --limit "$LIMIT" --seed "$SEED" \
-      --max-new-tokens 16 --no-base --adapter "dnd-other-task=$out/adapters/all-sft/$t-other" \
-      --out-md "$out/results/all-sft/$t.control.md" --out-json "$res.tmp" \
-      --out-replies "$out/results/all-sft/$t.control.replies.json"
-    mv "$res.tmp" "$res"
-    echo "$o" >"$out/results/all-sft/$t.control.condition"
-    rm -rf "$out/adapters/all-sft/$t-other"
+  for v in sft ${VARIANTS:-}; do
+    [ "$v" = sft-bare ] || [ "$v" = sft ] || continue
+    [ -f "$out/gen/all-$v.safetensors" ] || continue
+    for i in "${!listed[@]}"; do
+      t="${listed[$i]}" o="${listed[$(((i + 5) % ${#listed[@]}))]}"
+      res="$out/results/all-$v/$t.control.json"
+      [ -f "$res" ] && continue
+      mkdir -p "$out/results/all-$v" "$out/adapters/all-$v"
+      python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
+        "$data/${o}_test.json" >"$out/adapters/all-$v/$t.other-system.txt"
+      adapter "$out/gen/all-$v.safetensors" "$out/adapters/all-$v/$t-other" \
+        --prompts "$out/adapters/all-$v/$t.other-system.txt"
+      score "$t" "$res" "dnd-other-task=$out/adapters/all-$v/$t-other"
+      echo "$o" >"$out/results/all-$v/$t.control.condition"
+      rm -rf "$out/adapters/all-$v/$t-other"
+    done
   done
 fi
-python3 "$root/scripts/skill_summary.py" --learn "$learn" --skill "$out" --holdouts $HOLDOUTS
+python3 "$root/scripts/skill_summary.py" --learn "$learn" --skill "$out" --holdouts $HOLDOUTS \
+  --variants mse sft ${VARIANTS:-}

@@ -62,8 +62,8 @@ def main():
         if not os.path.isdir(folder):
             continue
         md += [f"### Generator `{name}`", "",
-               "| task | family | base | own LoRA | DnD, system prompt | DnD, 16 prompts | DnD, another task's system prompt | constant answer | in label space (sys / ex) | choice likelihood (sys / ex) | recovered (sys / ex) |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| task | family | base | own LoRA | DnD, system prompt | DnD, 16 prompts | DnD, another task's system prompt | mean of the training LoRAs | best other-task LoRA | constant answer | in label space (sys / ex) | choice likelihood (sys / ex) | recovered (sys / ex) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         items = []
         for t in tasks:
             f = f"{folder}/{t}.json"
@@ -81,6 +81,14 @@ def main():
             if control is not None:
                 with open(f"{folder}/{t}.control.condition") as cf:
                     control_from = cf.read().strip()
+            # Leave-one-out rows: the LoRA baselines of scripts/holdout_baselines.sh.
+            hb = f"{a.skill}/results/{h.replace(':', '-')}-baselines"
+            mean_lora = rows(load(f"{hb}/{t}.mean.json"))["mean-lora"] if os.path.exists(f"{hb}/{t}.mean.json") else None
+            best_lora, best_from = None, None
+            if os.path.exists(f"{hb}/{t}.best-other.json"):
+                best_lora = rows(load(f"{hb}/{t}.best-other.json"))["best-other-lora"]
+                with open(f"{hb}/{t}.best-other.condition") as bf:
+                    best_from = bf.read().strip()
             # Learnable: the own LoRA beats both the base model and the best constant answer by
             # the margin (an adapter answering one label must not count as skill).
             learnable = own["accuracy"] - max(base["accuracy"], c["accuracy"]) >= LEARNABLE
@@ -91,7 +99,9 @@ def main():
             fmt_likely = " / ".join("-" if x is None else f"{100 * x:.0f}%" for x in likely)
             fmt_rec = " / ".join("-" if r is None else f"{100 * r:.0f}%" for r in rec)
             fmt_control = "-" if control is None else f"{pct(control)} ({control_from})"
-            md.append(f'| {t} | {tasks[t]["family"]} | {pct(base)} | {pct(own)} | {pct(sys_)} | {pct(ex)} | {fmt_control} '
+            fmt_mean = "-" if mean_lora is None else pct(mean_lora)
+            fmt_best = "-" if best_lora is None else f"{pct(best_lora)} ({best_from})"
+            md.append(f'| {t} | {tasks[t]["family"]} | {pct(base)} | {pct(own)} | {pct(sys_)} | {pct(ex)} | {fmt_control} | {fmt_mean} | {fmt_best} '
                       f'| {pct(c)} `{c["label"]}` | {fmt_space} | {fmt_likely} | {fmt_rec} |')
             item = {"task": t, "family": tasks[t]["family"], "n_base": base["n"], "n_own": own["n"],
                     "n_system": sys_["n"], "n_examples": ex["n"], "base": base["accuracy"],
@@ -101,15 +111,22 @@ def main():
                     "label_space_system": space[0], "label_space_examples": space[1],
                     "choice_likelihood_system": likely[0], "choice_likelihood_examples": likely[1],
                     "other_task": None if control is None else control["accuracy"],
-                    "n_other_task": None if control is None else control["n"]}
+                    "n_other_task": None if control is None else control["n"],
+                    "mean_lora": None if mean_lora is None else mean_lora["accuracy"],
+                    "n_mean_lora": None if mean_lora is None else mean_lora["n"],
+                    "best_other_lora": None if best_lora is None else best_lora["accuracy"],
+                    "n_best_other_lora": None if best_lora is None else best_lora["n"],
+                    "best_other_lora_task": best_from}
             items.append(item)
         learn_items = [i for i in items if i["learnable"]]
         agg = {"tasks": len(items), "learnable": len(learn_items)}
         if learn_items:
-            keys = ["system", "examples"] + (["other_task"] if all(i["other_task"] is not None for i in learn_items) else [])
+            extra = [k for k in ("other_task", "mean_lora", "best_other_lora")
+                     if all(i[k] is not None for i in learn_items)]
+            keys = ["system", "examples"] + extra
             for i in learn_items:
-                if "other_task" in keys:
-                    i["recovered_other_task"] = recovery(i["base"], i["own"], i["other_task"])
+                for k in extra:
+                    i[f"recovered_{k}"] = recovery(i["base"], i["own"], i[k])
             for key in keys:
                 mean = sum(i[f"recovered_{key}"] for i in learn_items) / len(learn_items)
                 lo, hi = bootstrap(learn_items, key)
@@ -128,6 +145,12 @@ def main():
                 md.append(f'Control, each task answered with the adapter made from another family\'s task\'s system prompt: '
                           f'{100 * o["mean_accuracy"]:.1f}% (recovers {100 * o["mean_recovered"]:.0f}%, '
                           f'{100 * o["ci95"][0]:.0f}-{100 * o["ci95"][1]:.0f}%).')
+            for k, what in (("mean_lora", "the mean of the training tasks' LoRAs"),
+                            ("best_other_lora", "the best other-task LoRA (an oracle choice)")):
+                if k in agg:
+                    o = agg[k]
+                    md.append(f'Baseline, {what}: {100 * o["mean_accuracy"]:.1f}% (recovers '
+                              f'{100 * o["mean_recovered"]:.0f}%, {100 * o["ci95"][0]:.0f}-{100 * o["ci95"][1]:.0f}%).')
         md.append("")
         out[name] = {"tasks": items, "aggregate": agg}
     with open(f"{a.skill}/summary.md", "w") as f:

@@ -417,6 +417,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The adapter whose update is the mean of the given PEFT adapters' updates (ranks
+    /// stacked, exact): the baseline for a task none of them was trained on.
+    Mean {
+        /// A PEFT adapter folder; repeatable (at least one).
+        #[arg(long = "adapter", required = true)]
+        adapters: Vec<PathBuf>,
+        /// Output PEFT folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The distance (1 - cosine of pooled encodings) of prompts to the nearest training
     /// condition of a generator with anchors: the whole file as one prompt set, or each prompt.
     Distance {
@@ -1011,6 +1021,20 @@ fn main() -> Result<()> {
             eprintln!(
                 "{} tensors as {dtype}; wrote {}",
                 tensors.len(),
+                out.display()
+            );
+        }
+        Command::Mean { adapters, out } => {
+            let loaded = adapters
+                .iter()
+                .map(|d| LoraAdapter::load_peft(d, &Device::Cpu))
+                .collect::<mistralrs_dnd::error::Result<Vec<_>>>()?;
+            let mean = LoraAdapter::mean(&loaded)?;
+            mean.save_peft(&out, None)?;
+            eprintln!(
+                "mean of {} adapters (rank {}); wrote {}",
+                loaded.len(),
+                mean.rank(),
                 out.display()
             );
         }

@@ -1,0 +1,32 @@
+# Shared by scripts/skill.sh and scripts/holdout_baselines.sh (sourced, not run): the model of
+# $which, the run folders, the task list, and the scoring helper. Expects `root` and `which`.
+case "$which" in
+  smollm2) model="$root/.assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; preset=smollm2-135m-small ;;
+  qwen05) model="$root/.assets/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+          preset=qwen25-05b-common-sense ;;
+  *) echo "unknown model '$which' (smollm2, qwen05)" >&2; exit 2 ;;
+esac
+LIMIT="${LIMIT:-100}" COLLECT_STEPS="${COLLECT_STEPS:-40}" SEED="${SEED:-0}"
+out="${OUT:-$root/runs/skill/$which}"
+learn="${LEARN:-$root/runs/learnability/$which}"
+dnd="${DND:-$root/target/debug/dnd}"
+if [ -z "${DND:-}" ]; then
+  (cd "$root" && cargo build --bin dnd --quiet)
+fi
+data="$learn/data"
+tasks_json() { python3 -c "import json,sys; t=json.load(open(sys.argv[1])); $1" "$data/tasks.json" "${@:2}"; }
+family_of() { tasks_json 'print(" ".join(x["name"] for x in t if x["family"] == sys.argv[2]))' "$1"; }
+# The task names of LEARN/data/tasks.json (written by scripts/learnability.sh), family by family.
+task_names() { tasks_json 'print(" ".join(x["name"] for x in t))'; }
+
+# score TASK RESULT LABEL=ADAPTER_DIR...: `dnd eval` of the adapters on LIMIT test examples of
+# TASK (greedy, 16 new tokens); RESULT (.json) is written last, so its presence marks it done.
+score() {
+  local t="$1" res="$2" a=() x
+  shift 2
+  for x in "$@"; do a+=(--adapter "$x"); done
+  "$dnd" eval --model "$model" --task "$data/${t}_test.json" --limit "$LIMIT" --seed "$SEED" \
+    --max-new-tokens 16 --no-base "${a[@]}" --out-md "${res%.json}.md" --out-json "$res.tmp" \
+    --out-replies "${res%.json}.replies.json"
+  mv "$res.tmp" "$res"
+}
