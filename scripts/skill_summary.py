@@ -45,6 +45,32 @@ def bootstrap(items, key, draws=1000, seed=0):
     return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
+def cost_table(skill, name, items):
+    """Generation time next to what fine-tuning needs to match DnD's score (scripts/finetune_curve.sh)."""
+    gen = {}
+    path = f"{skill}/results/generate-seconds.txt"
+    if os.path.exists(path):
+        for line in open(path):
+            g, t, sys_s, _ = line.split()
+            if g == name:
+                gen[t] = float(sys_s)
+    lines = []
+    for it in items:
+        f = f"{skill}/curve/{it['task']}.json"
+        if not os.path.exists(f) or it["task"] not in gen:
+            continue
+        c = load(f)
+        per_step = c["seconds"] / c["collect_steps"]
+        hit = next((s for s, acc in zip(c["steps"], c["accuracy"]) if acc >= it["system"]), None)
+        curve = ", ".join(f"{s}: {100 * acc:.0f}%" for s, acc in zip(c["steps"], c["accuracy"]))
+        match = "not within the curve" if hit is None else f"{hit} steps, {hit * per_step:.0f} s"
+        lines.append(f"| {it['task']} | {100 * it['system']:.0f}% | {gen[it['task']]:.1f} s | {curve} | {match} |")
+    if not lines:
+        return []
+    return ["| task | DnD, system prompt | generation | own LoRA after N steps (accuracy) | fine-tuning to match DnD |",
+            "|---|---|---|---|---|"] + lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--learn", required=True)
@@ -151,6 +177,9 @@ def main():
                     o = agg[k]
                     md.append(f'Baseline, {what}: {100 * o["mean_accuracy"]:.1f}% (recovers '
                               f'{100 * o["mean_recovered"]:.0f}%, {100 * o["ci95"][0]:.0f}-{100 * o["ci95"][1]:.0f}%).')
+        cost = cost_table(a.skill, name, items)
+        if cost:
+            md += [""] + cost
         md.append("")
         out[name] = {"tasks": items, "aggregate": agg}
     with open(f"{a.skill}/summary.md", "w") as f:
