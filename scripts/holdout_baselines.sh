@@ -6,7 +6,10 @@
 # LoRA, the base model and the constant answer from scripts/learnability.sh, these frame what
 # DnD recovers on a task it never saw. Resumable: every score is skipped when it exists.
 #
-#   scripts/holdout_baselines.sh HOLDOUT [smollm2|qwen05]     HOLDOUT: family:NAME or task:NAME
+#   scripts/holdout_baselines.sh HOLDOUT [smollm2|qwen05]     HOLDOUT: family:NAME, task:NAME or all
+#
+# With `all` (every task trained on), only the mean of all the tasks' LoRAs is scored, on every
+# task: the static multi-task adapter a generator must beat to claim it specialises.
 #
 # Environment: LIMIT (100), SCAN_LIMIT (30), SEED (0), OUT, LEARN, DND as in scripts/skill.sh.
 # Writes OUT/results/HOLDOUT-baselines/TASK.{mean,best-other}.json (+ .md, .replies.json) and
@@ -22,11 +25,14 @@ all_tasks="$(task_names)"
 case "$holdout" in
   family:*) scored="$(family_of "${holdout#family:}")" ;;
   task:*) scored="${holdout#task:}" ;;
-  *) echo "HOLDOUT must be family:NAME or task:NAME, not '$holdout'" >&2; exit 2 ;;
+  all) scored="$all_tasks" ;;
+  *) echo "HOLDOUT must be family:NAME, task:NAME or all, not '$holdout'" >&2; exit 2 ;;
 esac
 [ -n "$scored" ] || { echo "holdout '$holdout' names no task" >&2; exit 2; }
 training=()
-for t in $all_tasks; do [[ " $scored " == *" $t "* ]] || training+=("$t"); done
+for t in $all_tasks; do
+  [ "$holdout" = all ] || [[ " $scored " != *" $t "* ]] && training+=("$t")
+done
 name="${holdout/:/-}-baselines"
 res="$out/results/$name" ads="$out/adapters/$name"
 mkdir -p "$res" "$ads"
@@ -40,6 +46,7 @@ if [ ! -d "$ads/mean" ]; then
 fi
 for t in $scored; do
   [ -f "$res/$t.mean.json" ] || score "$t" "$res/$t.mean.json" "mean-lora=$ads/mean"
+  [ "$holdout" = all ] && continue
   if [ ! -f "$res/$t.scan.json" ]; then
     args=()
     for o in "${training[@]}"; do args+=("$o=$(own "$o")"); done
