@@ -10,8 +10,9 @@
 # name order with `patch -p1` and no fuzz: a hunk that does not apply exactly stops everything
 # with the patch's name. Bug fixes to mistral.rs that stand on their own (each one a patch that
 # upstream could take alone) are numbered files, NNNN-what-it-fixes.patch, applied first;
-# dnd.patch, the adapter-provider feature, comes last and is the one `regen` rewrites. Run it from outside any cargo workspace step that needs the patched
-# path (Cargo refuses a [patch] whose folder does not exist yet).
+# dnd.patch, the adapter-provider feature, comes last and is the one `regen` rewrites. Run it
+# from outside any cargo workspace step that needs the patched path (Cargo refuses a [patch]
+# whose folder does not exist yet).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 patches="$root/patches"

@@ -44,22 +44,20 @@ echo "mistralrs-server with the DnD adapter provider at $url (log: $log)"
 tasks="$assets/run/tasks"
 [ -f "$tasks/tasks.json" ] || target/debug/dnd tasks --out "$tasks" --seed 0 >/dev/null
 python3 - "$url" "$tasks" target/debug/dnd <<'PY'
-import concurrent.futures, json, subprocess, sys, tempfile, urllib.request
+import concurrent.futures, json, subprocess, sys, tempfile
+sys.path.insert(0, "scripts")
+from serve_eval import chat as serve_chat
 url, tasks, dnd = sys.argv[1:4]
 names = ["upper_case", "json_word", "sentiment", "topic", "extract_email", "successor"]
-def chat(system, user, extra):
-    body = {"messages": ([{"role": "system", "content": system}] if system else [])
-            + [{"role": "user", "content": user}], "max_tokens": 24, "temperature": 0, **extra}
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    r = json.load(urllib.request.urlopen(req, timeout=900))
-    return r["choices"][0]["message"]["content"].strip(), r["dnd"]
+def chat(system, user, dnd_field):
+    text, info = serve_chat(url, system, user, dnd_field, 24)
+    return text.strip(), info
 jobs = []
 for t in names:
     test = json.load(open(f"{tasks}/{t}_test.json"))
     for i in (0, 1):
-        for cond, extra in (("dnd", {}), ("base", {"dnd": {"base": True}})):
-            jobs.append((t, i, cond, test[i], extra))
+        for cond, dnd_field in (("dnd", None), ("base", {"base": True})):
+            jobs.append((t, i, cond, test[i], dnd_field))
 with concurrent.futures.ThreadPoolExecutor(8) as pool:
     out = list(pool.map(lambda j: chat(j[3]["system"], j[3]["prompt"], j[4]), jobs))
 score = {"dnd": 0, "base": 0}
@@ -82,7 +80,7 @@ for t in names:
 sources = sorted({d["source"] for (_, _, c, _, _), (_, d) in zip(jobs, out) if c == "dnd"})
 print(f"\nverifier score on {2 * len(names)} questions: base model {score['base']}, DnD {score['dnd']} "
       f"(adapter sources: {', '.join(sources)}; README \"Skill results\" has the full tables)")
-r, d = chat("You are a helpful assistant.", "Say hi", {})
+r, d = chat("You are a helpful assistant.", "Say hi", None)
 if d["source"] == "abstained":
     print(f"\nordinary chat (\"Say hi\" under \"You are a helpful assistant.\"): abstained, distance "
           f"{d['distance']:.2f} to the nearest trained condition ({d['nearest']}); the base model answers: {r}")

@@ -33,9 +33,11 @@ SYSTEM_SHARE="${SYSTEM_SHARE:-0.5}" BARE_SHARE="${BARE_SHARE:-0.5}"
 # 1. Data, each task's own LoRA, and the base / own-LoRA rows (skipped where done).
 STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" "$root/scripts/learnability.sh" "$which" >/dev/null
 all_tasks="$(task_names)"
-HOLDOUTS="${HOLDOUTS:-all $(python3 -c 'import json,sys; print(" ".join(sorted({"family:" + t["family"] for t in json.load(open(sys.argv[1]))})))' "$data/tasks.json") task:sentiment_good_bad task:extract_color task:successor task:first_letters}"
+HOLDOUTS="${HOLDOUTS:-all $(tasks_json 'print(" ".join(sorted({"family:" + x["family"] for x in t})))') task:sentiment_good_bad task:extract_color task:successor task:first_letters}"
 
 mkdir -p "$out/gen" "$out/adapters" "$out/results"
+# test_system TASK: the system-prompt paraphrase of TASK's test split (never trained on).
+test_system() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' "$data/${1}_test.json"; }
 # adapter GEN DIR PROMPT_ARGS...: the adapter the generator makes from the prompts, into DIR.
 adapter() {
   local gen="$1" dir="$2"
@@ -90,8 +92,7 @@ for h in $HOLDOUTS; do
       [ -f "$res" ] && continue
       mkdir -p "$out/results/$name-$v" "$out/adapters/$name-$v"
       # The system-prompt condition: the test split's paraphrase, alone (the server fills it to N).
-      python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
-        "$data/${t}_test.json" >"$out/adapters/$name-$v/$t.system.txt"
+      test_system "$t" >"$out/adapters/$name-$v/$t.system.txt"
       start=$(date +%s.%N)
       adapter "$gen" "$out/adapters/$name-$v/$t-system" --prompts "$out/adapters/$name-$v/$t.system.txt"
       mid=$(date +%s.%N)
@@ -125,8 +126,7 @@ if [[ " $HOLDOUTS " == *" all "* ]]; then
       res="$out/results/all-$v/$t.control.json"
       [ -f "$res" ] && continue
       mkdir -p "$out/results/all-$v" "$out/adapters/all-$v"
-      python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
-        "$data/${o}_test.json" >"$out/adapters/all-$v/$t.other-system.txt"
+      test_system "$o" >"$out/adapters/all-$v/$t.other-system.txt"
       adapter "$out/gen/all-$v.safetensors" "$out/adapters/all-$v/$t-other" \
         --prompts "$out/adapters/all-$v/$t.other-system.txt"
       score "$t" "$res" "dnd-other-task=$out/adapters/all-$v/$t-other"

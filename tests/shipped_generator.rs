@@ -78,14 +78,21 @@ fn mean_loss(
     total / questions.len() as f32
 }
 
-fn assets() -> (PathBuf, PathBuf) {
+/// The SmolLM2 GGUF file and the shipped generator `file` (under `generators/`), loaded.
+fn shipped(file: &str) -> (PathBuf, Generator) {
     let gguf = root().join(".assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let encoder = root().join(".assets/all-MiniLM-L6-v2");
     assert!(
         gguf.exists() && encoder.exists(),
         "run scripts/fetch-assets.sh encoder smollm2"
     );
-    (gguf, encoder)
+    let gen = Generator::load(
+        root().join("generators").join(file),
+        &encoder,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    (gguf, gen)
 }
 
 /// Instructions paraphrased by hand (none is a system prompt of `dnd tasks`) with questions.
@@ -114,13 +121,7 @@ const SKILLS: [(&str, [(&str, &str); 3]); 3] = [
 
 #[test]
 fn skills_generator_specialises_smollm2_from_the_system_prompt() {
-    let (gguf, encoder) = assets();
-    let gen = Generator::load(
-        root().join("generators/smollm2-135m-skills.safetensors"),
-        &encoder,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let (gguf, gen) = shipped("smollm2-135m-skills.safetensors");
     let (lm, tok, eos) = load_gguf(&gguf, &Device::Cpu).unwrap();
     let adapters: Vec<LoraAdapter> = SKILLS
         .iter()
@@ -156,13 +157,7 @@ fn skills_generator_specialises_smollm2_from_the_system_prompt() {
 
 #[test]
 fn six_task_generator_teaches_smollm2_the_answer_format() {
-    let (gguf, encoder) = assets();
-    let gen = Generator::load(
-        root().join("generators/smollm2-135m-six-tasks.safetensors"),
-        &encoder,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let (gguf, gen) = shipped("smollm2-135m-six-tasks.safetensors");
     let prompts: Vec<&str> = QUESTIONS.iter().map(|(q, _)| *q).collect();
     let adapter = gen.generate(&prompts).unwrap();
     adapter

@@ -176,21 +176,16 @@ impl LoraAdapter {
         if n == 0 {
             return Err(DndError::InvalidInput("no adapters to average".into()));
         }
-        let targets: std::collections::BTreeSet<LoraTarget> = adapters
-            .iter()
-            .flat_map(|a| a.pairs.keys().copied())
-            .collect();
+        // Every target any adapter covers, with one of its pairs for the shapes.
+        let mut targets: BTreeMap<LoraTarget, &LoraPair> = BTreeMap::new();
+        for (t, p) in adapters.iter().flat_map(|a| a.pairs.iter()) {
+            targets.entry(*t).or_insert(p);
+        }
         let rank: usize = adapters.iter().map(|a| a.rank).sum();
         let mut pairs = BTreeMap::new();
-        for t in targets {
-            let shape = adapters
-                .iter()
-                .find_map(|a| a.pairs.get(&t))
-                .map(|p| (p.a.dim(1), p.b.dim(0), p.a.dtype(), p.a.device().clone()));
-            let Some((inp, out, dtype, dev)) = shape else {
-                continue;
-            };
-            let (inp, out) = (inp?, out?);
+        for (t, first) in targets {
+            let (inp, out) = (first.a.dim(1)?, first.b.dim(0)?);
+            let (dtype, dev) = (first.a.dtype(), first.a.device());
             let mut a_parts = Vec::with_capacity(n);
             let mut b_parts = Vec::with_capacity(n);
             for ad in adapters {
@@ -200,8 +195,8 @@ impl LoraAdapter {
                         b_parts.push((p.b.to_dtype(DType::F32)? * (ad.scale() / n as f64))?);
                     }
                     None => {
-                        a_parts.push(Tensor::zeros((ad.rank, inp), DType::F32, &dev)?);
-                        b_parts.push(Tensor::zeros((out, ad.rank), DType::F32, &dev)?);
+                        a_parts.push(Tensor::zeros((ad.rank, inp), DType::F32, dev)?);
+                        b_parts.push(Tensor::zeros((out, ad.rank), DType::F32, dev)?);
                     }
                 }
             }

@@ -241,7 +241,7 @@ def concurrent():
     # all at once again.
     system = "Label the sentiment of the text: [positive] or [negative]."
     things = ["show", "hotel", "game", "book", "album", "meal", "trip", "film", "service", "song"]
-    words = ["brilliant", "terrible", "lovely", "dull", "charming", "awful"]
+    words = ["brilliant", "terrible", "lovely", "horrible", "charming", "awful"]
     jobs = [(f"The {t} was {words[i % len(words)]}{'.' * (1 + i % 3)}", i % 2 == 0)
             for i, t in enumerate(things)]
 
