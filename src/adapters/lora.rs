@@ -211,19 +211,9 @@ impl LoraAdapter {
     pub fn check_finite(&self) -> Result<()> {
         for (t, p) in &self.pairs {
             for (name, w) in [("A", &p.a), ("B", &p.b)] {
-                let bad = w
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .any(|v| !v.is_finite());
-                if bad {
-                    return Err(DndError::NonFinite(format!(
-                        "layer {} {} lora_{name} holds non-finite values",
-                        t.layer,
-                        t.module.name()
-                    )));
-                }
+                check_finite_tensor(w, || {
+                    format!("layer {} {} lora_{name}", t.layer, t.module.name())
+                })?;
             }
         }
         Ok(())
@@ -253,6 +243,23 @@ impl LoraAdapter {
         }
         Ok(())
     }
+}
+
+/// Fails with [`DndError::NonFinite`] (naming `what`) if `t` holds NaN or infinite values.
+pub fn check_finite_tensor(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    let bad = t
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .any(|v| !v.is_finite());
+    if bad {
+        return Err(DndError::NonFinite(format!(
+            "{} holds non-finite values",
+            what()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -366,21 +366,30 @@ where
         })
     }
 
-    /// Evicts unpinned entries, least recently used first, until `bytes` more fit.
+    /// Makes room for one more entry of `bytes`: evicts unpinned entries, least recently used
+    /// first, but only when evicting them is enough. When it is not, nothing is evicted (the
+    /// caller waits for a release, and the entries it would have dropped stay useful).
     fn make_room(&self, st: &mut State<K, V, M, E>, bytes: usize) -> bool {
-        let fits = |st: &State<K, V, M, E>| {
-            st.ready.len() + st.flights.len() < self.limits.max_entries
-                && st.resident + st.reserved + bytes <= self.limits.max_bytes
-        };
-        while !fits(st) {
-            // Oldest first; pinned entries are skipped.
-            let victim = st
-                .ready
-                .iter()
-                .rev()
-                .find(|(_, e)| Arc::strong_count(&e.value) == 1)
-                .map(|(k, _)| k.clone());
-            let Some(k) = victim else { return false };
+        let entries = st.ready.len() + st.flights.len();
+        let mut excess_entries = (entries + 1).saturating_sub(self.limits.max_entries);
+        let mut excess_bytes =
+            (st.resident + st.reserved + bytes).saturating_sub(self.limits.max_bytes);
+        let mut victims = Vec::new();
+        // Oldest first; pinned entries are skipped.
+        for (k, e) in st.ready.iter().rev() {
+            if excess_entries == 0 && excess_bytes == 0 {
+                break;
+            }
+            if Arc::strong_count(&e.value) == 1 {
+                victims.push(k.clone());
+                excess_entries = excess_entries.saturating_sub(1);
+                excess_bytes = excess_bytes.saturating_sub(e.bytes);
+            }
+        }
+        if excess_entries > 0 || excess_bytes > 0 {
+            return false;
+        }
+        for k in victims {
             let e = st.ready.pop(&k).expect("victim is present");
             st.resident -= e.bytes;
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
@@ -404,10 +413,10 @@ where
             Ok(v) => {
                 let bytes = v.weight();
                 let value = Arc::new(v);
-                // Estimates are exact for one generator; if one was not, make room for the
-                // difference or give the value out uncached rather than exceed the budget.
-                let extra = bytes.saturating_sub(reserved);
-                if bytes <= self.limits.max_bytes && self.make_room(&mut st, extra) {
+                // The reservation is released above, so room is made for the whole value: an
+                // estimate that fell short is covered, and if no room can be made the value is
+                // given out uncached rather than exceed the budget.
+                if bytes <= self.limits.max_bytes && self.make_room(&mut st, bytes) {
                     st.resident += bytes;
                     st.ready.push(
                         key,

@@ -136,6 +136,47 @@ async fn a_miss_gives_up_when_nothing_is_released() {
     assert_eq!(c.stats().busy.load(Ordering::SeqCst), 1);
 }
 
+#[tokio::test]
+async fn a_miss_that_cannot_fit_evicts_nothing() {
+    // 300 bytes: a pinned 200 and an unpinned 50. A 150-byte miss would not fit even with the
+    // 50 evicted, so it waits (and gives up) with the 50 still cached.
+    let c = cache(100, 300, 50);
+    let _held = fetch(&c, "pinned", 200).await;
+    fetch(&c, "free", 50).await;
+    let err = c
+        .get_or_generate("big".into(), (), 150, || async { Ok(Blob(150)) })
+        .await
+        .unwrap_err();
+    assert_eq!(err, CacheError::Busy(Duration::from_millis(50)));
+    assert_eq!(keys(&c), ["free", "pinned"]);
+    assert_eq!(c.stats().evictions.load(Ordering::SeqCst), 0);
+    // One that fits once the 50 goes evicts it, and only it.
+    fetch(&c, "small", 80).await;
+    assert_eq!(keys(&c), ["pinned", "small"]);
+    assert_eq!(c.stats().evictions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_under_estimated_generation_stays_inside_the_budget() {
+    // Each generation reserves 10 bytes but weighs 100: finishing must make room for all 100,
+    // so with 195 bytes only one fits (room for the 90 the estimate missed would keep two).
+    let c = cache(100, 195, 100);
+    for k in ["a", "b", "c", "d"] {
+        let got = c
+            .get_or_generate(k.into(), (), 10, || async { Ok(Blob(100)) })
+            .await
+            .unwrap();
+        assert_eq!(got.value.0, 100);
+        assert!(
+            c.resident_bytes() <= 195,
+            "{} bytes after {k}",
+            c.resident_bytes()
+        );
+    }
+    assert_eq!(keys(&c), ["d"]);
+    assert!(c.stats().peak_bytes.load(Ordering::SeqCst) <= 195);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_reach_every_waiter_and_are_not_cached() {
     let c = cache(2, 100, 100);
