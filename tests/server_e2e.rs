@@ -144,22 +144,40 @@ fn python(args: &[&str]) {
 }
 
 /// The transformers reference's greedy continuation of the golden prompt 0, up to the first
-/// end-of-sequence token (where the server stops).
-fn golden_base_continuation() -> (String, String) {
+/// end-of-sequence token (where the server stops), and the five likeliest first tokens with
+/// their natural-log probabilities (JSON `[[text, logprob], ...]`).
+fn golden_base_continuation() -> (String, String, String) {
     let golden = Golden::load("tiny-qwen2/expected.safetensors");
     let prompt = golden.meta["prompts"][0].as_str().unwrap().to_string();
     let ids = token_ids(golden.get("base.seq0.greedy"));
     let eos = 258;
     let ids: Vec<u32> = ids.into_iter().take_while(|&t| t != eos).collect();
     let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
-    (prompt, tok.decode(&ids, true).unwrap())
+    // The logits after the prompt's last token give the first generated token.
+    let logits = golden.get("base.seq0.logits");
+    let last = logits.get(logits.dim(0).unwrap() - 1).unwrap();
+    let logprobs = candle_nn::ops::log_softmax(&last, candle_core::D::Minus1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut order: Vec<usize> = (0..logprobs.len()).collect();
+    order.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]));
+    let top: Vec<(String, f32)> = order[..5]
+        .iter()
+        .map(|&i| (tok.decode(&[i as u32], false).unwrap(), logprobs[i]))
+        .collect();
+    (
+        prompt,
+        tok.decode(&ids, true).unwrap(),
+        serde_json::to_string(&top).unwrap(),
+    )
 }
 
 #[test]
 fn openai_client_sees_specialised_cached_and_base_answers() {
     let server = start_server(&["--dnd-cache-entries", "8"], "e2e");
-    let (prompt, expected) = golden_base_continuation();
-    python(&[&server.url, "e2e", &prompt, &expected]);
+    let (prompt, expected, top) = golden_base_continuation();
+    python(&[&server.url, "e2e", &prompt, &expected, &top]);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `/v1/adapters`: list, inspect, export and evict cached adapters.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -94,14 +95,19 @@ pub(super) async fn export(
     let base = p.options().base_model_id.clone();
     let k = key.clone();
     let tar = tokio::task::spawn_blocking(move || -> crate::Result<Vec<u8>> {
-        let dir = std::env::temp_dir().join(format!("dnd-export-{}-{}", std::process::id(), k));
-        adapter.save_peft(&dir, Some(&base))?;
-        let mut builder = tar::Builder::new(Vec::new());
-        let packed = builder
-            .append_dir_all(&k, &dir)
-            .and_then(|_| builder.into_inner());
+        // A folder of its own per export: two exports of one key may run at once.
+        static EXPORTS: AtomicU64 = AtomicU64::new(0);
+        let n = EXPORTS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dnd-export-{}-{n}-{k}", std::process::id()));
+        let packed = adapter.save_peft(&dir, Some(&base)).and_then(|()| {
+            let mut builder = tar::Builder::new(Vec::new());
+            builder
+                .append_dir_all(&k, &dir)
+                .and_then(|_| builder.into_inner())
+                .map_err(|e| crate::DndError::io(&dir, e))
+        });
         let _ = std::fs::remove_dir_all(&dir);
-        packed.map_err(|e| crate::DndError::io(dir, e))
+        packed
     })
     .await
     .map_err(|e| ApiError::internal("export_failed", e.to_string()))?

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -16,7 +17,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
 
 use super::error::ApiError;
-use super::openai::{parse_body, ChatBody, CompletionBody, DndExtension};
+use super::logprobs;
+use super::openai::{
+    parse_body, ChatBody, CompletionBody, DndExtension, Extras, CHAT_FIELDS, COMPLETION_FIELDS,
+};
 use super::ServerState;
 use crate::policy::{Condition, Turn};
 use crate::provider::Served;
@@ -24,23 +28,45 @@ use crate::provider::Served;
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
 
-pub(super) async fn chat(State(state): State<Arc<ServerState>>, body: Bytes) -> HttpResponse {
+/// The body, or the OpenAI-style error for one the server could not read (413 when it is
+/// over the size limit).
+pub(super) fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_request"
+        };
+        ApiError::new(status, code, e.body_text())
+    })
+}
+
+pub(super) async fn chat(
+    State(state): State<Arc<ServerState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> HttpResponse {
     let result = async {
-        let req: ChatBody = parse_body(&body)?;
+        let req: ChatBody = parse_body(&body_or_error(body)?, CHAT_FIELDS)?;
         let (turns, message) = req.messages()?;
         let params = req.sampling.to_params()?;
-        run(&state, req.dnd, &turns, message, params, req.stream).await
+        let extras = req.extras()?;
+        run(&state, req.dnd, &turns, message, params, extras, req.stream).await
     }
     .await;
     finish(&state, CHAT, result)
 }
 
-pub(super) async fn completion(State(state): State<Arc<ServerState>>, body: Bytes) -> HttpResponse {
+pub(super) async fn completion(
+    State(state): State<Arc<ServerState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> HttpResponse {
     let result = async {
-        let req: CompletionBody = parse_body(&body)?;
+        let req: CompletionBody = parse_body(&body_or_error(body)?, COMPLETION_FIELDS)?;
         let (turns, message) = req.prompt()?;
         let params = req.sampling.to_params()?;
-        run(&state, req.dnd, &turns, message, params, req.stream).await
+        let extras = req.extras()?;
+        run(&state, req.dnd, &turns, message, params, extras, req.stream).await
     }
     .await;
     finish(&state, COMPLETIONS, result)
@@ -174,7 +200,8 @@ async fn run(
     ext: Option<DndExtension>,
     turns: &[Turn],
     message: RequestMessage,
-    params: SamplingParams,
+    mut params: SamplingParams,
+    extras: Extras,
     stream: bool,
 ) -> Result<HttpResponse, ApiError> {
     let served = choose(state, ext, turns).await?;
@@ -190,8 +217,11 @@ async fn run(
         p.prepare(id, served.adapter.clone());
     }
     let (tx, rx) = tokio::sync::mpsc::channel(256);
+    params.top_n_logprobs = extras.top_logprobs;
     let mut req = NormalRequest::new_simple(message, params, tx, id, None, None);
     req.is_streaming = stream;
+    req.return_logprobs = extras.logprobs;
+    req.constraint = extras.constraint;
     let sent = match state.engine.inner().get_sender(None) {
         Ok(s) => s.send(Request::Normal(Box::new(req))).await.is_ok(),
         Err(_) => false,
@@ -212,7 +242,7 @@ async fn run(
         state: state.clone(),
     };
     if stream {
-        let events = sse_events(rx, info, pin);
+        let events = sse_events(rx, info, pin, extras.include_usage);
         return Ok((headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response());
     }
     let mut body = collect(rx).await?;
@@ -238,8 +268,14 @@ fn engine_error(r: Response) -> Option<ApiError> {
 async fn collect(mut rx: Receiver<Response>) -> Result<Value, ApiError> {
     while let Some(r) = rx.recv().await {
         let value = match r {
-            Response::Done(d) => serde_json::to_value(d),
-            Response::CompletionDone(d) => serde_json::to_value(d),
+            Response::Done(d) => serde_json::to_value(d).map(|mut v| {
+                logprobs::chat_response(&mut v);
+                v
+            }),
+            Response::CompletionDone(d) => serde_json::to_value(d).map(|mut v| {
+                logprobs::completion_response(&mut v);
+                v
+            }),
             Response::Chunk(_) | Response::CompletionChunk(_) => continue,
             other => {
                 return Err(engine_error(other).unwrap_or_else(|| {
@@ -255,28 +291,38 @@ async fn collect(mut rx: Receiver<Response>) -> Result<Value, ApiError> {
     ))
 }
 
-/// Server-sent events of a streaming request: chunks (the first with the `dnd` field), then
-/// `[DONE]`; an engine error becomes an `error` event.
+/// Server-sent events of a streaming request: chunks (the first with the `dnd` field), a
+/// usage chunk when asked for, then `[DONE]`; an engine error becomes an `error` event.
 fn sse_events(
     rx: Receiver<Response>,
     info: Value,
     pin: Pin,
+    include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     struct St {
         rx: Receiver<Response>,
         info: Option<Value>,
+        /// The usage chunk, sent after the last one.
+        usage: Option<Value>,
+        /// Characters of completion text streamed so far (legacy logprobs' offsets).
+        offset: usize,
         done: bool,
         _pin: Pin,
     }
     let st = St {
         rx,
         info: Some(info),
+        usage: None,
+        offset: 0,
         done: false,
         _pin: pin,
     };
-    stream::unfold(st, |mut st| async move {
+    stream::unfold(st, move |mut st| async move {
         if st.done {
             return None;
+        }
+        if let Some(u) = st.usage.take() {
+            return Some((Ok(Event::default().data(u.to_string())), st));
         }
         let Some(r) = st.rx.recv().await else {
             st.done = true;
@@ -285,11 +331,19 @@ fn sse_events(
         let (mut value, last) = match r {
             Response::Chunk(c) => {
                 let last = c.choices.iter().all(|c| c.finish_reason.is_some());
-                (serde_json::to_value(c), last)
+                let v = serde_json::to_value(c).map(|mut v| {
+                    logprobs::chat_chunk(&mut v);
+                    v
+                });
+                (v, last)
             }
             Response::CompletionChunk(c) => {
                 let last = c.choices.iter().all(|c| c.finish_reason.is_some());
-                (serde_json::to_value(c), last)
+                let v = serde_json::to_value(c).map(|mut v| {
+                    logprobs::completion_chunk(&mut v, &mut st.offset);
+                    v
+                });
+                (v, last)
             }
             Response::Done(d) => (serde_json::to_value(d), true),
             Response::CompletionDone(d) => (serde_json::to_value(d), true),
@@ -306,11 +360,23 @@ fn sse_events(
             if let Some(info) = st.info.take() {
                 v["dnd"] = info;
             }
+            // OpenAI streams carry usage only in a last chunk of its own, and only when asked.
+            if let Some(usage) = v.get_mut("usage").map(Value::take) {
+                if include_usage && !usage.is_null() {
+                    let mut u = v.clone();
+                    u["choices"] = json!([]);
+                    u["usage"] = usage;
+                    if let Some(o) = u.as_object_mut() {
+                        o.remove("dnd");
+                    }
+                    st.usage = Some(u);
+                }
+            }
         }
         let data =
             value.unwrap_or_else(|e| ApiError::internal("internal_error", e.to_string()).body());
         if last {
-            // `[DONE]` follows on the next poll (rx is then drained or closed).
+            // `[DONE]` follows on the next polls (rx is then drained or closed).
             st.rx.close();
         }
         Some((Ok(Event::default().data(data.to_string())), st))

@@ -11,6 +11,7 @@
 mod adapters;
 mod completions;
 pub mod error;
+mod logprobs;
 mod metrics;
 pub mod openai;
 
@@ -84,6 +85,13 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on this endpoint"),
+            )
         })
         .with_state(state)
 }

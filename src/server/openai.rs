@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use either::Either;
 use indexmap::IndexMap;
-use mistralrs_core::{MessageContent, RequestMessage, SamplingParams, StopTokens};
+use mistralrs_core::{Constraint, MessageContent, RequestMessage, SamplingParams, StopTokens};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -40,8 +40,9 @@ pub enum Content {
 
 /// One chat message.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`.
+    /// `system` (or `developer`, its newer name), `user`, `assistant`.
     pub role: String,
     /// Its content.
     #[serde(default)]
@@ -83,6 +84,9 @@ pub struct Sampling {
     pub presence_penalty: Option<f32>,
     /// Repetition penalty (an extension).
     pub repetition_penalty: Option<f32>,
+    /// Accepted for greedy requests, which are deterministic anyway; refused when sampling
+    /// (the engine has one generator for every request).
+    pub seed: Option<u64>,
 }
 
 impl Sampling {
@@ -110,8 +114,21 @@ impl Sampling {
             }
         }
         let greedy = self.temperature.is_none_or(|t| t == 0.0);
+        if self.seed.is_some() && !greedy {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                "seed: per-request seeds are not supported when sampling (temperature > 0); \
+                 greedy requests (temperature 0) are deterministic without one",
+            ));
+        }
         let mut p = if greedy {
-            SamplingParams::deterministic()
+            // Temperature 0 (not the engine's default 1 with top-k 1) reaches its argmax
+            // sampler, which reports the model's own logprobs: the top-k path zeroes every
+            // alternative before they are read.
+            let mut p = SamplingParams::deterministic();
+            p.temperature = Some(0.0);
+            p.top_k = None;
+            p
         } else {
             let mut p = SamplingParams::neutral();
             p.temperature = self.temperature;
@@ -134,6 +151,170 @@ impl Sampling {
     }
 }
 
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with the request's token usage (and no choices).
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `response_format` of a chat request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON following a schema.
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+/// The `json_schema` of a `json_schema` response format.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (required by OpenAI; not used).
+    pub name: String,
+    /// The JSON schema replies must follow.
+    #[serde(default)]
+    pub schema: Option<Value>,
+    /// OpenAI's strict flag: replies always follow the schema here.
+    #[serde(default)]
+    pub strict: Option<bool>,
+    /// A description (not used).
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// What a request asks for besides its messages and sampling.
+#[derive(Clone)]
+pub struct Extras {
+    /// Return the logprob of each generated token.
+    pub logprobs: bool,
+    /// How many alternatives per token to return with it.
+    pub top_logprobs: usize,
+    /// The engine's constraint for `response_format`.
+    pub constraint: Constraint,
+    /// Streams end with a usage chunk.
+    pub include_usage: bool,
+}
+
+impl std::fmt::Debug for Extras {
+    // By hand: the engine's `Constraint` has no `Debug`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let constraint = match &self.constraint {
+            Constraint::None => "none",
+            Constraint::JsonSchema(_) => "json_schema",
+            _ => "grammar",
+        };
+        f.debug_struct("Extras")
+            .field("logprobs", &self.logprobs)
+            .field("top_logprobs", &self.top_logprobs)
+            .field("constraint", &constraint)
+            .field("include_usage", &self.include_usage)
+            .finish()
+    }
+}
+
+impl Default for Extras {
+    fn default() -> Self {
+        Self {
+            logprobs: false,
+            top_logprobs: 0,
+            constraint: Constraint::None,
+            include_usage: false,
+        }
+    }
+}
+
+/// Most alternatives per token a request may ask for (OpenAI's chat limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The top-level fields of `POST /v1/chat/completions` this server understands; any other is
+/// refused rather than ignored.
+pub const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "n",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "seed",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "dnd",
+];
+
+/// The top-level fields of `POST /v1/completions` this server understands.
+pub const COMPLETION_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "n",
+    "best_of",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "seed",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "echo",
+    "suffix",
+    "user",
+    "dnd",
+];
+
+fn unsupported(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("unsupported_parameter", message)
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_parameter", message)
+}
+
+fn check_stream_options(options: &Option<StreamOptions>, stream: bool) -> Result<bool, ApiError> {
+    match options {
+        Some(_) if !stream => Err(invalid("stream_options is only allowed with stream: true")),
+        Some(o) => Ok(o.include_usage),
+        None => Ok(false),
+    }
+}
+
+/// The schema with llguidance told to emit compact JSON, unless it says otherwise
+/// (`x-guidance`): free whitespace lets a small model pad a reply until `max_tokens`.
+fn compact(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
+}
+
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
 pub struct ChatBody {
@@ -148,6 +329,30 @@ pub struct ChatBody {
     /// Server-sent events.
     #[serde(default)]
     pub stream: bool,
+    /// Streaming options (`include_usage`).
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Return each generated token's logprob.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (needs `logprobs: true`).
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    /// Constrain replies to JSON.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    /// Tool definitions: refused unless empty (no tool calling here).
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    /// Only `none`, or `auto` without tools.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Without tools it has nothing to act on.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// An end-user id (for the client's records; it changes no output).
+    #[serde(default)]
+    pub user: Option<String>,
     /// The DnD extension.
     #[serde(default)]
     pub dnd: Option<DndExtension>,
@@ -180,20 +385,48 @@ pub struct CompletionBody {
     /// Echo the prompt before the completion.
     #[serde(default)]
     pub echo: bool,
+    /// Streaming options (`include_usage` is refused: completion chunks carry no usage).
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Return each generated token's logprob and this many alternatives.
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+    /// Text after the completion: refused (no infilling here).
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Only 1.
+    #[serde(default)]
+    pub best_of: Option<usize>,
+    /// An end-user id (for the client's records; it changes no output).
+    #[serde(default)]
+    pub user: Option<String>,
     /// The DnD extension.
     #[serde(default)]
     pub dnd: Option<DndExtension>,
 }
 
-/// Parses a body: malformed JSON and schema errors are told apart.
-pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Parses a body: malformed JSON and schema errors are told apart, and a top-level field
+/// outside `fields` is refused (`unsupported_parameter`) rather than ignored.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8], fields: &[&str]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}")))?;
-    if !value.is_object() {
+    let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request(
             "invalid_request",
             "the body must be a JSON object",
         ));
+    };
+    let mut unknown: Vec<&str> = object
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !fields.contains(k))
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort_unstable();
+        return Err(unsupported(format!(
+            "not supported by this server: {}",
+            unknown.join(", ")
+        )));
     }
     serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid request: {e}")))
@@ -211,8 +444,34 @@ impl ChatBody {
         let mut turns = Vec::with_capacity(self.messages.len());
         let mut engine = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                "tool" | "function" => {
+                    return Err(unsupported(format!(
+                        "messages[{i}]: role {} needs tool calling, which this server does not \
+                         support",
+                        m.role
+                    )))
+                }
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        format!(
+                            "messages[{i}]: unknown role {other:?} (system, developer, user, \
+                             assistant)"
+                        ),
+                    ))
+                }
+            };
             let text = match &m.content {
-                None => String::new(),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        format!("messages[{i}]: content is required"),
+                    ))
+                }
                 Some(Content::Text(t)) => t.clone(),
                 Some(Content::Parts(parts)) => {
                     let mut texts = Vec::new();
@@ -234,9 +493,9 @@ impl ChatBody {
                     texts.join("\n")
                 }
             };
-            turns.push(Turn::new(m.role.clone(), text.clone()));
+            turns.push(Turn::new(role, text.clone()));
             let mut msg: IndexMap<String, MessageContent> = IndexMap::new();
-            msg.insert("role".into(), Either::Left(m.role.clone()));
+            msg.insert("role".into(), Either::Left(role.to_string()));
             msg.insert("content".into(), Either::Left(text));
             engine.push(msg);
         }
@@ -248,6 +507,92 @@ impl ChatBody {
                 reasoning_effort: None,
             },
         ))
+    }
+}
+
+impl ChatBody {
+    /// Logprobs, response format and stream options, checked.
+    pub fn extras(&self) -> Result<Extras, ApiError> {
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported(
+                "tools: tool calling is not supported by this server",
+            ));
+        }
+        let no_tools = self.tools.as_ref().is_none_or(|t| t.is_empty());
+        match &self.tool_choice {
+            None => {}
+            Some(Value::String(c)) if c == "none" || (c == "auto" && no_tools) => {}
+            Some(c) => return Err(unsupported(format!("tool_choice {c}: no tools are served"))),
+        }
+        let logprobs = self.logprobs.unwrap_or(false);
+        let top_logprobs = match self.top_logprobs {
+            Some(_) if !logprobs => {
+                return Err(invalid("top_logprobs needs logprobs: true"));
+            }
+            Some(k) if k > MAX_TOP_LOGPROBS => {
+                return Err(invalid(format!(
+                    "top_logprobs {k} is above {MAX_TOP_LOGPROBS}"
+                )));
+            }
+            k => k.unwrap_or(0),
+        };
+        let constraint = match &self.response_format {
+            None | Some(ResponseFormat::Text) => Constraint::None,
+            Some(ResponseFormat::JsonObject) => {
+                Constraint::JsonSchema(compact(serde_json::json!({"type": "object"})))
+            }
+            Some(ResponseFormat::JsonSchema { json_schema }) => match &json_schema.schema {
+                Some(schema) if schema.is_object() => {
+                    Constraint::JsonSchema(compact(schema.clone()))
+                }
+                _ => {
+                    return Err(invalid(
+                        "response_format.json_schema.schema must be a JSON schema object",
+                    ))
+                }
+            },
+        };
+        Ok(Extras {
+            logprobs,
+            top_logprobs,
+            constraint,
+            include_usage: check_stream_options(&self.stream_options, self.stream)?,
+        })
+    }
+}
+
+impl CompletionBody {
+    /// Logprobs and stream options, checked; refused: `suffix`, `best_of` > 1, prompt
+    /// logprobs (`echo` with `logprobs`), and `include_usage` (completion chunks carry no
+    /// usage).
+    pub fn extras(&self) -> Result<Extras, ApiError> {
+        if self.suffix.is_some() {
+            return Err(unsupported(
+                "suffix: infilling is not supported by this server",
+            ));
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(unsupported("only best_of = 1 is supported"));
+        }
+        if self.echo && self.logprobs.is_some() {
+            return Err(unsupported(
+                "echo with logprobs (the prompt's logprobs) is not supported by this server",
+            ));
+        }
+        if let Some(k) = self.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(invalid(format!("logprobs {k} is above {MAX_TOP_LOGPROBS}")));
+        }
+        if check_stream_options(&self.stream_options, self.stream)? {
+            return Err(unsupported(
+                "stream_options.include_usage is not supported for completions",
+            ));
+        }
+        Ok(Extras {
+            logprobs: self.logprobs.is_some(),
+            top_logprobs: self.logprobs.unwrap_or(0),
+            constraint: Constraint::None,
+            include_usage: false,
+        })
     }
 }
 
@@ -281,14 +626,15 @@ mod tests {
 
     #[test]
     fn malformed_json_and_schema_errors_get_different_codes() {
-        let e = parse_body::<ChatBody>(b"{\"messages\": [").unwrap_err();
+        let e = parse_body::<ChatBody>(b"{\"messages\": [", CHAT_FIELDS).unwrap_err();
         assert_eq!(e.code, "invalid_json");
-        let e = parse_body::<ChatBody>(b"{\"model\": \"m\"}").unwrap_err();
+        let e = parse_body::<ChatBody>(b"{\"model\": \"m\"}", CHAT_FIELDS).unwrap_err();
         assert_eq!(e.code, "invalid_request");
         assert!(e.message.contains("messages"), "{}", e.message);
-        let e = parse_body::<ChatBody>(b"[1]").unwrap_err();
+        let e = parse_body::<ChatBody>(b"[1]", CHAT_FIELDS).unwrap_err();
         assert_eq!(e.code, "invalid_request");
-        let e = parse_body::<ChatBody>(br#"{"messages":[],"dnd":{"promts":["x"]}}"#).unwrap_err();
+        let e = parse_body::<ChatBody>(br#"{"messages":[],"dnd":{"promts":["x"]}}"#, CHAT_FIELDS)
+            .unwrap_err();
         assert!(
             e.message.contains("promts"),
             "typos in dnd are reported: {}",
@@ -301,7 +647,8 @@ mod tests {
         let b: ChatBody = parse_body(
             br#"{"model":"x","messages":[{"role":"system","content":"Be terse."},
                 {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],
-                "max_tokens":5,"temperature":0,"stop":"\n","dnd":{"prompts":["p"]},"unknown":1}"#,
+                "max_tokens":5,"temperature":0,"stop":"\n","dnd":{"prompts":["p"]}}"#,
+            CHAT_FIELDS,
         )
         .unwrap();
         let (turns, msg) = b.messages().unwrap();
@@ -314,11 +661,15 @@ mod tests {
             Either::Left("Be terse.".to_string())
         );
         let p = b.sampling.to_params().unwrap();
-        assert_eq!((p.max_len, p.top_k), (Some(5), Some(1)));
+        assert_eq!(
+            (p.max_len, p.top_k, p.temperature),
+            (Some(5), None, Some(0.0))
+        );
         assert!(matches!(p.stop_toks, Some(StopTokens::Seqs(ref s)) if s == &["\n"]));
         assert_eq!(b.dnd.unwrap().prompts.unwrap(), ["p"]);
         let img: ChatBody = parse_body(
             br#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#,
+            CHAT_FIELDS,
         )
         .unwrap();
         assert_eq!(img.messages().unwrap_err().code, "unsupported_content");
@@ -326,7 +677,11 @@ mod tests {
 
     #[test]
     fn sampling_limits_are_checked() {
-        let s = |j: &str| parse_body::<Sampling>(j.as_bytes()).unwrap().to_params();
+        let s = |j: &str| {
+            parse_body::<Sampling>(j.as_bytes(), CHAT_FIELDS)
+                .unwrap()
+                .to_params()
+        };
         assert_eq!(s(r#"{"n":2}"#).unwrap_err().code, "unsupported_parameter");
         assert_eq!(
             s(r#"{"max_tokens":0}"#).unwrap_err().code,
@@ -336,10 +691,147 @@ mod tests {
             s(r#"{"temperature":3}"#).unwrap_err().code,
             "invalid_parameter"
         );
+        assert_eq!(
+            s(r#"{"temperature":0.7,"seed":1}"#).unwrap_err().code,
+            "unsupported_parameter"
+        );
+        assert!(s(r#"{"temperature":0,"seed":1}"#).is_ok());
         let p = s(r#"{"temperature":0.7,"top_p":0.9}"#).unwrap();
         assert_eq!(
             (p.temperature, p.top_p, p.top_k),
             (Some(0.7), Some(0.9), None)
         );
+    }
+
+    fn chat(json: &str) -> Result<ChatBody, ApiError> {
+        parse_body(json.as_bytes(), CHAT_FIELDS)
+    }
+
+    #[test]
+    fn fields_the_server_does_not_act_on_are_refused() {
+        let e = chat(r#"{"messages":[],"logit_bias":{},"functions":[]}"#).unwrap_err();
+        assert_eq!(e.code, "unsupported_parameter");
+        assert!(e.message.contains("functions, logit_bias"), "{}", e.message);
+        let e = parse_body::<CompletionBody>(
+            br#"{"prompt":"x","max_completion_tokens":3}"#,
+            COMPLETION_FIELDS,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "unsupported_parameter");
+        let code = |j: &str| chat(j).unwrap().extras().unwrap_err().code;
+        let m = r#""messages":[{"role":"user","content":"x"}]"#;
+        assert_eq!(
+            code(&format!(r#"{{{m},"tools":[{{"type":"function"}}]}}"#)),
+            "unsupported_parameter"
+        );
+        assert_eq!(
+            code(&format!(r#"{{{m},"tool_choice":"required"}}"#)),
+            "unsupported_parameter"
+        );
+        assert_eq!(
+            code(&format!(r#"{{{m},"top_logprobs":2}}"#)),
+            "invalid_parameter"
+        );
+        assert_eq!(
+            code(&format!(r#"{{{m},"logprobs":true,"top_logprobs":21}}"#)),
+            "invalid_parameter"
+        );
+        assert_eq!(
+            code(&format!(
+                r#"{{{m},"stream_options":{{"include_usage":true}}}}"#
+            )),
+            "invalid_parameter"
+        );
+        assert_eq!(
+            code(&format!(
+                r#"{{{m},"response_format":{{"type":"json_schema","json_schema":{{"name":"x"}}}}}}"#
+            )),
+            "invalid_parameter"
+        );
+        assert!(chat(&format!(r#"{{{m},"response_format":{{"type":"xml"}}}}"#)).is_err());
+        let completion = |j: &str| {
+            parse_body::<CompletionBody>(j.as_bytes(), COMPLETION_FIELDS)
+                .unwrap()
+                .extras()
+        };
+        for j in [
+            r#"{"prompt":"x","suffix":"y"}"#,
+            r#"{"prompt":"x","best_of":2}"#,
+            r#"{"prompt":"x","echo":true,"logprobs":1}"#,
+            r#"{"prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+        ] {
+            assert_eq!(
+                completion(j).unwrap_err().code,
+                "unsupported_parameter",
+                "{j}"
+            );
+        }
+        let x = completion(r#"{"prompt":"x","logprobs":3}"#).unwrap();
+        assert_eq!((x.logprobs, x.top_logprobs), (true, 3));
+    }
+
+    #[test]
+    fn requested_extras_reach_the_engine_options() {
+        let m = r#""messages":[{"role":"user","content":"x"}]"#;
+        let x = chat(&format!(
+            r#"{{{m},"logprobs":true,"top_logprobs":3,"stream":true,"stream_options":{{"include_usage":true}},
+               "response_format":{{"type":"json_schema","json_schema":{{"name":"n","schema":{{"type":"object","required":["a"]}}}}}},
+               "tool_choice":"none","user":"u"}}"#
+        ))
+        .unwrap()
+        .extras()
+        .unwrap();
+        assert_eq!(
+            (x.logprobs, x.top_logprobs, x.include_usage),
+            (true, 3, true)
+        );
+        assert!(matches!(&x.constraint, Constraint::JsonSchema(s)
+            if s["required"][0] == "a" && s["x-guidance"]["whitespace_flexible"] == false));
+        let x = chat(&format!(
+            r#"{{{m},"response_format":{{"type":"json_object"}}}}"#
+        ))
+        .unwrap()
+        .extras()
+        .unwrap();
+        assert!(matches!(&x.constraint, Constraint::JsonSchema(s) if s["type"] == "object"));
+        let x = chat(&format!("{{{m}}}")).unwrap().extras().unwrap();
+        assert!(!x.logprobs && matches!(x.constraint, Constraint::None));
+    }
+
+    #[test]
+    fn roles_and_contents_are_checked() {
+        let msgs = |m: &str| {
+            chat(&format!(r#"{{"messages":[{m}]}}"#)).and_then(|b| b.messages().map(|_| ()))
+        };
+        assert_eq!(
+            msgs(r#"{"role":"wizard","content":"x"}"#).unwrap_err().code,
+            "invalid_request"
+        );
+        assert_eq!(
+            msgs(r#"{"role":"user","content":null}"#).unwrap_err().code,
+            "invalid_request"
+        );
+        assert_eq!(
+            msgs(r#"{"role":"user"}"#).unwrap_err().code,
+            "invalid_request"
+        );
+        assert_eq!(
+            msgs(r#"{"role":"tool","content":"x"}"#).unwrap_err().code,
+            "unsupported_parameter"
+        );
+        assert_eq!(
+            msgs(r#"{"role":"user","content":"x","tool_calls":[]}"#)
+                .unwrap_err()
+                .code,
+            "invalid_request"
+        );
+        let b = chat(r#"{"messages":[{"role":"developer","content":"Be terse."},{"role":"user","content":"x"}]}"#)
+            .unwrap();
+        let (turns, msg) = b.messages().unwrap();
+        assert_eq!(turns[0].role, "system");
+        let RequestMessage::Chat { messages, .. } = msg else {
+            panic!("chat")
+        };
+        assert_eq!(messages[0]["role"], Either::Left("system".to_string()));
     }
 }

@@ -12,6 +12,7 @@ summary of what it measured on success.
 import concurrent.futures as cf
 import io
 import json
+import math
 import re
 import sys
 import tarfile
@@ -76,7 +77,69 @@ def expect_error(status, code, fn):
     raise AssertionError(f"expected {status} {code}, the request succeeded")
 
 
-def e2e(base_prompt, expected_base):
+def conformance(base_prompt, expected_base, expected_top):
+    """Logprobs, response formats, usage chunks and refusals, as OpenAI clients expect them."""
+    # Completion logprobs (legacy shape) of the base model's first token: transformers' values.
+    lp = client.completions.create(model=MODEL, prompt=base_prompt, max_tokens=8, temperature=0,
+                                   logprobs=5, extra_body={"dnd": {"base": True}})
+    assert lp.choices[0].text == expected_base, lp.choices[0].text
+    got = lp.choices[0].logprobs
+    assert len(got.tokens) == len(got.token_logprobs) == len(got.top_logprobs) == len(got.text_offset)
+    # The legacy shape keys alternatives by text: tokens that decode alike share one key.
+    want = {}
+    for text, v in expected_top:
+        want.setdefault(text, v)
+    first = got.top_logprobs[0]
+    assert first.keys() == want.keys(), (first, want)
+    assert all(abs(first[t] - want[t]) < 2e-3 for t in want), (first, want)
+    assert abs(got.token_logprobs[0] - expected_top[0][1]) < 2e-3, (got.token_logprobs, expected_top)
+    offsets = [0]
+    for t in got.tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert got.text_offset == offsets, (got.text_offset, offsets)
+    # Chat logprobs: greedy picks the likeliest alternative; natural logs of a distribution.
+    c = chat("", max_tokens=6, logprobs=True, top_logprobs=3, extra_body={"dnd": {"base": True}})
+    content = c.choices[0].logprobs.content
+    assert content and all(len(e.top_logprobs) == 3 for e in content), content
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and tops[0] <= 0, tops
+        assert abs(e.logprob - tops[0]) < 1e-5 and e.token == e.top_logprobs[0].token, e
+        assert sum(math.exp(t) for t in tops) <= 1 + 1e-4, tops
+    # Streamed chat: per-chunk logprobs in OpenAI's shape, then a usage chunk when asked.
+    chunks = list(client.chat.completions.create(
+        model=MODEL, stream=True, max_tokens=6, temperature=0, logprobs=True,
+        stream_options={"include_usage": True}, extra_body={"dnd": {"base": True}},
+        messages=[{"role": "user", "content": "Hello there"}]))
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens > 0, chunks[-1]
+    assert all(ch.usage is None for ch in chunks[:-1])
+    streamed = [e.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert len(streamed) == chunks[-1].usage.completion_tokens, (streamed, chunks[-1].usage)
+    # response_format: replies follow the schema (the engine constrains decoding).
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = chat("", max_tokens=24, extra_body={"dnd": {"base": True}}, response_format={
+        "type": "json_schema", "json_schema": {"name": "flag", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool), r.choices[0].message
+    # Parameters the server cannot honour are refused, not ignored.
+    expect_error(400, "unsupported_parameter", lambda: chat("", logit_bias={"1": 5}))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    expect_error(400, "unsupported_parameter", lambda: chat("", tools=[tool]))
+    expect_error(400, "unsupported_parameter", lambda: client.chat.completions.create(
+        model=MODEL, temperature=0.5, seed=3, max_tokens=2, messages=[{"role": "user", "content": "x"}]))
+    expect_error(400, "unsupported_parameter", lambda: client.completions.create(
+        model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1))
+    for bad in ([{"role": "wizard", "content": "x"}], [{"role": "user", "content": None}]):
+        expect_error(400, "invalid_request", lambda: client.chat.completions.create(
+            model=MODEL, messages=bad, max_tokens=2))
+    status, _, body = http("PUT", "/v1/chat/completions", "{}")
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed", (status, body)
+    status, _, body = http("POST", "/v1/completions", json.dumps({"prompt": "x" * (3 << 20)}))
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large", (status, body[:200])
+
+
+def e2e(base_prompt, expected_base, expected_top):
     summary = {}
     # Two system prompts: two adapters, each generated once.
     a = chat("You answer science questions with A, B, C or D.")
@@ -118,6 +181,7 @@ def e2e(base_prompt, expected_base):
                                      temperature=0, extra_body={"dnd": {"base": True}})
     assert dnd(base) == {"adapter": None, "source": "base", "generation_ms": None}
     assert base.choices[0].text == expected_base, (base.choices[0].text, expected_base)
+    conformance(base_prompt, expected_base, expected_top)
     # The same prompt with explicit condition prompts is specialised (and says so).
     spec = client.completions.create(model=MODEL, prompt=base_prompt, max_tokens=8,
                                      temperature=0,
@@ -171,6 +235,14 @@ def e2e(base_prompt, expected_base):
     names = tarfile.open(fileobj=io.BytesIO(body)).getnames()
     key = dnd(spec)["adapter"]
     assert f"{key}/adapter_config.json" in names and f"{key}/adapter_model.safetensors" in names, names
+    # Concurrent exports of one key each get the whole archive (each writes its own folder).
+    def weights(tar_bytes):
+        t = tarfile.open(fileobj=io.BytesIO(tar_bytes))
+        return t.extractfile(f"{key}/adapter_model.safetensors").read()
+    with cf.ThreadPoolExecutor(6) as pool:
+        exports = list(pool.map(lambda _: http("GET", f"/v1/adapters/{key}/peft"), range(6)))
+    assert all(s == 200 for s, _, _ in exports), [s for s, _, _ in exports]
+    assert len({weights(b) for _, _, b in exports} | {weights(body)}) == 1
     status, _, body = http("DELETE", "/v1/adapters/" + key)
     assert status == 200 and json.loads(body)["deleted"], body
     status, _, body = http("DELETE", "/v1/adapters/" + key)
@@ -264,7 +336,7 @@ def concurrent():
 
 
 if MODE == "e2e":
-    print(json.dumps(e2e(sys.argv[3], sys.argv[4])))
+    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))))
 elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
 elif MODE == "abstain":
