@@ -173,11 +173,39 @@ fn golden_base_continuation() -> (String, String, String) {
     )
 }
 
+/// transformers+peft's greedy continuation of the golden prompt 0 with the golden PEFT
+/// adapter `adapter` (`adapter1`, `adapter2`), up to the first end-of-sequence token.
+fn golden_adapter_continuation(adapter: &str) -> String {
+    let golden = Golden::load("tiny-qwen2/expected.safetensors");
+    let ids = token_ids(golden.get(&format!("{adapter}.seq0.greedy")));
+    let ids: Vec<u32> = ids.into_iter().take_while(|&t| t != 258).collect();
+    let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
+    tok.decode(&ids, true).unwrap()
+}
+
 #[test]
 fn openai_client_sees_specialised_cached_and_base_answers() {
-    let server = start_server(&["--dnd-cache-entries", "8"], "e2e");
+    // Named adapters: the golden PEFT adapter1 as `a1`, and a prompt set as `yesno`.
+    let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-named", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let preset = dir.join("yesno.txt");
+    std::fs::write(&preset, "Is snow hot?\nIs grass green?\n").unwrap();
+    let lora = format!("a1={}", golden_path("tiny-qwen2/adapter1").display());
+    let preset = format!("yesno={}", preset.display());
+    let server = start_server(
+        &[
+            "--dnd-cache-entries",
+            "8",
+            "--lora",
+            &lora,
+            "--dnd-preset",
+            &preset,
+        ],
+        "e2e",
+    );
     let (prompt, expected, top) = golden_base_continuation();
-    python(&[&server.url, "e2e", &prompt, &expected, &top]);
+    let with_a1 = golden_adapter_continuation("adapter1");
+    python(&[&server.url, "e2e", &prompt, &expected, &top, &with_a1]);
 }
 
 #[test]

@@ -93,6 +93,22 @@ struct DndArgs {
     /// absent; README "Abstention" gives the measured choice.
     #[arg(long)]
     dnd_abstain_distance: Option<f32>,
+    /// Serve a PEFT LoRA folder under a name, NAME=DIR (repeatable): requests whose `model`
+    /// is NAME get it. Loaded into the adapter cache when used.
+    #[arg(long = "lora", value_name = "NAME=DIR")]
+    lora: Vec<String>,
+    /// Serve the adapter generated from a prompts file (as `dnd generate --prompts` reads)
+    /// under a name, NAME=FILE (repeatable).
+    #[arg(long = "dnd-preset", value_name = "NAME=FILE")]
+    dnd_preset: Vec<String>,
+}
+
+/// `NAME=VALUE` of `--lora` and `--dnd-preset`.
+fn named_arg<'a>(flag: &str, arg: &'a str) -> Result<(&'a str, &'a str)> {
+    match arg.split_once('=') {
+        Some((n, v)) if !n.is_empty() && !v.is_empty() => Ok((n, v)),
+        _ => bail!("{flag} {arg:?}: expected NAME=PATH"),
+    }
 }
 
 #[derive(Subcommand)]
@@ -269,9 +285,25 @@ fn build_provider(
         );
         tracing::warn!(generator = %gen.display(), "generator has random weights");
     }
+    let reserved = [name, "default"];
+    for arg in &d.lora {
+        let (n, dir) = named_arg("--lora", arg)?;
+        provider
+            .add_peft(n, Path::new(dir), Some(&shape), &reserved)
+            .with_context(|| format!("--lora {arg}"))?;
+    }
+    for arg in &d.dnd_preset {
+        let (n, file) = named_arg("--dnd-preset", arg)?;
+        let prompts = mistralrs_dnd::prompts::read_prompts(file)
+            .with_context(|| format!("--dnd-preset {arg}"))?;
+        provider
+            .add_preset(n, &prompts, &reserved)
+            .with_context(|| format!("--dnd-preset {arg}"))?;
+    }
     tracing::info!(
         generator = provider.generator_id(),
         adapter_bytes = provider.adapter_bytes(),
+        named = ?provider.names(),
         "DnD adapter provider ready"
     );
     Ok(provider)
@@ -289,6 +321,11 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.adapter_provider.is_none() && args.dnd.dnd_generator.is_some() {
         bail!("--dnd-generator given without --adapter-provider dnd");
+    }
+    if args.adapter_provider.is_none()
+        && !(args.dnd.lora.is_empty() && args.dnd.dnd_preset.is_empty())
+    {
+        bail!("--lora and --dnd-preset need --adapter-provider dnd (the per-request adapter hook)");
     }
     let (model, name, shape_path, act) = load_model(&args).await?;
     let models = model.inner().list_models().map_err(anyhow::Error::msg)?;

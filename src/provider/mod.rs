@@ -7,11 +7,12 @@
 //! id, which the engine's call then picks up.
 
 mod error;
+mod named;
 mod turns;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -30,6 +31,7 @@ use crate::generator::anchors::Nearest;
 use crate::generator::{Generator, LoadOptions};
 use crate::policy::{Condition, PromptPolicy};
 pub use error::{GenerationError, ProviderError};
+pub use named::{NamedAdapter, NamedAdapters};
 pub use turns::turns_of;
 
 impl Weighed for SequenceLora {
@@ -38,12 +40,28 @@ impl Weighed for SequenceLora {
     }
 }
 
-/// What the cache keeps beside each adapter: the prompts it was generated from (so that it
-/// can be listed and exported again).
+/// What the cache keeps beside each adapter: where it came from (so that it can be listed
+/// and exported again).
 #[derive(Debug, Clone)]
 pub struct AdapterMeta {
-    /// The normalised prompts.
+    /// The normalised prompts it was generated from (none for a PEFT folder).
     pub prompts: Arc<Vec<String>>,
+    /// Generated, or loaded from a named PEFT folder.
+    pub origin: Origin,
+}
+
+/// Where a cached adapter came from.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// Generated from its prompts.
+    Generated,
+    /// A PEFT folder served under a name.
+    Peft {
+        /// The name.
+        name: String,
+        /// The folder.
+        dir: PathBuf,
+    },
 }
 
 /// The cache of device-resident adapters.
@@ -82,6 +100,10 @@ pub struct Served {
     /// Set when the provider abstained: the condition's nearest training condition, farther
     /// than the abstention distance (the request gets the base model).
     pub abstained: Option<Nearest>,
+    /// The name the request asked for (`model`), when it named an adapter.
+    pub name: Option<String>,
+    /// Whether the adapter is a PEFT folder (loaded, not generated).
+    pub peft: bool,
 }
 
 /// A generator, its adapter cache and the prompt policy, as an engine adapter provider.
@@ -94,6 +116,8 @@ pub struct DndProvider {
     prepared: Mutex<HashMap<usize, Option<Arc<SequenceLora>>>>,
     /// Abstention decisions by key (a condition's distance never changes), bounded.
     nearest: Mutex<HashMap<AdapterKey, Nearest>>,
+    /// Adapters served under a name.
+    named: RwLock<NamedAdapters>,
 }
 
 /// Most remembered abstention decisions (the map is cleared when full).
@@ -155,6 +179,7 @@ impl DndProvider {
             adapter_bytes,
             prepared: Mutex::new(HashMap::new()),
             nearest: Mutex::new(HashMap::new()),
+            named: RwLock::new(NamedAdapters::default()),
         }))
     }
 
@@ -232,27 +257,133 @@ impl DndProvider {
             .cache
             .get_or_generate(
                 key.clone(),
-                AdapterMeta { prompts },
+                AdapterMeta {
+                    prompts,
+                    origin: Origin::Generated,
+                },
                 self.adapter_bytes,
                 make,
             )
             .await
-            .map_err(|e| match e {
-                CacheError::TooLarge { bytes, budget } => ProviderError::TooLarge { bytes, budget },
-                CacheError::Busy(waited) => ProviderError::CacheBusy(waited),
-                CacheError::Generation(g) => ProviderError::Generation(g),
-                CacheError::Panicked(m) => {
-                    ProviderError::Generation(GenerationError::Failed(format!("panicked: {m}")))
-                }
-            })?;
+            .map_err(cache_error)?;
         tracing::debug!(adapter = %key, source = lookup.source.as_str(), "adapter resolved");
         Ok(Served {
             adapter: Some(lookup.value),
             key: Some(key),
             source: Some(lookup.source),
             generation: lookup.generation,
-            abstained: None,
+            ..Served::default()
         })
+    }
+
+    /// Serves the PEFT folder `dir` under `name` (checked now against the base model `shape`;
+    /// loaded into the cache when a request names it). `reserved`: names the base model
+    /// answers to.
+    pub fn add_peft(
+        &self,
+        name: &str,
+        dir: &Path,
+        shape: Option<&BaseModelShape>,
+        reserved: &[&str],
+    ) -> Result<()> {
+        let adapter = named::check_peft(dir, shape, &self.opts.base_model_id, self.opts.dtype)?;
+        if let NamedAdapter::Peft { bytes, .. } = &adapter {
+            if *bytes > self.opts.limits.max_bytes {
+                return Err(DndError::InvalidInput(format!(
+                    "adapter {name} ({}) takes {bytes} bytes, more than the whole cache budget \
+                     of {} bytes",
+                    dir.display(),
+                    self.opts.limits.max_bytes
+                )));
+            }
+        }
+        self.lock_named_mut().insert(name, adapter, reserved)
+    }
+
+    /// Serves the adapter generated from `prompts` under `name` (checked by the policy's
+    /// limits now; of more prompts than the generator takes, a seeded sample of that many).
+    pub fn add_preset(&self, name: &str, prompts: &[String], reserved: &[&str]) -> Result<()> {
+        let n = self.opts.policy.max_prompts;
+        let sampled;
+        let prompts = if prompts.len() > n {
+            sampled = crate::prompts::sample_prompts(prompts, n, 0);
+            &sampled[..]
+        } else {
+            prompts
+        };
+        let prompts = self
+            .opts
+            .policy
+            .explicit(prompts)
+            .map_err(|e| DndError::InvalidInput(format!("preset {name}: {e}")))?;
+        self.lock_named_mut()
+            .insert(name, NamedAdapter::Preset { prompts }, reserved)
+    }
+
+    /// The names served and their kinds (`peft`, `preset`), sorted.
+    pub fn names(&self) -> Vec<(String, &'static str)> {
+        let named = self.named.read().unwrap_or_else(|p| p.into_inner());
+        named
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.kind()))
+            .collect()
+    }
+
+    /// The adapter served under `name`, or `None` when no adapter has that name.
+    pub async fn resolve_named(
+        &self,
+        name: &str,
+    ) -> Option<std::result::Result<Served, ProviderError>> {
+        let adapter = self
+            .named
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)?
+            .clone();
+        let served = match adapter {
+            NamedAdapter::Preset { prompts } => self.resolve(Condition::Prompts(prompts)).await,
+            NamedAdapter::Peft { dir, key, bytes } => self.load_named(name, dir, key, bytes).await,
+        };
+        Some(served.map(|s| Served {
+            name: Some(name.to_string()),
+            ..s
+        }))
+    }
+
+    async fn load_named(
+        &self,
+        name: &str,
+        dir: PathBuf,
+        key: AdapterKey,
+        bytes: usize,
+    ) -> std::result::Result<Served, ProviderError> {
+        let meta = named::peft_meta(name, &dir);
+        let make = {
+            let (name, device, dtype) =
+                (name.to_string(), self.opts.device.clone(), self.opts.dtype);
+            move || async move {
+                tokio::task::spawn_blocking(move || named::load_peft(&dir, &name, &device, dtype))
+                    .await
+                    .unwrap_or_else(|e| Err(GenerationError::Failed(format!("loading task: {e}"))))
+            }
+        };
+        let lookup = self
+            .cache
+            .get_or_generate(key.clone(), meta, bytes, make)
+            .await
+            .map_err(cache_error)?;
+        Ok(Served {
+            adapter: Some(lookup.value),
+            key: Some(key),
+            source: Some(lookup.source),
+            generation: lookup.generation,
+            peft: true,
+            ..Served::default()
+        })
+    }
+
+    fn lock_named_mut(&self) -> std::sync::RwLockWriteGuard<'_, NamedAdapters> {
+        self.named.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The training condition nearest to a prompt set (remembered by key).
@@ -285,12 +416,17 @@ impl DndProvider {
         let unknown = || ProviderError::UnknownAdapter(key.to_string());
         let k = AdapterKey::parse(key).ok_or_else(unknown)?;
         let lookup = self.cache.get(&k).ok_or_else(unknown)?;
+        let (name, peft) = match lookup.meta.origin {
+            Origin::Peft { name, .. } => (Some(name), true),
+            Origin::Generated => (None, false),
+        };
         Ok(Served {
             adapter: Some(lookup.value),
             key: Some(k),
             source: Some(Source::Cached),
-            generation: None,
-            abstained: None,
+            name,
+            peft,
+            ..Served::default()
         })
     }
 
@@ -311,17 +447,20 @@ impl DndProvider {
     }
 
     /// Regenerates the adapter a cached key was made from (the generator is deterministic),
-    /// as float32 matrices for export.
+    /// or reloads its PEFT folder, as float32 matrices for export.
     pub async fn export(&self, key: &str) -> std::result::Result<LoraAdapter, ProviderError> {
         let unknown = || ProviderError::UnknownAdapter(key.to_string());
         let k = AdapterKey::parse(key).ok_or_else(unknown)?;
         let meta = self.cache.peek_meta(&k).ok_or_else(unknown)?;
         let generator = self.generator.clone();
-        tokio::task::spawn_blocking(move || generator.generate(&meta.prompts))
-            .await
-            .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))?
-            .and_then(|a| a.to(&Device::Cpu, DType::F32))
-            .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))
+        tokio::task::spawn_blocking(move || match &meta.origin {
+            Origin::Generated => generator.generate(&meta.prompts),
+            Origin::Peft { dir, .. } => LoraAdapter::load_peft(dir, &Device::Cpu),
+        })
+        .await
+        .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))?
+        .and_then(|a| a.to(&Device::Cpu, DType::F32))
+        .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))
     }
 }
 
@@ -348,6 +487,17 @@ impl AdapterProvider for DndProvider {
             }
         })?;
         Ok(served.adapter)
+    }
+}
+
+fn cache_error(e: CacheError<GenerationError>) -> ProviderError {
+    match e {
+        CacheError::TooLarge { bytes, budget } => ProviderError::TooLarge { bytes, budget },
+        CacheError::Busy(waited) => ProviderError::CacheBusy(waited),
+        CacheError::Generation(g) => ProviderError::Generation(g),
+        CacheError::Panicked(m) => {
+            ProviderError::Generation(GenerationError::Failed(format!("panicked: {m}")))
+        }
     }
 }
 

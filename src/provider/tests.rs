@@ -279,3 +279,45 @@ async fn far_conditions_get_the_base_model_and_say_so() {
     assert_eq!(again.abstained, Some(n));
     assert_eq!(p.cache().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_adapters_are_checked_at_start_and_served_by_name() {
+    let p = provider(false, PromptSource::Auto);
+    let golden = root().join("tests/fixtures/golden");
+    let qwen = BaseModelShape::from_path(golden.join("tiny-qwen2")).unwrap();
+    let a1 = golden.join("tiny-qwen2/adapter1");
+    // An adapter for another shape (here: a model with one layer less), a missing folder
+    // and a taken name are refused up front.
+    let mut shallower = qwen.clone();
+    shallower.num_layers -= 1;
+    assert!(p.add_peft("x", &a1, Some(&shallower), &[]).is_err());
+    assert!(p
+        .add_peft("x", &golden.join("nowhere"), Some(&qwen), &[])
+        .is_err());
+    assert!(p
+        .add_peft("tiny-qwen2", &a1, Some(&qwen), &["tiny-qwen2"])
+        .is_err());
+    p.add_peft("a1", &a1, Some(&qwen), &[]).unwrap();
+    assert!(p.add_peft("a1", &a1, Some(&qwen), &[]).is_err());
+    p.add_preset("yesno", &["Is fire cold?".to_string()], &[])
+        .unwrap();
+    assert_eq!(
+        p.names(),
+        [("a1".to_string(), "peft"), ("yesno".to_string(), "preset")]
+    );
+    assert!(p.resolve_named("nobody").await.is_none());
+    let first = p.resolve_named("a1").await.unwrap().unwrap();
+    assert!(first.peft && first.source == Some(Source::Generated));
+    let again = p.resolve_named("a1").await.unwrap().unwrap();
+    assert_eq!((&again.key, again.source), (&first.key, Some(Source::Cached)));
+    // The export is the folder's own weights.
+    let exported = p
+        .export(first.key.as_ref().unwrap().as_str())
+        .await
+        .unwrap();
+    let on_disk = LoraAdapter::load_peft(&a1, &Device::Cpu).unwrap();
+    assert_eq!(exported.pairs().len(), on_disk.pairs().len());
+    // A preset is the adapter of its prompts.
+    let preset = p.resolve_named("yesno").await.unwrap().unwrap();
+    assert_eq!(preset.key, Some(p.key_for(&["Is fire cold?".to_string()])));
+}

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::ServerState;
 use crate::cache::{AdapterKey, EntryInfo, RemoveError};
-use crate::provider::{AdapterMeta, ProviderError};
+use crate::provider::{AdapterMeta, Origin, ProviderError};
 
 fn describe(e: &EntryInfo<AdapterKey, AdapterMeta>, with_prompts: bool) -> Value {
     let mut v = json!({
@@ -24,6 +24,10 @@ fn describe(e: &EntryInfo<AdapterKey, AdapterMeta>, with_prompts: bool) -> Value
         "in_use": e.in_use,
         "num_prompts": e.meta.prompts.len(),
     });
+    if let Origin::Peft { name, dir } = &e.meta.origin {
+        v["name"] = json!(name);
+        v["peft_dir"] = json!(dir.display().to_string());
+    }
     if with_prompts {
         v["prompts"] = json!(e.meta.prompts.as_slice());
     }

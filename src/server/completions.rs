@@ -22,6 +22,7 @@ use super::openai::{
     parse_body, ChatBody, CompletionBody, DndExtension, Extras, CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use super::ServerState;
+use crate::cache::Source;
 use crate::policy::{Condition, Turn};
 use crate::provider::Served;
 
@@ -51,7 +52,8 @@ pub(super) async fn chat(
         let (turns, message) = req.messages()?;
         let params = req.sampling.to_params()?;
         let extras = req.extras()?;
-        run(&state, req.dnd, &turns, message, params, extras, req.stream).await
+        let served = choose(&state, req.dnd, req.model.as_deref(), &turns).await?;
+        run(&state, served, message, params, extras, req.stream).await
     }
     .await;
     finish(&state, CHAT, result)
@@ -66,7 +68,8 @@ pub(super) async fn completion(
         let (turns, message) = req.prompt()?;
         let params = req.sampling.to_params()?;
         let extras = req.extras()?;
-        run(&state, req.dnd, &turns, message, params, extras, req.stream).await
+        let served = choose(&state, req.dnd, req.model.as_deref(), &turns).await?;
+        run(&state, served, message, params, extras, req.stream).await
     }
     .await;
     finish(&state, COMPLETIONS, result)
@@ -85,10 +88,12 @@ fn finish(
     response
 }
 
-/// The adapter a request gets: its `dnd` field first, then the policy.
+/// The adapter a request gets: a named adapter its `model` names, else its `dnd` field, else
+/// the policy.
 async fn choose(
     state: &ServerState,
     ext: Option<DndExtension>,
+    model: Option<&str>,
     turns: &[Turn],
 ) -> Result<Served, ApiError> {
     let ext = ext.unwrap_or_default();
@@ -98,12 +103,24 @@ async fn choose(
         }
         return Ok(Served::default());
     };
-    let named = [ext.base, ext.prompts.is_some(), ext.adapter.is_some()];
-    if named.iter().filter(|b| **b).count() > 1 {
+    let chosen = [ext.base, ext.prompts.is_some(), ext.adapter.is_some()];
+    let chosen = chosen.iter().filter(|b| **b).count();
+    if chosen > 1 {
         return Err(ApiError::bad_request(
             "conflicting_dnd_fields",
             "dnd: give at most one of base, prompts and adapter",
         ));
+    }
+    if let Some(name) = model {
+        if let Some(served) = provider.resolve_named(name).await {
+            if chosen > 0 {
+                return Err(ApiError::bad_request(
+                    "conflicting_dnd_fields",
+                    format!("model {name:?} names an adapter; drop the dnd field's choice"),
+                ));
+            }
+            return Ok(served?);
+        }
     }
     if ext.base {
         return Ok(Served::default());
@@ -132,6 +149,9 @@ fn dnd_info(served: &Served) -> Value {
         "source": source_name(served),
         "generation_ms": served.generation.map(|d| d.as_secs_f64() * 1e3),
     });
+    if let Some(name) = &served.name {
+        v["name"] = json!(name);
+    }
     if let Some(n) = &served.abstained {
         v["distance"] = json!(n.distance);
         v["nearest"] = json!(n.name);
@@ -139,11 +159,13 @@ fn dnd_info(served: &Served) -> Value {
     v
 }
 
-/// `generated`, `joined`, `cached`, `base`, or `abstained` (base model: the condition was
-/// farther from every trained one than the abstention distance).
+/// `generated`, `joined`, `cached`, `base`, `loaded` (a named PEFT folder read into the
+/// cache by this request), or `abstained` (base model: the condition was farther from every
+/// trained one than the abstention distance).
 fn source_name(served: &Served) -> &'static str {
     match (&served.abstained, served.source) {
         (Some(_), _) => "abstained",
+        (None, Some(Source::Generated)) if served.peft => "loaded",
         (None, Some(s)) => s.as_str(),
         (None, None) => "base",
     }
@@ -197,14 +219,12 @@ impl Drop for Prepared {
 
 async fn run(
     state: &Arc<ServerState>,
-    ext: Option<DndExtension>,
-    turns: &[Turn],
+    served: Served,
     message: RequestMessage,
     mut params: SamplingParams,
     extras: Extras,
     stream: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let served = choose(state, ext, turns).await?;
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     // Until the engine has the request, a dropped handler (client gone) must not leave the
     // prepared adapter behind: it would pin its cache entry forever.

@@ -99,13 +99,22 @@ pub fn router(state: Arc<ServerState>) -> Router {
 async fn models(
     axum::extract::State(state): axum::extract::State<Arc<ServerState>>,
 ) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_name,
+    let mut data = vec![json!({
+        "id": state.model_name,
+        "object": "model",
+        "owned_by": "local",
+        "adapter_provider": state.provider.as_ref().map(|_| "dnd"),
+    })];
+    // Named adapters, as vLLM lists its LoRA modules: `model: NAME` selects one.
+    for (name, kind) in state.provider.iter().flat_map(|p| p.names()) {
+        data.push(json!({
+            "id": name,
             "object": "model",
             "owned_by": "local",
-            "adapter_provider": state.provider.as_ref().map(|_| "dnd"),
-        }]
-    }))
+            "parent": state.model_name,
+            "root": state.model_name,
+            "dnd": {"kind": kind},
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
 }

@@ -139,8 +139,30 @@ def conformance(base_prompt, expected_base, expected_top):
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large", (status, body[:200])
 
 
-def e2e(base_prompt, expected_base, expected_top):
+def named(base_prompt, expected_a1):
+    """Adapters served under a name (`--lora a1=...`, `--dnd-preset yesno=...`), chosen by `model`."""
+    listed = {m.id: m.model_extra.get("dnd") for m in client.models.list().data}
+    assert listed.get("a1") == {"kind": "peft"} and listed.get("yesno") == {"kind": "preset"}, listed
+    # The golden PEFT adapter answers as transformers+peft does with it.
+    r = client.completions.create(model="a1", prompt=base_prompt, max_tokens=8, temperature=0)
+    assert r.choices[0].text == expected_a1, (r.choices[0].text, expected_a1)
+    assert dnd(r)["name"] == "a1" and dnd(r)["source"] == "loaded", dnd(r)
+    again = client.completions.create(model="a1", prompt=base_prompt, max_tokens=8, temperature=0)
+    assert again.choices[0].text == expected_a1 and dnd(again)["source"] == "cached", dnd(again)
+    status, _, body = http("GET", "/v1/adapters/" + dnd(r)["adapter"])
+    assert json.loads(body)["name"] == "a1", body
+    # A preset is the adapter its prompts generate.
+    p = client.completions.create(model="yesno", prompt=base_prompt, max_tokens=8, temperature=0)
+    same = client.completions.create(model=MODEL, prompt=base_prompt, max_tokens=8, temperature=0,
+                                     extra_body={"dnd": {"prompts": ["Is grass green?", "Is snow hot?"]}})
+    assert dnd(p)["adapter"] == dnd(same)["adapter"] and dnd(p)["name"] == "yesno", (dnd(p), dnd(same))
+    expect_error(400, "conflicting_dnd_fields", lambda: client.completions.create(
+        model="a1", prompt="x", max_tokens=2, extra_body={"dnd": {"base": True}}))
+
+
+def e2e(base_prompt, expected_base, expected_top, expected_a1):
     summary = {}
+    named(base_prompt, expected_a1)
     # Two system prompts: two adapters, each generated once.
     a = chat("You answer science questions with A, B, C or D.")
     b = chat("You translate English sentences into French.")
@@ -336,7 +358,7 @@ def concurrent():
 
 
 if MODE == "e2e":
-    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))))
+    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), sys.argv[6])))
 elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
 elif MODE == "abstain":
