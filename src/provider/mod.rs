@@ -342,7 +342,12 @@ impl DndProvider {
             .clone();
         let served = match adapter {
             NamedAdapter::Preset { prompts } => self.resolve(Condition::Prompts(prompts)).await,
-            NamedAdapter::Peft { dir, key, bytes } => self.load_named(name, dir, key, bytes).await,
+            NamedAdapter::Peft {
+                dir,
+                key,
+                content,
+                bytes,
+            } => self.load_named(name, dir, key, content, bytes).await,
         };
         Some(served.map(|s| Served {
             name: Some(name.to_string()),
@@ -355,6 +360,7 @@ impl DndProvider {
         name: &str,
         dir: PathBuf,
         key: AdapterKey,
+        content: String,
         bytes: usize,
     ) -> std::result::Result<Served, ProviderError> {
         let meta = named::peft_meta(name, &dir);
@@ -362,9 +368,11 @@ impl DndProvider {
             let (name, device, dtype) =
                 (name.to_string(), self.opts.device.clone(), self.opts.dtype);
             move || async move {
-                tokio::task::spawn_blocking(move || named::load_peft(&dir, &name, &device, dtype))
-                    .await
-                    .unwrap_or_else(|e| Err(GenerationError::Failed(format!("loading task: {e}"))))
+                tokio::task::spawn_blocking(move || {
+                    named::load_peft(&dir, &name, &content, &device, dtype)
+                })
+                .await
+                .unwrap_or_else(|e| Err(GenerationError::Failed(format!("loading task: {e}"))))
             }
         };
         let lookup = self

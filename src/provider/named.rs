@@ -26,6 +26,9 @@ pub enum NamedAdapter {
         dir: PathBuf,
         /// Its cache key (from the files' content and the base model).
         key: AdapterKey,
+        /// The fingerprint of its files when it was checked: a folder changed since is
+        /// refused rather than served under the old key.
+        content: String,
         /// Bytes it takes on the model's device.
         bytes: usize,
     },
@@ -98,11 +101,9 @@ pub fn check_peft(
         adapter.check_fits(shape)?;
     }
     adapter.check_finite()?;
-    let mut content = Vec::new();
-    for file in [CONFIG_FILE, WEIGHTS_FILE] {
-        let path = dir.join(file);
-        content.extend(std::fs::read(&path).map_err(|e| DndError::io(&path, e))?);
-    }
+    // Finite in f32 is not enough: the weights must survive the cast to the model's dtype.
+    to_sequence_lora(&adapter, "check", &Device::Cpu, dtype)?;
+    let content = content_fingerprint(dir)?;
     let elements: usize = adapter
         .pairs()
         .values()
@@ -110,19 +111,26 @@ pub fn check_peft(
         .sum();
     Ok(NamedAdapter::Peft {
         dir: dir.to_path_buf(),
-        key: AdapterKey::new(
-            &format!("peft:{}", fingerprint(&content)),
-            base_model_id,
-            &[],
-        ),
+        key: AdapterKey::new(&format!("peft:{content}"), base_model_id, &[]),
+        content,
         bytes: elements * dtype.size_in_bytes(),
     })
+}
+
+fn content_fingerprint(dir: &Path) -> Result<String> {
+    let mut content = Vec::new();
+    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+        let path = dir.join(file);
+        content.extend(std::fs::read(&path).map_err(|e| DndError::io(&path, e))?);
+    }
+    Ok(fingerprint(&content))
 }
 
 /// Loads a PEFT folder as the engine's adapter (off the async threads: it reads files).
 pub fn load_peft(
     dir: &Path,
     name: &str,
+    content: &str,
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<SequenceLora, GenerationError> {
@@ -130,6 +138,13 @@ pub fn load_peft(
         DndError::NonFinite(m) => GenerationError::NonFinite(m),
         other => GenerationError::Failed(format!("loading {}: {other}", dir.display())),
     };
+    if content_fingerprint(dir).map_err(failed)? != content {
+        return Err(GenerationError::Failed(format!(
+            "adapter {name}: {} changed since the server checked it; restart the server to \
+             serve the new weights",
+            dir.display()
+        )));
+    }
     let adapter = LoraAdapter::load_peft(dir, &Device::Cpu).map_err(failed)?;
     to_sequence_lora(&adapter, format!("peft-{name}"), device, dtype).map_err(failed)
 }

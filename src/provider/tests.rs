@@ -309,7 +309,10 @@ async fn named_adapters_are_checked_at_start_and_served_by_name() {
     let first = p.resolve_named("a1").await.unwrap().unwrap();
     assert!(first.peft && first.source == Some(Source::Generated));
     let again = p.resolve_named("a1").await.unwrap().unwrap();
-    assert_eq!((&again.key, again.source), (&first.key, Some(Source::Cached)));
+    assert_eq!(
+        (&again.key, again.source),
+        (&first.key, Some(Source::Cached))
+    );
     // The export is the folder's own weights.
     let exported = p
         .export(first.key.as_ref().unwrap().as_str())

@@ -257,17 +257,22 @@ async fn run(
     }
     let headers = dnd_headers(&served);
     let info = dnd_info(&served);
+    // As vLLM does, a named adapter's answers carry its name as their model.
+    let model = served.name.clone();
     let pin = Pin {
         served,
         state: state.clone(),
     };
     if stream {
-        let events = sse_events(rx, info, pin, extras.include_usage);
+        let events = sse_events(rx, info, pin, extras.include_usage, model);
         return Ok((headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response());
     }
     let mut body = collect(rx).await?;
     drop(pin);
     body["dnd"] = info;
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
     Ok((headers, Json(body)).into_response())
 }
 
@@ -318,6 +323,7 @@ fn sse_events(
     info: Value,
     pin: Pin,
     include_usage: bool,
+    model: Option<String>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     struct St {
         rx: Receiver<Response>,
@@ -326,6 +332,8 @@ fn sse_events(
         usage: Option<Value>,
         /// Characters of completion text streamed so far (legacy logprobs' offsets).
         offset: usize,
+        /// The adapter name reported as the chunks' model.
+        model: Option<String>,
         done: bool,
         _pin: Pin,
     }
@@ -334,6 +342,7 @@ fn sse_events(
         info: Some(info),
         usage: None,
         offset: 0,
+        model,
         done: false,
         _pin: pin,
     };
@@ -379,6 +388,9 @@ fn sse_events(
         if let Ok(v) = &mut value {
             if let Some(info) = st.info.take() {
                 v["dnd"] = info;
+            }
+            if let Some(m) = &st.model {
+                v["model"] = json!(m);
             }
             // OpenAI streams carry usage only in a last chunk of its own, and only when asked.
             if let Some(usage) = v.get_mut("usage").map(Value::take) {

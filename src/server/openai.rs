@@ -40,13 +40,29 @@ pub enum Content {
 
 /// One chat message.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// `system` (or `developer`, its newer name), `user`, `assistant`.
     pub role: String,
     /// Its content.
     #[serde(default)]
     pub content: Option<Content>,
+    /// A participant name (accepted; the chat template has no place for it).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Other fields. Clients send a previous reply back as it came (`tool_calls: null`,
+    /// `refusal: null`, ...): empty ones are accepted, any with content refused.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// Whether a JSON value says nothing: null, `{}` or `[]`.
+fn is_empty_value(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
 }
 
 /// `stop`: one string or several.
@@ -87,6 +103,8 @@ pub struct Sampling {
     /// Accepted for greedy requests, which are deterministic anyway; refused when sampling
     /// (the engine has one generator for every request).
     pub seed: Option<u64>,
+    /// Refused unless empty: mistral.rs 0.8.1 keeps a logit bias but never applies it.
+    pub logit_bias: Option<HashMap<String, f64>>,
 }
 
 impl Sampling {
@@ -113,7 +131,24 @@ impl Sampling {
                 ));
             }
         }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                "logit_bias is not supported by this server",
+            ));
+        }
         let greedy = self.temperature.is_none_or(|t| t == 0.0);
+        // mistral.rs 0.8.1 applies min-p only after a top-p cut (0 < top_p < 1).
+        if !greedy
+            && self.min_p.is_some_and(|m| m > 0.0)
+            && self.top_p.is_none_or(|p| p <= 0.0 || p >= 1.0)
+        {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                "min_p needs top_p between 0 and 1 with this engine (it applies min-p after the \
+                 top-p cut only)",
+            ));
+        }
         if self.seed.is_some() && !greedy {
             return Err(ApiError::bad_request(
                 "unsupported_parameter",
@@ -151,9 +186,8 @@ impl Sampling {
     }
 }
 
-/// `stream_options`.
+/// `stream_options` (other options, which change no token, are accepted).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with the request's token usage (and no choices).
     #[serde(default)]
@@ -238,6 +272,7 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 /// The top-level fields of `POST /v1/chat/completions` this server understands; any other is
 /// refused rather than ignored.
 pub const CHAT_FIELDS: &[&str] = &[
+    "logit_bias",
     "model",
     "messages",
     "max_tokens",
@@ -266,6 +301,7 @@ pub const CHAT_FIELDS: &[&str] = &[
 
 /// The top-level fields of `POST /v1/completions` this server understands.
 pub const COMPLETION_FIELDS: &[&str] = &[
+    "logit_bias",
     "model",
     "prompt",
     "max_tokens",
@@ -410,12 +446,15 @@ pub struct CompletionBody {
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8], fields: &[&str]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}")))?;
-    let Some(object) = value.as_object() else {
+    let Value::Object(mut object) = value else {
         return Err(ApiError::bad_request(
             "invalid_request",
             "the body must be a JSON object",
         ));
     };
+    // A null field is an absent one, as in OpenAI's API; so is an unknown one that says
+    // nothing (clients send `"logit_bias": {}` by default).
+    object.retain(|k, v| !(v.is_null() || (!fields.contains(&k.as_str()) && is_empty_value(v))));
     let mut unknown: Vec<&str> = object
         .keys()
         .map(String::as_str)
@@ -428,7 +467,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8], fields: &[&str]) -> Result<
             unknown.join(", ")
         )));
     }
-    serde_json::from_value(value)
+    serde_json::from_value(Value::Object(object))
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid request: {e}")))
 }
 
@@ -465,6 +504,20 @@ impl ChatBody {
                     ))
                 }
             };
+            for (k, v) in &m.other {
+                if is_empty_value(v) {
+                    continue;
+                }
+                return Err(match k.as_str() {
+                    "tool_calls" | "function_call" | "tool_call_id" | "audio" => unsupported(
+                        format!("messages[{i}].{k}: tool calls and audio are not supported"),
+                    ),
+                    _ => ApiError::bad_request(
+                        "invalid_request",
+                        format!("messages[{i}]: field {k} is not supported"),
+                    ),
+                });
+            }
             let text = match &m.content {
                 None => {
                     return Err(ApiError::bad_request(
@@ -696,6 +749,11 @@ mod tests {
             "unsupported_parameter"
         );
         assert!(s(r#"{"temperature":0,"seed":1}"#).is_ok());
+        assert_eq!(
+            s(r#"{"temperature":0.7,"min_p":0.1}"#).unwrap_err().code,
+            "unsupported_parameter"
+        );
+        assert!(s(r#"{"temperature":0.7,"min_p":0.1,"top_p":0.9}"#).is_ok());
         let p = s(r#"{"temperature":0.7,"top_p":0.9}"#).unwrap();
         assert_eq!(
             (p.temperature, p.top_p, p.top_k),
@@ -709,9 +767,21 @@ mod tests {
 
     #[test]
     fn fields_the_server_does_not_act_on_are_refused() {
-        let e = chat(r#"{"messages":[],"logit_bias":{},"functions":[]}"#).unwrap_err();
+        let e = chat(r#"{"messages":[],"store":true,"functions":[{}]}"#).unwrap_err();
         assert_eq!(e.code, "unsupported_parameter");
-        assert!(e.message.contains("functions, logit_bias"), "{}", e.message);
+        assert!(e.message.contains("functions, store"), "{}", e.message);
+        // Nulls and unknown fields that say nothing are absent (LangChain sends some).
+        let m = r#""messages":[{"role":"user","content":"x"}]"#;
+        assert!(chat(&format!(
+            r#"{{{m},"seed":null,"stream":null,"logit_bias":{{}},"metadata":{{}}}}"#
+        ))
+        .is_ok());
+        let e = chat(&format!(r#"{{{m},"logit_bias":{{"5":10}}}}"#))
+            .unwrap()
+            .sampling
+            .to_params()
+            .unwrap_err();
+        assert_eq!(e.code, "unsupported_parameter");
         let e = parse_body::<CompletionBody>(
             br#"{"prompt":"x","max_completion_tokens":3}"#,
             COMPLETION_FIELDS,
@@ -819,8 +889,19 @@ mod tests {
             msgs(r#"{"role":"tool","content":"x"}"#).unwrap_err().code,
             "unsupported_parameter"
         );
+        // A previous reply sent back as it came, and a participant name, are accepted.
+        assert!(
+            msgs(r#"{"role":"assistant","content":"x","tool_calls":null,"refusal":null}"#).is_ok()
+        );
+        assert!(msgs(r#"{"role":"user","content":"x","name":"ann","tool_calls":[]}"#).is_ok());
         assert_eq!(
-            msgs(r#"{"role":"user","content":"x","tool_calls":[]}"#)
+            msgs(r#"{"role":"assistant","content":"x","tool_calls":[{"id":"1"}]}"#)
+                .unwrap_err()
+                .code,
+            "unsupported_parameter"
+        );
+        assert_eq!(
+            msgs(r#"{"role":"user","content":"x","mood":"odd"}"#)
                 .unwrap_err()
                 .code,
             "invalid_request"

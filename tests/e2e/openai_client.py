@@ -122,8 +122,17 @@ def conformance(base_prompt, expected_base, expected_top):
     r = chat("", max_tokens=24, extra_body={"dnd": {"base": True}}, response_format={
         "type": "json_schema", "json_schema": {"name": "flag", "schema": schema}})
     assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool), r.choices[0].message
+    # What clients send by default is accepted: nulls, an empty logit_bias (LangChain's OpenAI
+    # class), a previous reply sent back with its null fields and a participant name.
+    ok = client.chat.completions.create(
+        model=MODEL, max_tokens=2, temperature=0, logit_bias={}, extra_body={"seed": None, "dnd": {"base": True}},
+        messages=[{"role": "user", "content": "Hi", "name": "ann"},
+                  {"role": "assistant", "content": "Hello", "tool_calls": None, "refusal": None},
+                  {"role": "user", "content": "Again"}])
+    assert ok.choices[0].message.content is not None
     # Parameters the server cannot honour are refused, not ignored.
     expect_error(400, "unsupported_parameter", lambda: chat("", logit_bias={"1": 5}))
+    expect_error(400, "unsupported_parameter", lambda: chat("", extra_body={"store": True}))
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
     expect_error(400, "unsupported_parameter", lambda: chat("", tools=[tool]))
     expect_error(400, "unsupported_parameter", lambda: client.chat.completions.create(
@@ -146,7 +155,7 @@ def named(base_prompt, expected_a1):
     # The golden PEFT adapter answers as transformers+peft does with it.
     r = client.completions.create(model="a1", prompt=base_prompt, max_tokens=8, temperature=0)
     assert r.choices[0].text == expected_a1, (r.choices[0].text, expected_a1)
-    assert dnd(r)["name"] == "a1" and dnd(r)["source"] == "loaded", dnd(r)
+    assert dnd(r)["name"] == "a1" and dnd(r)["source"] == "loaded" and r.model == "a1", (dnd(r), r.model)
     again = client.completions.create(model="a1", prompt=base_prompt, max_tokens=8, temperature=0)
     assert again.choices[0].text == expected_a1 and dnd(again)["source"] == "cached", dnd(again)
     status, _, body = http("GET", "/v1/adapters/" + dnd(r)["adapter"])
