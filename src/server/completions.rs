@@ -50,10 +50,11 @@ pub(super) async fn chat(
     let result = async {
         let req: ChatBody = parse_body(&body_or_error(body)?, CHAT_FIELDS)?;
         let (turns, message) = req.messages()?;
-        let params = req.sampling.to_params()?;
+        let params = req.common.sampling.to_params()?;
         let extras = req.extras()?;
-        let served = choose(&state, req.dnd, req.model.as_deref(), &turns).await?;
-        run(&state, served, message, params, extras, req.stream).await
+        let c = req.common;
+        let served = choose(&state, c.dnd, c.model.as_deref(), &turns).await?;
+        run(&state, served, message, params, extras, c.stream).await
     }
     .await;
     finish(&state, CHAT, result)
@@ -66,10 +67,11 @@ pub(super) async fn completion(
     let result = async {
         let req: CompletionBody = parse_body(&body_or_error(body)?, COMPLETION_FIELDS)?;
         let (turns, message) = req.prompt()?;
-        let params = req.sampling.to_params()?;
+        let params = req.common.sampling.to_params()?;
         let extras = req.extras()?;
-        let served = choose(&state, req.dnd, req.model.as_deref(), &turns).await?;
-        run(&state, served, message, params, extras, req.stream).await
+        let c = req.common;
+        let served = choose(&state, c.dnd, c.model.as_deref(), &turns).await?;
+        run(&state, served, message, params, extras, c.stream).await
     }
     .await;
     finish(&state, COMPLETIONS, result)

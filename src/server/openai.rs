@@ -351,14 +351,12 @@ fn compact(mut schema: Value) -> Value {
     schema
 }
 
-/// `POST /v1/chat/completions`.
+/// The fields both endpoints share.
 #[derive(Debug, Deserialize)]
-pub struct ChatBody {
-    /// Ignored: the server serves one model.
+pub struct Common {
+    /// A named adapter (`--lora`, `--dnd-preset`), or else the served model.
     #[serde(default)]
     pub model: Option<String>,
-    /// The conversation.
-    pub messages: Vec<ChatMessage>,
     /// Sampling.
     #[serde(flatten)]
     pub sampling: Sampling,
@@ -368,6 +366,22 @@ pub struct ChatBody {
     /// Streaming options (`include_usage`).
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// An end-user id (for the client's records; it changes no output).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The DnD extension.
+    #[serde(default)]
+    pub dnd: Option<DndExtension>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Model, sampling, streaming, the DnD extension.
+    #[serde(flatten)]
+    pub common: Common,
     /// Return each generated token's logprob.
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -386,12 +400,6 @@ pub struct ChatBody {
     /// Without tools it has nothing to act on.
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
-    /// An end-user id (for the client's records; it changes no output).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// The DnD extension.
-    #[serde(default)]
-    pub dnd: Option<DndExtension>,
 }
 
 /// `prompt` of a completion: a string, or a list holding one.
@@ -407,23 +415,15 @@ pub enum PromptField {
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionBody {
-    /// Ignored: the server serves one model.
-    #[serde(default)]
-    pub model: Option<String>,
     /// The prompt.
     pub prompt: PromptField,
-    /// Sampling.
+    /// Model, sampling, streaming, the DnD extension (`include_usage` is refused: completion
+    /// chunks carry no usage).
     #[serde(flatten)]
-    pub sampling: Sampling,
-    /// Server-sent events.
-    #[serde(default)]
-    pub stream: bool,
+    pub common: Common,
     /// Echo the prompt before the completion.
     #[serde(default)]
     pub echo: bool,
-    /// Streaming options (`include_usage` is refused: completion chunks carry no usage).
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
     /// Return each generated token's logprob and this many alternatives.
     #[serde(default)]
     pub logprobs: Option<usize>,
@@ -433,12 +433,6 @@ pub struct CompletionBody {
     /// Only 1.
     #[serde(default)]
     pub best_of: Option<usize>,
-    /// An end-user id (for the client's records; it changes no output).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// The DnD extension.
-    #[serde(default)]
-    pub dnd: Option<DndExtension>,
 }
 
 /// Parses a body: malformed JSON and schema errors are told apart, and a top-level field
@@ -609,7 +603,7 @@ impl ChatBody {
             logprobs,
             top_logprobs,
             constraint,
-            include_usage: check_stream_options(&self.stream_options, self.stream)?,
+            include_usage: check_stream_options(&self.common.stream_options, self.common.stream)?,
         })
     }
 }
@@ -635,7 +629,7 @@ impl CompletionBody {
         if let Some(k) = self.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(invalid(format!("logprobs {k} is above {MAX_TOP_LOGPROBS}")));
         }
-        if check_stream_options(&self.stream_options, self.stream)? {
+        if check_stream_options(&self.common.stream_options, self.common.stream)? {
             return Err(unsupported(
                 "stream_options.include_usage is not supported for completions",
             ));
@@ -713,13 +707,13 @@ mod tests {
             messages[0]["content"],
             Either::Left("Be terse.".to_string())
         );
-        let p = b.sampling.to_params().unwrap();
+        let p = b.common.sampling.to_params().unwrap();
         assert_eq!(
             (p.max_len, p.top_k, p.temperature),
             (Some(5), None, Some(0.0))
         );
         assert!(matches!(p.stop_toks, Some(StopTokens::Seqs(ref s)) if s == &["\n"]));
-        assert_eq!(b.dnd.unwrap().prompts.unwrap(), ["p"]);
+        assert_eq!(b.common.dnd.unwrap().prompts.unwrap(), ["p"]);
         let img: ChatBody = parse_body(
             br#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#,
             CHAT_FIELDS,
@@ -778,6 +772,7 @@ mod tests {
         .is_ok());
         let e = chat(&format!(r#"{{{m},"logit_bias":{{"5":10}}}}"#))
             .unwrap()
+            .common
             .sampling
             .to_params()
             .unwrap_err();
