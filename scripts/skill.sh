@@ -14,7 +14,7 @@
 #   family:NAME    the family's tasks left out and scored (leave-one-family-out)
 #   task:NAME      one task left out and scored (leave-one-task-out within its family)
 # Environment: LIMIT (test examples per score, sampled with SEED; 100), TRAIN_STEPS (MSE, 200),
-# TRAIN_LR (1e-3), SFT_STEPS (300), SFT_LR (1e-4), SYSTEM_SHARE (0.5), EVAL_MSE (score the MSE
+# TRAIN_LR (1e-3), SFT_STEPS (600), SFT_LR (3e-4), SYSTEM_SHARE (0.5), EVAL_MSE (score the MSE
 # generators too: 1 for every holdout; default only for `all`), VARIANTS (the generators scored,
 # overriding that: e.g. "sft"; "sft-bare" also trains the SFT variant whose loss sees no system
 # prompt on a BARE_SHARE of its examples, 0.5), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
@@ -26,7 +26,7 @@ which="${1:-smollm2}"
 # shellcheck source=scripts/lib/skill-common.sh
 . "$root/scripts/lib/skill-common.sh"
 TRAIN_STEPS="${TRAIN_STEPS:-200}" TRAIN_LR="${TRAIN_LR:-1e-3}"
-SFT_STEPS="${SFT_STEPS:-300}" SFT_LR="${SFT_LR:-1e-4}"
+SFT_STEPS="${SFT_STEPS:-600}" SFT_LR="${SFT_LR:-3e-4}"
 SYSTEM_SHARE="${SYSTEM_SHARE:-0.5}" BARE_SHARE="${BARE_SHARE:-0.5}"
 "$root/scripts/fetch-assets.sh" encoder >/dev/null
 
