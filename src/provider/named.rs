@@ -100,20 +100,15 @@ pub fn check_peft(
     if let Some(shape) = shape {
         adapter.check_fits(shape)?;
     }
-    adapter.check_finite()?;
-    // Finite in f32 is not enough: the weights must survive the cast to the model's dtype.
-    to_sequence_lora(&adapter, "check", &Device::Cpu, dtype)?;
+    // The engine's copy, as a request would get it: its weights are checked finite in the
+    // model's dtype (finite in f32 is not enough), and it tells the bytes on the device.
+    let lora = to_sequence_lora(&adapter, "check", &Device::Cpu, dtype)?;
     let content = content_fingerprint(dir)?;
-    let elements: usize = adapter
-        .pairs()
-        .values()
-        .map(|p| p.a.elem_count() + p.b.elem_count())
-        .sum();
     Ok(NamedAdapter::Peft {
         dir: dir.to_path_buf(),
         key: AdapterKey::new(&format!("peft:{content}"), base_model_id, &[]),
         content,
-        bytes: elements * dtype.size_in_bytes(),
+        bytes: lora.size_in_bytes(),
     })
 }
 

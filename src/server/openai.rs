@@ -111,31 +111,19 @@ impl Sampling {
     /// The engine's sampling parameters.
     pub fn to_params(&self) -> Result<SamplingParams, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
-                "only n = 1 is supported",
-            ));
+            return Err(unsupported("only n = 1 is supported"));
         }
         let max_len = self.max_completion_tokens.or(self.max_tokens);
         if max_len == Some(0) {
-            return Err(ApiError::bad_request(
-                "invalid_parameter",
-                "max_tokens must be at least 1",
-            ));
+            return Err(invalid("max_tokens must be at least 1"));
         }
         if let Some(t) = self.temperature {
             if !(0.0..=2.0).contains(&t) {
-                return Err(ApiError::bad_request(
-                    "invalid_parameter",
-                    format!("temperature {t} is outside [0, 2]"),
-                ));
+                return Err(invalid(format!("temperature {t} is outside [0, 2]")));
             }
         }
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
-                "logit_bias is not supported by this server",
-            ));
+            return Err(unsupported("logit_bias is not supported by this server"));
         }
         let greedy = self.temperature.is_none_or(|t| t == 0.0);
         // mistral.rs 0.8.1 applies min-p only after a top-p cut (0 < top_p < 1).
@@ -143,15 +131,13 @@ impl Sampling {
             && self.min_p.is_some_and(|m| m > 0.0)
             && self.top_p.is_none_or(|p| p <= 0.0 || p >= 1.0)
         {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
+            return Err(unsupported(
                 "min_p needs top_p between 0 and 1 with this engine (it applies min-p after the \
                  top-p cut only)",
             ));
         }
         if self.seed.is_some() && !greedy {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
+            return Err(unsupported(
                 "seed: per-request seeds are not supported when sampling (temperature > 0); \
                  greedy requests (temperature 0) are deterministic without one",
             ));
@@ -650,10 +636,10 @@ impl CompletionBody {
             PromptField::One(s) => s.clone(),
             PromptField::Many(v) if v.len() == 1 => v[0].clone(),
             PromptField::Many(v) => {
-                return Err(ApiError::bad_request(
-                    "unsupported_parameter",
-                    format!("{} prompts in one request; send one per request", v.len()),
-                ))
+                return Err(unsupported(format!(
+                    "{} prompts in one request; send one per request",
+                    v.len()
+                )))
             }
         };
         Ok((
