@@ -35,6 +35,10 @@ pub enum DndError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A name or other unique thing already taken (an adapter name given twice).
+    #[error("{0}")]
+    Conflict(String),
+
     /// A model, checkpoint or adapter whose contents do not fit what was expected.
     #[error("{0}")]
     Incompatible(String),

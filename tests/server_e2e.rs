@@ -192,6 +192,39 @@ fn openai_client_sees_specialised_cached_and_base_answers() {
     std::fs::write(&preset, "Is snow hot?\nIs grass green?\n").unwrap();
     let lora = format!("a1={}", golden_path("tiny-qwen2/adapter1").display());
     let preset = format!("yesno={}", preset.display());
+    // The adapter root for runtime loading: both golden adapters, a pickled folder, and a
+    // link to a folder outside it.
+    let root = dir.join("root");
+    let outside = dir.join("outside");
+    for a in ["adapter1", "adapter2"] {
+        std::fs::create_dir_all(root.join(a)).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(
+                golden_path(&format!("tiny-qwen2/{a}/{f}")),
+                root.join(a).join(f),
+            )
+            .unwrap();
+        }
+    }
+    std::fs::create_dir_all(root.join("pickle")).unwrap();
+    std::fs::copy(
+        golden_path("tiny-qwen2/adapter1/adapter_config.json"),
+        root.join("pickle/adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(root.join("pickle/adapter_model.bin"), b"not loaded").unwrap();
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            golden_path(&format!("tiny-qwen2/adapter1/{f}")),
+            outside.join(f),
+        )
+        .unwrap();
+    }
+    let escape = root.join("escape");
+    let _ = std::fs::remove_file(&escape);
+    std::os::unix::fs::symlink(&outside, &escape).unwrap();
     let server = start_server(
         &[
             "--dnd-cache-entries",
@@ -200,12 +233,25 @@ fn openai_client_sees_specialised_cached_and_base_answers() {
             &lora,
             "--dnd-preset",
             &preset,
+            "--adapter-root",
+            root.to_str().unwrap(),
         ],
         "e2e",
     );
     let (prompt, expected, top) = golden_base_continuation();
     let with_a1 = golden_adapter_continuation("adapter1");
-    python(&[&server.url, "e2e", &prompt, &expected, &top, &with_a1]);
+    let with_a2 = golden_adapter_continuation("adapter2");
+    assert_ne!(with_a1, with_a2, "the two golden adapters answer alike");
+    python(&[
+        &server.url,
+        "e2e",
+        &prompt,
+        &expected,
+        &top,
+        &with_a1,
+        &with_a2,
+        outside.to_str().unwrap(),
+    ]);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use mistralrs_dnd::cache::CacheLimits;
 use mistralrs_dnd::engine::set_adapter_provider;
 use mistralrs_dnd::policy::{PromptPolicy, PromptSource};
 use mistralrs_dnd::provider::{DndProvider, ProviderOptions};
-use mistralrs_dnd::server::{router, ServerState};
+use mistralrs_dnd::server::{router, RuntimeLoading, ServerState};
 
 #[derive(Parser)]
 #[command(
@@ -101,6 +101,11 @@ struct DndArgs {
     /// under a name, NAME=FILE (repeatable).
     #[arg(long = "dnd-preset", value_name = "NAME=FILE")]
     dnd_preset: Vec<String>,
+    /// Allow `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's runtime LoRA
+    /// updating): PEFT folders inside DIR, safetensors weights only, may be served by name
+    /// while the server runs. Off when absent.
+    #[arg(long, value_name = "DIR")]
+    adapter_root: Option<PathBuf>,
 }
 
 /// `NAME=VALUE` of `--lora` and `--dnd-preset`.
@@ -327,6 +332,9 @@ async fn main() -> Result<()> {
     {
         bail!("--lora and --dnd-preset need --adapter-provider dnd (the per-request adapter hook)");
     }
+    if args.adapter_provider.is_none() && args.dnd.adapter_root.is_some() {
+        bail!("--adapter-root needs --adapter-provider dnd (the per-request adapter hook)");
+    }
     let (model, name, shape_path, act) = load_model(&args).await?;
     let models = model.inner().list_models().map_err(anyhow::Error::msg)?;
     let model_id = models
@@ -346,7 +354,16 @@ async fn main() -> Result<()> {
         }
         None => None,
     };
-    let app = router(ServerState::new(model, name, provider));
+    let runtime = match &args.dnd.adapter_root {
+        Some(root) => {
+            let shape = BaseModelShape::from_path(&shape_path)?;
+            Some(RuntimeLoading::new(root, shape).context("--adapter-root")?)
+        }
+        None => None,
+    };
+    let app = router(ServerState::with_runtime_loading(
+        model, name, provider, runtime,
+    ));
     let listener = tokio::net::TcpListener::bind((args.serve_ip.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.serve_ip, args.port))?;

@@ -286,6 +286,29 @@ impl DndProvider {
         shape: Option<&BaseModelShape>,
         reserved: &[&str],
     ) -> Result<()> {
+        self.put_peft(name, dir, shape, reserved, false)
+    }
+
+    /// As [`add_peft`](Self::add_peft), but an adapter already served under `name` is replaced
+    /// (vLLM's `load_inplace`): requests that start afterwards get the new one.
+    pub fn replace_peft(
+        &self,
+        name: &str,
+        dir: &Path,
+        shape: Option<&BaseModelShape>,
+        reserved: &[&str],
+    ) -> Result<()> {
+        self.put_peft(name, dir, shape, reserved, true)
+    }
+
+    fn put_peft(
+        &self,
+        name: &str,
+        dir: &Path,
+        shape: Option<&BaseModelShape>,
+        reserved: &[&str],
+        replace: bool,
+    ) -> Result<()> {
         let adapter = named::check_peft(dir, shape, &self.opts.base_model_id, self.opts.dtype)?;
         if let NamedAdapter::Peft { bytes, .. } = &adapter {
             if *bytes > self.opts.limits.max_bytes {
@@ -297,7 +320,38 @@ impl DndProvider {
                 )));
             }
         }
-        self.lock_named_mut().insert(name, adapter, reserved)
+        let mut named = self.lock_named_mut();
+        let old = if replace { named.remove(name) } else { None };
+        if let Err(e) = named.insert(name, adapter, reserved) {
+            // Nothing changes when the new one is refused.
+            if let Some(old) = old {
+                named.insert(name, old, &[])?;
+            }
+            return Err(e);
+        }
+        drop(named);
+        if let Some(old) = old {
+            self.drop_cached(&old);
+        }
+        Ok(())
+    }
+
+    /// Stops serving `name`; returns its kind (`peft`, `preset`), or `None` when nothing is
+    /// served under it. Requests already running keep their adapter; a PEFT adapter's cached
+    /// copy is evicted (or, while requests use it, left to the cache's LRU order).
+    pub fn remove_named(&self, name: &str) -> Option<&'static str> {
+        let old = self.lock_named_mut().remove(name)?;
+        self.drop_cached(&old);
+        Some(old.kind())
+    }
+
+    /// Evicts a named PEFT adapter's cached copy, which nothing else can name. A preset's
+    /// adapter stays: it is any request's adapter for those prompts.
+    fn drop_cached(&self, adapter: &NamedAdapter) {
+        if let NamedAdapter::Peft { key, .. } = adapter {
+            // In use: it leaves by LRU once its requests end; absent: nothing to do.
+            let _ = self.cache.remove(key);
+        }
     }
 
     /// Serves the adapter generated from `prompts` under `name` (checked by the policy's

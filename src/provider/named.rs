@@ -79,12 +79,17 @@ impl NamedAdapters {
             )));
         }
         if self.by_name.contains_key(name) {
-            return Err(DndError::InvalidInput(format!(
-                "adapter name {name:?} is given twice"
+            return Err(DndError::Conflict(format!(
+                "adapter name {name:?} is already served"
             )));
         }
         self.by_name.insert(name.to_string(), adapter);
         Ok(())
+    }
+
+    /// Stops serving `name`, returning its adapter.
+    pub fn remove(&mut self, name: &str) -> Option<NamedAdapter> {
+        self.by_name.remove(name)
     }
 }
 
@@ -173,5 +178,7 @@ mod tests {
             n.iter().map(|(k, a)| (k, a.kind())).collect::<Vec<_>>(),
             [("a", "preset")]
         );
+        assert!(n.remove("a").is_some() && n.remove("a").is_none());
+        n.insert("a", preset(), &["base"]).unwrap();
     }
 }

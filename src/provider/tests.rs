@@ -324,3 +324,37 @@ async fn named_adapters_are_checked_at_start_and_served_by_name() {
     let preset = p.resolve_named("yesno").await.unwrap().unwrap();
     assert_eq!(preset.key, Some(p.key_for(&["Is fire cold?".to_string()])));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_adapters_are_replaced_and_removed_at_runtime() {
+    let p = provider(false, PromptSource::Auto);
+    let golden = root().join("tests/fixtures/golden");
+    let qwen = BaseModelShape::from_path(golden.join("tiny-qwen2")).unwrap();
+    let (a1, a2) = (
+        golden.join("tiny-qwen2/adapter1"),
+        golden.join("tiny-qwen2/adapter2"),
+    );
+    p.add_peft("x", &a1, Some(&qwen), &[]).unwrap();
+    let first = p.resolve_named("x").await.unwrap().unwrap();
+    let k1 = first.key.clone().unwrap();
+    drop(first);
+    assert!(p.cache().peek_meta(&k1).is_some());
+    // A refused replacement leaves the old adapter served.
+    assert!(p
+        .replace_peft("x", &golden.join("nowhere"), Some(&qwen), &[])
+        .is_err());
+    assert_eq!(
+        p.resolve_named("x").await.unwrap().unwrap().key,
+        Some(k1.clone())
+    );
+    // Replaced: the new folder's adapter under the old name, the old one's copy evicted.
+    p.replace_peft("x", &a2, Some(&qwen), &[]).unwrap();
+    let second = p.resolve_named("x").await.unwrap().unwrap();
+    assert_ne!(second.key, Some(k1.clone()));
+    assert!(p.cache().peek_meta(&k1).is_none());
+    // Removed while a request holds it: no longer served by name, its copy leaves later.
+    assert_eq!(p.remove_named("x"), Some("peft"));
+    assert!(p.resolve_named("x").await.is_none());
+    assert!(p.cache().peek_meta(second.key.as_ref().unwrap()).is_some());
+    assert_eq!(p.remove_named("x"), None);
+}

@@ -100,6 +100,9 @@ async fn choose(
 ) -> Result<Served, ApiError> {
     let ext = ext.unwrap_or_default();
     let Some(provider) = &state.provider else {
+        if let Some(m) = model {
+            state.check_base_model(m)?;
+        }
         if ext.prompts.is_some() || ext.adapter.is_some() {
             return Err(state.provider().err().expect("no provider"));
         }
@@ -123,6 +126,7 @@ async fn choose(
             }
             return Ok(served?);
         }
+        state.check_base_model(name)?;
     }
     if ext.base {
         return Ok(Served::default());

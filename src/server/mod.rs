@@ -6,6 +6,8 @@
 //!   `x-dnd-adapter` headers).
 //! - `GET /v1/adapters`, `GET /v1/adapters/{key}`, `GET /v1/adapters/{key}/peft` (a tar of the
 //!   PEFT folder), `DELETE /v1/adapters/{key}`.
+//! - `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` (vLLM's shape; PEFT
+//!   folders under `--adapter-root` only).
 //! - `GET /metrics` (Prometheus), `GET /v1/models`, `GET /health`.
 
 mod adapters;
@@ -14,6 +16,7 @@ pub mod error;
 mod logprobs;
 mod metrics;
 pub mod openai;
+mod runtime_adapters;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -26,6 +29,7 @@ use serde_json::json;
 use crate::provider::DndProvider;
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
+pub use runtime_adapters::RuntimeLoading;
 
 /// What every handler shares.
 pub struct ServerState {
@@ -37,6 +41,8 @@ pub struct ServerState {
     pub provider: Option<Arc<DndProvider>>,
     /// Request counters.
     pub metrics: HttpMetrics,
+    /// Where `POST /v1/load_lora_adapter` may load from; off when `None`.
+    pub runtime: Option<RuntimeLoading>,
     next_id: AtomicUsize,
 }
 
@@ -47,14 +53,43 @@ impl ServerState {
         model_name: impl Into<String>,
         provider: Option<Arc<DndProvider>>,
     ) -> Arc<Self> {
+        Self::with_runtime_loading(engine, model_name, provider, None)
+    }
+
+    /// As [`new`](Self::new), with named adapters loaded and unloaded at runtime from the
+    /// folder `runtime` names.
+    pub fn with_runtime_loading(
+        engine: mistralrs::Model,
+        model_name: impl Into<String>,
+        provider: Option<Arc<DndProvider>>,
+        runtime: Option<RuntimeLoading>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             engine,
             model_name: model_name.into(),
             provider,
             metrics: HttpMetrics::default(),
+            runtime,
             // Ids far from those an embedding application might pick for its own requests.
             next_id: AtomicUsize::new(1 << 40),
         })
+    }
+
+    /// Refuses a `model` that is not the base model (its name or `default`); the caller has
+    /// looked for a named adapter first. A typo must not be answered by another model.
+    pub(crate) fn check_base_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_name || model == "default" {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!(
+                "the model {model:?} does not exist here: use {:?} (or \"default\") for the \
+                 base model, or a name GET /v1/models lists",
+                self.model_name
+            ),
+        ))
     }
 
     fn provider(&self) -> Result<&Arc<DndProvider>, ApiError> {
@@ -81,6 +116,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
             get(adapters::show).delete(adapters::remove),
         )
         .route("/v1/adapters/{key}/peft", get(adapters::export))
+        .route("/v1/load_lora_adapter", post(runtime_adapters::load))
+        .route("/v1/unload_lora_adapter", post(runtime_adapters::unload))
         .route("/metrics", get(metrics::prometheus))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {

@@ -1,6 +1,7 @@
 """Drives a running `mistralrs-server --adapter-provider dnd` with the real `openai` client.
 
-    python openai_client.py BASE_URL e2e  BASE_PROMPT EXPECTED_BASE_TEXT
+    python openai_client.py BASE_URL e2e  BASE_PROMPT EXPECTED_BASE_TEXT EXPECTED_TOP5 \
+        EXPECTED_A1_TEXT EXPECTED_A2_TEXT OUTSIDE_DIR
     python openai_client.py BASE_URL load BUDGET_BYTES
     python openai_client.py BASE_URL abstain TRAINED_SYSTEM_PROMPT
     python openai_client.py BASE_URL concurrent MODEL_NAME
@@ -169,9 +170,58 @@ def named(base_prompt, expected_a1):
         model="a1", prompt="x", max_tokens=2, extra_body={"dnd": {"base": True}}))
 
 
-def e2e(base_prompt, expected_base, expected_top, expected_a1):
+def runtime(base_prompt, expected_a1, expected_a2, outside):
+    """Named adapters loaded and unloaded while the server runs (vLLM's endpoints), from
+    folders under --adapter-root only."""
+    def post(path, **body):
+        status, _, raw = http("POST", path, json.dumps(body))
+        return status, json.loads(raw)
+
+    status, body = post("/v1/load_lora_adapter", lora_name="a2", lora_path="adapter2")
+    assert status == 200 and body["loaded"], body
+    listed = {m.id: m.model_extra.get("dnd") for m in client.models.list().data}
+    assert listed.get("a2") == {"kind": "peft"}, listed
+    # The loaded folder answers as transformers+peft does with it.
+    r = client.completions.create(model="a2", prompt=base_prompt, max_tokens=8, temperature=0)
+    assert r.choices[0].text == expected_a2, (r.choices[0].text, expected_a2)
+    assert dnd(r)["name"] == "a2" and dnd(r)["source"] == "loaded", dnd(r)
+    refused = [
+        ({"lora_name": "a2", "lora_path": "adapter1"}, 409, "adapter_exists"),
+        ({"lora_name": "a3", "lora_path": outside}, 400, "adapter_path_outside_root"),
+        ({"lora_name": "a3", "lora_path": "../outside"}, 400, "adapter_path_outside_root"),
+        ({"lora_name": "a3", "lora_path": "escape"}, 400, "adapter_path_outside_root"),
+        ({"lora_name": "a3", "lora_path": "pickle"}, 400, "invalid_adapter"),
+        ({"lora_name": "a3", "lora_path": "nowhere"}, 404, "adapter_path_not_found"),
+        ({"lora_name": "a3"}, 400, "invalid_request"),
+        ({"lora_name": "a3", "lora_path": "adapter2", "lora_int_id": 3}, 400, "unsupported_parameter"),
+        ({"lora_name": "tiny-qwen2", "lora_path": "adapter2"}, 400, "invalid_adapter"),
+    ]
+    for req, want_status, want_code in refused:
+        status, body = post("/v1/load_lora_adapter", **req)
+        assert (status, body["error"]["code"]) == (want_status, want_code), (req, status, body)
+    # Replaced in place: the same name now answers with the other folder's weights.
+    status, body = post("/v1/load_lora_adapter", lora_name="a2", lora_path="adapter1",
+                        load_inplace=True)
+    assert status == 200, body
+    r = client.completions.create(model="a2", prompt=base_prompt, max_tokens=8, temperature=0)
+    assert r.choices[0].text == expected_a1, (r.choices[0].text, expected_a1)
+    status, body = post("/v1/unload_lora_adapter", lora_name="a2")
+    assert status == 200 and body["unloaded"], body
+    # Gone: a request naming it is refused, not answered by another model.
+    expect_error(404, "model_not_found", lambda: client.completions.create(
+        model="a2", prompt="x", max_tokens=2))
+    assert "a2" not in {m.id for m in client.models.list().data}
+    status, body = post("/v1/unload_lora_adapter", lora_name="a2")
+    assert (status, body["error"]["code"]) == (404, "adapter_not_found"), body
+    expect_error(404, "model_not_found", lambda: client.completions.create(
+        model="tiny-qwen3", prompt="x", max_tokens=2))
+    assert client.completions.create(model="default", prompt="x", max_tokens=2).choices
+
+
+def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outside):
     summary = {}
     named(base_prompt, expected_a1)
+    runtime(base_prompt, expected_a1, expected_a2, outside)
     # Two system prompts: two adapters, each generated once.
     a = chat("You answer science questions with A, B, C or D.")
     b = chat("You translate English sentences into French.")
@@ -286,6 +336,9 @@ def e2e(base_prompt, expected_base, expected_top, expected_a1):
 
 
 def load(budget):
+    # Without --adapter-root, runtime loading is refused.
+    status, _, body = http("POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "x", "lora_path": "y"}))
+    assert (status, json.loads(body)["error"]["code"]) == (403, "runtime_loading_disabled"), body
     topics = ["algebra", "poetry", "chemistry", "football", "cooking", "law", "astronomy",
               "music theory", "gardening", "medicine", "chess", "geology", "finance",
               "knitting", "robotics", "mythology"]
@@ -367,7 +420,7 @@ def concurrent():
 
 
 if MODE == "e2e":
-    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), sys.argv[6])))
+    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), *sys.argv[6:9])))
 elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
 elif MODE == "abstain":
