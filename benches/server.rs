@@ -21,7 +21,7 @@ use mistralrs_dnd::cache::CacheLimits;
 use mistralrs_dnd::engine::set_adapter_provider;
 use mistralrs_dnd::generator::{presets, ConditionDecoder};
 use mistralrs_dnd::policy::{Condition, PromptPolicy, PromptSource};
-use mistralrs_dnd::provider::{DndProvider, ProviderOptions};
+use mistralrs_dnd::provider::{DndProvider, GenerationShare, ProviderOptions};
 use mistralrs_dnd::server::{router, ServerState};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -180,6 +180,8 @@ async fn main() {
             dtype: DType::F32,
             base_model_id: FILE.into(),
             abstain_distance: None,
+            reuse_distance: None,
+            generation: Default::default(),
         },
     )
     .unwrap();
@@ -244,6 +246,40 @@ async fn main() {
         ));
     }
 
+    // 4. Decoding while cold prompt sets arrive: `decoders` base requests decode `decode_tokens`
+    // each, alone and with 16 one-token requests for distinct cold prompt sets sent at the
+    // same moment, under each generation share (the provider's pool is swapped between runs).
+    let decoders = arg("--decoders", 4);
+    let decode_tokens = arg("--decode-tokens", 48);
+    let shares = [
+        (
+            "every core, engine priority (library default)",
+            GenerationShare::default(),
+        ),
+        (
+            "1 thread, engine priority",
+            GenerationShare {
+                threads: 1,
+                nice: 0,
+            },
+        ),
+        (
+            "1 thread, nice 10 (server default on 2 cores)",
+            GenerationShare {
+                threads: 1,
+                nice: 10,
+            },
+        ),
+    ];
+    let mut stall_rows = Vec::new();
+    for (round, (label, share)) in shares.iter().enumerate() {
+        provider.set_generation_share(*share).unwrap();
+        let alone = decode_rate(&client, decoders, decode_tokens, None).await;
+        let (loaded, cold_ms) =
+            decode_rate(&client, decoders, decode_tokens, Some(10_000 * (round + 1))).await;
+        stall_rows.push((*label, alone.0, loaded, cold_ms));
+    }
+
     println!(
         "\nDnD server, SmolLM2-135M Q4_1 GGUF, CPU ({} threads)",
         rayon_threads()
@@ -273,6 +309,66 @@ async fn main() {
             rps / base_rps
         );
     }
+    println!(
+        "\n{decoders} base requests decoding {decode_tokens} tokens, alone and while 16 one-token \
+         requests for cold prompt sets arrive"
+    );
+    println!("| generation share | decode tok/s alone | with 16 cold sets | ratio | cold request, median | goal |");
+    println!("|---|---|---|---|---|---|");
+    for (label, alone, loaded, cold_ms) in stall_rows {
+        println!(
+            "| {label} | {alone:.1} | {loaded:.1} | {:.2} | {cold_ms:.0} ms | ≥ 0.85 |",
+            loaded / alone
+        );
+    }
+}
+
+/// Aggregate decode tokens/s of `decoders` concurrent base requests of `tokens` tokens, and,
+/// when `cold` gives a prompt-set offset, with 16 one-token requests for fresh prompt sets sent
+/// at the same time: then also their median completion time (generation included), in ms.
+async fn decode_rate(
+    client: &Arc<Client>,
+    decoders: usize,
+    tokens: usize,
+    cold: Option<usize>,
+) -> (f64, f64) {
+    let t0 = Instant::now();
+    let base: Vec<_> = (0..decoders)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                let v = c.complete(json!({"base": true}), tokens).await;
+                v["usage"]["completion_tokens"].as_u64().unwrap_or(0)
+            })
+        })
+        .collect();
+    let misses: Vec<_> = (0..cold.map_or(0, |_| 16))
+        .map(|i| {
+            let c = client.clone();
+            let set = cold.unwrap_or(0) + i;
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let v = c.complete(json!({"prompts": prompts(set)}), 1).await;
+                assert_eq!(v["dnd"]["source"], "generated", "{v}");
+                t.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    let mut generated = 0;
+    for t in base {
+        generated += t.await.unwrap();
+    }
+    let rate = generated as f64 / t0.elapsed().as_secs_f64();
+    let mut waits = Vec::new();
+    for t in misses {
+        waits.push(t.await.unwrap());
+    }
+    let cold_ms = if waits.is_empty() {
+        0.0
+    } else {
+        median(waits) * 1e3
+    };
+    (rate, cold_ms)
 }
 
 fn rayon_threads() -> usize {

@@ -276,7 +276,16 @@ fn sixty_four_concurrent_requests_over_sixteen_prompt_sets_with_room_for_four() 
 #[test]
 fn ordinary_chat_far_from_the_trained_conditions_gets_the_base_model() {
     let trained = "Add the two numbers and reply with the sum.";
-    let server = start_server_with(&["--dnd-abstain-distance", "0.5"], "abstain", Some(trained));
+    let server = start_server_with(
+        &[
+            "--dnd-abstain-distance",
+            "0.5",
+            "--dnd-reuse-distance",
+            "0.3",
+        ],
+        "abstain",
+        Some(trained),
+    );
     python(&[&server.url, "abstain", trained]);
 }
 

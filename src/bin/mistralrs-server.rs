@@ -16,7 +16,7 @@ use mistralrs_dnd::adapters::BaseModelShape;
 use mistralrs_dnd::cache::CacheLimits;
 use mistralrs_dnd::engine::set_adapter_provider;
 use mistralrs_dnd::policy::{PromptPolicy, PromptSource};
-use mistralrs_dnd::provider::{DndProvider, ProviderOptions};
+use mistralrs_dnd::provider::{DndProvider, GenerationShare, ProviderOptions};
 use mistralrs_dnd::server::{router, RuntimeLoading, ServerState};
 
 #[derive(Parser)]
@@ -93,6 +93,11 @@ struct DndArgs {
     /// absent; README "Abstention" gives the measured choice.
     #[arg(long)]
     dnd_abstain_distance: Option<f32>,
+    /// Serve a cached adapter whose condition lies within this distance of a new request's
+    /// (1 - cosine of pooled encodings) instead of generating one: source `similar`, with the
+    /// distance. Off when absent; README "Semantic reuse" gives the measured trade-off.
+    #[arg(long)]
+    dnd_reuse_distance: Option<f32>,
     /// Serve a PEFT LoRA folder under a name, NAME=DIR (repeatable): requests whose `model`
     /// is NAME get it. Loaded into the adapter cache when used.
     #[arg(long = "lora", value_name = "NAME=DIR")]
@@ -106,6 +111,13 @@ struct DndArgs {
     /// while the server runs. Off when absent.
     #[arg(long, value_name = "DIR")]
     adapter_root: Option<PathBuf>,
+    /// Threads adapter generation uses (0: every core, shared with decoding); default half the
+    /// cores, so that sequences already decoding keep going while adapters are generated.
+    #[arg(long)]
+    dnd_generation_threads: Option<usize>,
+    /// Nice value of the generation threads (Linux, 0-19): higher yields more CPU to decoding.
+    #[arg(long, default_value_t = 10)]
+    dnd_generation_nice: i32,
 }
 
 /// `NAME=VALUE` of `--lora` and `--dnd-preset`.
@@ -272,6 +284,13 @@ fn build_provider(
             dtype,
             base_model_id: name.to_string(),
             abstain_distance: d.dnd_abstain_distance,
+            reuse_distance: d.dnd_reuse_distance,
+            generation: GenerationShare {
+                threads: d
+                    .dnd_generation_threads
+                    .unwrap_or(GenerationShare::background().threads),
+                nice: d.dnd_generation_nice,
+            },
         },
     )
     .with_context(|| format!("loading the generator {}", gen.display()))?;

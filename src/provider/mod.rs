@@ -8,6 +8,7 @@
 
 mod error;
 mod named;
+mod share;
 mod turns;
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use mistralrs_core::adapter_provider::{
     AdapterError, AdapterProvider, AdapterRequest, SequenceLora,
 };
@@ -27,11 +28,12 @@ use crate::cache::{
 };
 use crate::engine::to_sequence_lora;
 use crate::error::{DndError, Result};
-use crate::generator::anchors::Nearest;
+use crate::generator::anchors::{Anchors, Nearest};
 use crate::generator::{Generator, LoadOptions};
 use crate::policy::{Condition, PromptPolicy};
 pub use error::{GenerationError, ProviderError};
 pub use named::{NamedAdapter, NamedAdapters};
+pub use share::GenerationShare;
 pub use turns::turns_of;
 
 impl Weighed for SequenceLora {
@@ -48,6 +50,9 @@ pub struct AdapterMeta {
     pub prompts: Arc<Vec<String>>,
     /// Generated, or loaded from a named PEFT folder.
     pub origin: Origin,
+    /// The prompts' pooled embedding, kept for semantic reuse (generated adapters, when
+    /// [`ProviderOptions::reuse_distance`] is set).
+    pub embedding: Option<Tensor>,
 }
 
 /// Where a cached adapter came from.
@@ -84,6 +89,12 @@ pub struct ProviderOptions {
     /// training condition of the generator exceeds this (see
     /// [`crate::generator::anchors`]); needs a generator with anchors. `None`: never.
     pub abstain_distance: Option<f32>,
+    /// Serve a cached generated adapter whose condition lies within this distance of a new
+    /// prompt set's (1 - cosine of the pooled encoder embeddings, as for abstention) instead
+    /// of generating one; reported as source `similar` with the distance. `None`: never.
+    pub reuse_distance: Option<f32>,
+    /// The cores and priority generations (and condition embeddings) run with.
+    pub generation: GenerationShare,
 }
 
 /// Which adapter a request got.
@@ -104,6 +115,9 @@ pub struct Served {
     pub name: Option<String>,
     /// Whether the adapter is a PEFT folder (loaded, not generated).
     pub peft: bool,
+    /// Set when a cached adapter for a similar condition was served instead of generating
+    /// one: the distance between the two conditions.
+    pub similar: Option<f32>,
 }
 
 /// A generator, its adapter cache and the prompt policy, as an engine adapter provider.
@@ -118,6 +132,8 @@ pub struct DndProvider {
     nearest: Mutex<HashMap<AdapterKey, Nearest>>,
     /// Adapters served under a name.
     named: RwLock<NamedAdapters>,
+    /// Where generations run (`None`: rayon's global pool).
+    pool: RwLock<Option<Arc<rayon::ThreadPool>>>,
 }
 
 /// Most remembered abstention decisions (the map is cleared when full).
@@ -171,7 +187,9 @@ impl DndProvider {
                 opts.limits.max_bytes
             )));
         }
+        let pool = opts.generation.pool()?;
         Ok(Arc::new(Self {
+            pool: RwLock::new(pool),
             generator: Arc::new(generator),
             generator_id: generator_id.into(),
             cache: LoraCache::new(opts.limits),
@@ -196,6 +214,17 @@ impl DndProvider {
     /// The options (with `max_prompts` clamped to the generator's N).
     pub fn options(&self) -> &ProviderOptions {
         &self.opts
+    }
+
+    /// Changes where later generations run (those under way finish where they are).
+    pub fn set_generation_share(&self, share: GenerationShare) -> Result<()> {
+        let pool = share.pool()?;
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
+        Ok(())
+    }
+
+    fn generation_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The adapter cache.
@@ -228,26 +257,44 @@ impl DndProvider {
             Condition::Prompts(p) => normalize_prompts(&p),
         };
         let key = AdapterKey::new(&self.generator_id, &self.opts.base_model_id, &prompts);
-        if let Some(limit) = self.opts.abstain_distance {
-            // A cached adapter passed this test when it was made.
-            if self.cache.peek_meta(&key).is_none() {
-                let near = self.nearest_of(&key, &prompts).await?;
-                if near.distance > limit {
-                    tracing::debug!(adapter = %key, distance = near.distance, "abstained");
-                    return Ok(Served {
-                        abstained: Some(near),
-                        ..Served::default()
-                    });
-                }
+        // A cached adapter passed the abstention test when it was made, and needs no stand-in.
+        let cached = self.cache.peek_meta(&key).is_some();
+        let (abstain, reuse) = (self.opts.abstain_distance, self.opts.reuse_distance);
+        let remembered = abstain.and_then(|_| self.remembered_nearest(&key));
+        let embedding =
+            if !cached && (reuse.is_some() || (abstain.is_some() && remembered.is_none())) {
+                Some(self.embed(&prompts).await?)
+            } else {
+                None
+            };
+        if let (Some(limit), false) = (abstain, cached) {
+            let near = match remembered {
+                Some(n) => n,
+                None => self.nearest_of(&key, embedding.as_ref())?,
+            };
+            if near.distance > limit {
+                tracing::debug!(adapter = %key, distance = near.distance, "abstained");
+                return Ok(Served {
+                    abstained: Some(near),
+                    ..Served::default()
+                });
+            }
+        }
+        if let (Some(limit), Some(e)) = (reuse, &embedding) {
+            if let Some(served) = self.similar(e, limit) {
+                return Ok(served);
             }
         }
         let prompts = Arc::new(prompts);
         let make = {
             let (generator, prompts, key) = (self.generator.clone(), prompts.clone(), key.clone());
             let (device, dtype) = (self.opts.device.clone(), self.opts.dtype);
+            let pool = self.generation_pool();
             move || async move {
                 tokio::task::spawn_blocking(move || {
-                    generate_lora(&generator, &prompts, &key, &device, dtype)
+                    share::run_in(pool.as_deref(), || {
+                        generate_lora(&generator, &prompts, &key, &device, dtype)
+                    })
                 })
                 .await
                 .unwrap_or_else(|e| Err(GenerationError::Failed(format!("generation task: {e}"))))
@@ -260,6 +307,7 @@ impl DndProvider {
                 AdapterMeta {
                     prompts,
                     origin: Origin::Generated,
+                    embedding: embedding.filter(|_| reuse.is_some()),
                 },
                 self.adapter_bytes,
                 make,
@@ -448,29 +496,83 @@ impl DndProvider {
         self.named.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The training condition nearest to a prompt set (remembered by key).
-    async fn nearest_of(
-        &self,
-        key: &AdapterKey,
-        prompts: &[String],
-    ) -> std::result::Result<Nearest, ProviderError> {
-        let memo = || self.nearest.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = memo().get(key) {
-            return Ok(n.clone());
-        }
+    /// The pooled embedding of a prompt set (in the generation pool: an encoder pass).
+    async fn embed(&self, prompts: &[String]) -> std::result::Result<Tensor, ProviderError> {
         let (generator, p) = (self.generator.clone(), prompts.to_vec());
         let failed = |m: String| ProviderError::Generation(GenerationError::Failed(m));
-        let near = tokio::task::spawn_blocking(move || generator.nearest(&p))
+        let pool = self.generation_pool();
+        tokio::task::spawn_blocking(move || share::run_in(pool.as_deref(), || generator.pooled(&p)))
             .await
-            .map_err(|e| failed(format!("distance task: {e}")))?
-            .map_err(|e| failed(format!("distance: {e}")))?
-            .ok_or_else(|| failed("the generator has no anchors".into()))?;
-        let mut m = memo();
+            .map_err(|e| failed(format!("embedding task: {e}")))?
+            .map_err(|e| failed(format!("embedding: {e}")))
+    }
+
+    fn remembered_nearest(&self, key: &AdapterKey) -> Option<Nearest> {
+        let memo = self.nearest.lock().unwrap_or_else(|p| p.into_inner());
+        memo.get(key).cloned()
+    }
+
+    /// The training condition nearest to a prompt set's embedding (remembered by key: a
+    /// condition's distance never changes).
+    fn nearest_of(
+        &self,
+        key: &AdapterKey,
+        embedding: Option<&Tensor>,
+    ) -> std::result::Result<Nearest, ProviderError> {
+        let failed = |m: String| ProviderError::Generation(GenerationError::Failed(m));
+        let embedding = embedding.ok_or_else(|| failed("no embedding to measure".into()))?;
+        let near = self
+            .generator
+            .anchors()
+            .ok_or_else(|| failed("the generator has no anchors".into()))?
+            .nearest(embedding)
+            .map_err(|e| failed(format!("distance: {e}")))?;
+        let mut m = self.nearest.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= NEAREST_MEMO {
             m.clear();
         }
         m.insert(key.clone(), near.clone());
         Ok(near)
+    }
+
+    /// The cached generated adapter whose condition is nearest to `embedding`, when within
+    /// `limit`, served as a hit on it.
+    fn similar(&self, embedding: &Tensor, limit: f32) -> Option<Served> {
+        let (keys, rows): (Vec<String>, Vec<Tensor>) = self
+            .cache
+            .entries()
+            .into_iter()
+            .filter_map(|e| Some((e.key.as_str().to_string(), e.meta.embedding?)))
+            .unzip();
+        if keys.is_empty() {
+            return None;
+        }
+        let near = Tensor::stack(&rows, 0)
+            .map_err(DndError::from)
+            .and_then(|m| Anchors::new(keys, m))
+            .and_then(|index| index.nearest(embedding));
+        let near = match near {
+            Ok(n) => n,
+            Err(e) => {
+                // Reuse is an optimisation: without it the request gets its own adapter.
+                tracing::warn!("semantic reuse skipped: {e}");
+                return None;
+            }
+        };
+        if near.distance > limit {
+            return None;
+        }
+        let key = AdapterKey::parse(&near.name)?;
+        // Evicted since the scan: generate instead.
+        let lookup = self.cache.get(&key)?;
+        tracing::debug!(adapter = %key, distance = near.distance, "similar condition reused");
+        Some(Served {
+            adapter: Some(lookup.value),
+            key: Some(key),
+            source: Some(Source::Cached),
+            similar: Some(near.distance),
+            ..Served::default()
+        })
     }
 
     /// A cached adapter by key (a client referring to an adapter it was served before).

@@ -157,6 +157,7 @@ pub fn peft_meta(name: &str, dir: &Path) -> AdapterMeta {
             name: name.to_string(),
             dir: dir.to_path_buf(),
         },
+        embedding: None,
     }
 }
 

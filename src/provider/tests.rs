@@ -72,6 +72,8 @@ fn provider(poison: bool, source: PromptSource) -> Arc<DndProvider> {
             dtype: DType::F32,
             base_model_id: "tiny-qwen2".into(),
             abstain_distance: None,
+            reuse_distance: None,
+            generation: Default::default(),
         },
     )
     .unwrap()
@@ -251,6 +253,8 @@ async fn far_conditions_get_the_base_model_and_say_so() {
         dtype: DType::F32,
         base_model_id: "tiny-qwen2".into(),
         abstain_distance: limit,
+        reuse_distance: None,
+        generation: Default::default(),
     };
     let bare = DndProvider::new(generator(false), "gen", opts(Some(0.5)));
     assert!(bare.err().unwrap().to_string().contains("anchors"));
@@ -357,4 +361,66 @@ async fn named_adapters_are_replaced_and_removed_at_runtime() {
     assert!(p.resolve_named("x").await.is_none());
     assert!(p.cache().peek_meta(second.key.as_ref().unwrap()).is_some());
     assert_eq!(p.remove_named("x"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
+    let opts = |reuse| ProviderOptions {
+        policy: PromptPolicy {
+            source: PromptSource::Auto,
+            max_prompts: 0,
+            max_chars: 1000,
+        },
+        limits: CacheLimits {
+            max_entries: 4,
+            max_bytes: 1 << 30,
+            wait_timeout: Duration::from_secs(1),
+        },
+        device: Device::Cpu,
+        dtype: DType::F32,
+        base_model_id: "tiny-qwen2".into(),
+        abstain_distance: None,
+        reuse_distance: reuse,
+        generation: Default::default(),
+    };
+    let (first, para, other) = (
+        "Add the two numbers and reply with the sum.",
+        "Add both numbers and answer with their sum.",
+        "Translate the sentence into French.",
+    );
+    // The distance, computed here from the encoder alone.
+    let g = generator(false);
+    let cos = |a: &str, b: &str| {
+        let (x, y) = (g.pooled(&[a]).unwrap(), g.pooled(&[b]).unwrap());
+        (x * y)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (d_para, d_other) = (1.0 - cos(first, para), 1.0 - cos(first, other));
+    assert!(d_para < d_other, "{d_para} {d_other}");
+    let limit = (d_para + d_other) / 2.0;
+
+    let p = DndProvider::new(generator(false), "gen", opts(Some(limit))).unwrap();
+    let made = p.resolve(prompts(&[first])).await.unwrap();
+    assert_eq!(made.source, Some(Source::Generated));
+    // The paraphrase gets the cached adapter, with its distance; the other task its own.
+    let reused = p.resolve(prompts(&[para])).await.unwrap();
+    assert_eq!(reused.key, made.key);
+    assert_eq!(reused.source, Some(Source::Cached));
+    let d = reused.similar.expect("reused");
+    assert!((d - d_para).abs() < 1e-4, "{d} vs {d_para}");
+    let own = p.resolve(prompts(&[other])).await.unwrap();
+    assert_eq!((own.source, own.similar), (Some(Source::Generated), None));
+    assert_eq!(p.cache().len(), 2);
+    // Off: every condition gets its own adapter.
+    let off = DndProvider::new(generator(false), "gen", opts(None)).unwrap();
+    off.resolve(prompts(&[first])).await.unwrap();
+    let again = off.resolve(prompts(&[para])).await.unwrap();
+    assert_eq!(
+        (again.source, again.similar),
+        (Some(Source::Generated), None)
+    );
 }

@@ -162,15 +162,20 @@ fn dnd_info(served: &Served) -> Value {
         v["distance"] = json!(n.distance);
         v["nearest"] = json!(n.name);
     }
+    if let Some(d) = served.similar {
+        v["distance"] = json!(d);
+    }
     v
 }
 
 /// `generated`, `joined`, `cached`, `base`, `loaded` (a named PEFT folder read into the
 /// cache by this request), or `abstained` (base model: the condition was farther from every
-/// trained one than the abstention distance).
+/// trained one than the abstention distance), or `similar` (a cached adapter for a condition
+/// within the reuse distance).
 fn source_name(served: &Served) -> &'static str {
     match (&served.abstained, served.source) {
         (Some(_), _) => "abstained",
+        (None, Some(_)) if served.similar.is_some() => "similar",
         (None, Some(Source::Generated)) if served.peft => "loaded",
         (None, Some(s)) => s.as_str(),
         (None, None) => "base",

@@ -387,7 +387,16 @@ def abstain(trained):
         model=MODEL, messages=[{"role": "system", "content": "You are a helpful assistant."},
                                {"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
     assert raw.headers["x-dnd-adapter-source"] == "abstained", raw.headers
-    return {"near": dnd(near)["source"], "far_distance": d["distance"]}
+    # Semantic reuse (--dnd-reuse-distance 0.3): another paraphrase gets the cached adapter
+    # of the first, and the same reply as a request naming that adapter by key.
+    again = chat(trained.replace("reply with", "answer with"))
+    r = dnd(again)
+    assert r["source"] == "similar" and r["adapter"] == dnd(near)["adapter"], r
+    assert 0 < r["distance"] <= 0.3, r
+    by_key = chat(trained.replace("reply with", "answer with"),
+                  extra_body={"dnd": {"adapter": dnd(near)["adapter"]}})
+    assert by_key.choices[0].message.content == again.choices[0].message.content
+    return {"near": dnd(near)["source"], "far_distance": d["distance"], "reuse_distance": r["distance"]}
 
 
 def concurrent():
