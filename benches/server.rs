@@ -135,6 +135,8 @@ async fn main() {
     let n = arg("--requests", 32);
     let tokens = arg("--tokens", 16);
     let concurrency = arg("--concurrency", 8);
+    // `--only-decode 1`: just the decoding-under-arrivals rows.
+    let only_decode = arg("--only-decode", 0) == 1;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join(".assets/smollm2");
     if !dir.join(FILE).exists() {
@@ -193,6 +195,11 @@ async fn main() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let client = Arc::new(Client { addr });
 
+    if only_decode {
+        print_stalls(&stalls(&provider, &client).await);
+        return;
+    }
+
     // 1. Cache-hit overhead: the lookup itself (normalise, hash, LRU) and whole requests.
     let hot = prompts(0);
     provider
@@ -246,39 +253,7 @@ async fn main() {
         ));
     }
 
-    // 4. Decoding while cold prompt sets arrive: `decoders` base requests decode `decode_tokens`
-    // each, alone and with 16 one-token requests for distinct cold prompt sets sent at the
-    // same moment, under each generation share (the provider's pool is swapped between runs).
-    let decoders = arg("--decoders", 4);
-    let decode_tokens = arg("--decode-tokens", 48);
-    let shares = [
-        (
-            "every core, engine priority (library default)",
-            GenerationShare::default(),
-        ),
-        (
-            "1 thread, engine priority",
-            GenerationShare {
-                threads: 1,
-                nice: 0,
-            },
-        ),
-        (
-            "1 thread, nice 10 (server default on 2 cores)",
-            GenerationShare {
-                threads: 1,
-                nice: 10,
-            },
-        ),
-    ];
-    let mut stall_rows = Vec::new();
-    for (round, (label, share)) in shares.iter().enumerate() {
-        provider.set_generation_share(*share).unwrap();
-        let alone = decode_rate(&client, decoders, decode_tokens, None).await;
-        let (loaded, cold_ms) =
-            decode_rate(&client, decoders, decode_tokens, Some(10_000 * (round + 1))).await;
-        stall_rows.push((*label, alone.0, loaded, cold_ms));
-    }
+    let stall_rows = stalls(&provider, &client).await;
 
     println!(
         "\nDnD server, SmolLM2-135M Q4_1 GGUF, CPU ({} threads)",
@@ -309,28 +284,110 @@ async fn main() {
             rps / base_rps
         );
     }
-    println!(
-        "\n{decoders} base requests decoding {decode_tokens} tokens, alone and while 16 one-token \
-         requests for cold prompt sets arrive"
+    print_stalls(&stall_rows);
+}
+
+/// One row of the decoding-under-arrivals table: share, decode tok/s alone, with cached
+/// arrivals, with cold arrivals, cold / alone (median of the paired ratios), and the cold
+/// requests' median completion time in ms.
+type StallRow = (&'static str, f64, f64, f64, f64, f64);
+
+/// Section 4, decoding while prompt sets arrive: `--decoders` base requests decode `--decode-tokens`
+/// each, alone, with 16 one-token requests for cached prompt sets sent at the same moment, and
+/// with 16 for cold ones, under each generation share (the provider's pool is swapped between
+/// rows), `--reps` times each.
+async fn stalls(provider: &Arc<DndProvider>, client: &Arc<Client>) -> Vec<StallRow> {
+    let (decoders, tokens, reps) = (
+        arg("--decoders", 4),
+        arg("--decode-tokens", 48),
+        arg("--reps", 3),
     );
-    println!("| generation share | decode tok/s alone | with 16 cold sets | ratio | cold request, median | goal |");
-    println!("|---|---|---|---|---|---|");
-    for (label, alone, loaded, cold_ms) in stall_rows {
+    let share = |threads, nice, idle, max_batch| GenerationShare {
+        threads,
+        nice,
+        idle,
+        max_batch,
+    };
+    let shares = [
+        ("every core, one set at a time", share(0, 0, false, 1)),
+        (
+            "every core, batches of up to 16 (default)",
+            GenerationShare::default(),
+        ),
+        (
+            "1 thread, nice 10, one set at a time",
+            share(1, 10, false, 1),
+        ),
+        (
+            "1 thread, nice 10, batches of up to 16",
+            share(1, 10, false, 16),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (round, (label, share)) in shares.iter().enumerate() {
+        provider.set_generation_share(*share).unwrap();
+        let (mut alone, mut warm, mut cold, mut cold_ms) = (vec![], vec![], vec![], vec![]);
+        for rep in 0..reps {
+            // Fresh sets per repetition; the cached ones are generated beforehand.
+            let sets = 100_000 * (round + 1) + 1000 * rep;
+            for i in 0..16 {
+                provider
+                    .resolve(Condition::Prompts(prompts(sets + i)))
+                    .await
+                    .unwrap();
+            }
+            alone.push(decode_rate(client, decoders, tokens, None).await.0);
+            warm.push(
+                decode_rate(client, decoders, tokens, Some((sets, "cached")))
+                    .await
+                    .0,
+            );
+            let (rate, ms) =
+                decode_rate(client, decoders, tokens, Some((sets + 500, "generated"))).await;
+            cold.push(rate);
+            cold_ms.push(ms);
+        }
+        let ratio = median(cold.iter().zip(&alone).map(|(c, a)| c / a).collect());
+        rows.push((
+            *label,
+            median(alone),
+            median(warm),
+            median(cold),
+            ratio,
+            median(cold_ms),
+        ));
+    }
+    rows
+}
+
+fn print_stalls(rows: &[StallRow]) {
+    let (decoders, tokens, reps) = (
+        arg("--decoders", 4),
+        arg("--decode-tokens", 48),
+        arg("--reps", 3),
+    );
+    println!(
+        "\n{decoders} base requests decoding {tokens} tokens: alone, while 16 one-token requests \
+         with cached adapters arrive, and while 16 for cold prompt sets arrive (medians of {reps})"
+    );
+    println!("| generation share | decode tok/s alone | with 16 cached sets | with 16 cold sets | cold / alone | cold request, median | goal |");
+    println!("|---|---|---|---|---|---|---|");
+    for (label, alone, warm, cold, ratio, cold_ms) in rows {
         println!(
-            "| {label} | {alone:.1} | {loaded:.1} | {:.2} | {cold_ms:.0} ms | ≥ 0.85 |",
-            loaded / alone
+            "| {label} | {alone:.1} | {warm:.1} | {cold:.1} | {ratio:.2} | {cold_ms:.0} ms | ≥ 0.85 |"
         );
     }
 }
 
 /// Aggregate decode tokens/s of `decoders` concurrent base requests of `tokens` tokens, and,
-/// when `cold` gives a prompt-set offset, with 16 one-token requests for fresh prompt sets sent
-/// at the same time: then also their median completion time (generation included), in ms.
+/// when `arrivals` gives a prompt-set offset and the source those sets are expected to have,
+/// with 16 one-token requests for them sent at the same time: then also their median
+/// completion time (generation included when cold), in ms.
 async fn decode_rate(
     client: &Arc<Client>,
     decoders: usize,
     tokens: usize,
-    cold: Option<usize>,
+    arrivals: Option<(usize, &'static str)>,
 ) -> (f64, f64) {
     let t0 = Instant::now();
     let base: Vec<_> = (0..decoders)
@@ -342,14 +399,14 @@ async fn decode_rate(
             })
         })
         .collect();
-    let misses: Vec<_> = (0..cold.map_or(0, |_| 16))
+    let others: Vec<_> = (0..arrivals.map_or(0, |_| 16))
         .map(|i| {
             let c = client.clone();
-            let set = cold.unwrap_or(0) + i;
+            let (offset, source) = arrivals.unwrap_or((0, ""));
             tokio::spawn(async move {
                 let t = Instant::now();
-                let v = c.complete(json!({"prompts": prompts(set)}), 1).await;
-                assert_eq!(v["dnd"]["source"], "generated", "{v}");
+                let v = c.complete(json!({"prompts": prompts(offset + i)}), 1).await;
+                assert_eq!(v["dnd"]["source"], source, "{v}");
                 t.elapsed().as_secs_f64()
             })
         })
@@ -360,15 +417,15 @@ async fn decode_rate(
     }
     let rate = generated as f64 / t0.elapsed().as_secs_f64();
     let mut waits = Vec::new();
-    for t in misses {
+    for t in others {
         waits.push(t.await.unwrap());
     }
-    let cold_ms = if waits.is_empty() {
+    let ms = if waits.is_empty() {
         0.0
     } else {
         median(waits) * 1e3
     };
-    (rate, cold_ms)
+    (rate, ms)
 }
 
 fn rayon_threads() -> usize {

@@ -56,8 +56,7 @@ async fn main() -> Result<()> {
             base_model_id: MODEL_FILE.into(),
             abstain_distance: None,
             reuse_distance: None,
-            // Generations on half the cores at low priority: decoding keeps going.
-            generation: mistralrs_dnd::provider::GenerationShare::background(),
+            generation: Default::default(),
         },
     )?;
 

@@ -111,13 +111,16 @@ struct DndArgs {
     /// while the server runs. Off when absent.
     #[arg(long, value_name = "DIR")]
     adapter_root: Option<PathBuf>,
-    /// Threads adapter generation uses (0: every core, shared with decoding); default half the
-    /// cores, so that sequences already decoding keep going while adapters are generated.
-    #[arg(long)]
-    dnd_generation_threads: Option<usize>,
-    /// Nice value of the generation threads (Linux, 0-19): higher yields more CPU to decoding.
-    #[arg(long, default_value_t = 10)]
+    /// Threads adapter generation uses, in a pool of its own (0: every core, shared with
+    /// decoding). README "Server benchmark" measures what bounding it does.
+    #[arg(long, default_value_t = 0)]
+    dnd_generation_threads: usize,
+    /// Nice value of the generation threads (Linux, 0-19; needs --dnd-generation-threads).
+    #[arg(long, default_value_t = 0)]
     dnd_generation_nice: i32,
+    /// Most prompt sets generated together when cache misses queue up (1: one at a time).
+    #[arg(long, default_value_t = 16)]
+    dnd_generation_batch: usize,
 }
 
 /// `NAME=VALUE` of `--lora` and `--dnd-preset`.
@@ -286,10 +289,10 @@ fn build_provider(
             abstain_distance: d.dnd_abstain_distance,
             reuse_distance: d.dnd_reuse_distance,
             generation: GenerationShare {
-                threads: d
-                    .dnd_generation_threads
-                    .unwrap_or(GenerationShare::background().threads),
+                threads: d.dnd_generation_threads,
                 nice: d.dnd_generation_nice,
+                idle: false,
+                max_batch: d.dnd_generation_batch,
             },
         },
     )

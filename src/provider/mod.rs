@@ -6,6 +6,7 @@
 //! and refuse with HTTP semantics) and [`prepare`](DndProvider::prepare)s it under the request
 //! id, which the engine's call then picks up.
 
+mod batcher;
 mod error;
 mod named;
 mod share;
@@ -26,7 +27,6 @@ use crate::cache::{
     fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, Source,
     Weighed,
 };
-use crate::engine::to_sequence_lora;
 use crate::error::{DndError, Result};
 use crate::generator::anchors::{Anchors, Nearest};
 use crate::generator::{Generator, LoadOptions};
@@ -133,7 +133,11 @@ pub struct DndProvider {
     /// Adapters served under a name.
     named: RwLock<NamedAdapters>,
     /// Where generations run (`None`: rayon's global pool).
-    pool: RwLock<Option<Arc<rayon::ThreadPool>>>,
+    pool: batcher::PoolSlot,
+    /// Most prompt sets per generation batch.
+    max_batch: Arc<std::sync::atomic::AtomicUsize>,
+    /// The queue of misses, generated in batches.
+    batcher: batcher::Batcher,
 }
 
 /// Most remembered abstention decisions (the map is cleared when full).
@@ -187,10 +191,23 @@ impl DndProvider {
                 opts.limits.max_bytes
             )));
         }
-        let pool = opts.generation.pool()?;
+        let pool = Arc::new(RwLock::new(opts.generation.pool()?));
+        let generator = Arc::new(generator);
+        let max_batch = Arc::new(std::sync::atomic::AtomicUsize::new(
+            opts.generation.max_batch,
+        ));
+        let batcher = batcher::Batcher::start(
+            generator.clone(),
+            pool.clone(),
+            opts.device.clone(),
+            opts.dtype,
+            max_batch.clone(),
+        )?;
         Ok(Arc::new(Self {
-            pool: RwLock::new(pool),
-            generator: Arc::new(generator),
+            pool,
+            max_batch,
+            batcher,
+            generator,
             generator_id: generator_id.into(),
             cache: LoraCache::new(opts.limits),
             opts,
@@ -219,6 +236,8 @@ impl DndProvider {
     /// Changes where later generations run (those under way finish where they are).
     pub fn set_generation_share(&self, share: GenerationShare) -> Result<()> {
         let pool = share.pool()?;
+        self.max_batch
+            .store(share.max_batch, std::sync::atomic::Ordering::Relaxed);
         *self.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
         Ok(())
     }
@@ -287,18 +306,8 @@ impl DndProvider {
         }
         let prompts = Arc::new(prompts);
         let make = {
-            let (generator, prompts, key) = (self.generator.clone(), prompts.clone(), key.clone());
-            let (device, dtype) = (self.opts.device.clone(), self.opts.dtype);
-            let pool = self.generation_pool();
-            move || async move {
-                tokio::task::spawn_blocking(move || {
-                    share::run_in(pool.as_deref(), || {
-                        generate_lora(&generator, &prompts, &key, &device, dtype)
-                    })
-                })
-                .await
-                .unwrap_or_else(|e| Err(GenerationError::Failed(format!("generation task: {e}"))))
-            }
+            let (batcher, prompts, key) = (self.batcher.clone(), prompts.clone(), key.clone());
+            move || async move { batcher.generate(prompts, key).await }
         };
         let lookup = self
             .cache
@@ -679,22 +688,6 @@ fn adapter_bytes(generator: &Generator, dtype: DType) -> usize {
         })
         .sum();
     shape.num_layers * per_layer * dtype.size_in_bytes()
-}
-
-fn generate_lora(
-    generator: &Generator,
-    prompts: &[String],
-    key: &AdapterKey,
-    device: &Device,
-    dtype: DType,
-) -> std::result::Result<SequenceLora, GenerationError> {
-    let failed = |e: DndError| match e {
-        DndError::NonFinite(m) => GenerationError::NonFinite(m),
-        other => GenerationError::Failed(other.to_string()),
-    };
-    let adapter = generator.generate(prompts).map_err(failed)?;
-    // `to_sequence_lora` refuses non-finite weights after the cast to the model's dtype.
-    to_sequence_lora(&adapter, format!("dnd-{key}"), device, dtype).map_err(failed)
 }
 
 #[cfg(test)]

@@ -16,6 +16,11 @@ pub struct GenerationShare {
     pub threads: usize,
     /// The pool threads' nice value (Linux; 0 to 19, higher yields more to decoding).
     pub nice: i32,
+    /// Run the pool threads under Linux's `SCHED_IDLE` policy: only on cores no other thread
+    /// wants, preempted at once when one does (the nice value then does not matter).
+    pub idle: bool,
+    /// Most prompt sets generated together when misses queue up (1: one at a time).
+    pub max_batch: usize,
 }
 
 impl Default for GenerationShare {
@@ -25,23 +30,40 @@ impl Default for GenerationShare {
         Self {
             threads: 0,
             nice: 0,
+            idle: false,
+            max_batch: 16,
         }
     }
 }
 
 impl GenerationShare {
-    /// Half the cores (at least one) at nice 10: the server's default.
+    /// Half the cores (at least one) at nice 10. On 2 cores this did not keep decoding faster
+    /// while cold prompt sets arrived (README "Server benchmark": the stall is the arrivals'
+    /// prefill steps, not generation's CPU time), so it is not the server's default.
     pub fn background() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             threads: (cores / 2).max(1),
             nice: 10,
+            idle: false,
+            max_batch: 16,
         }
     }
 
     /// The pool this share runs generations in (`None`: rayon's global pool).
     pub fn pool(self) -> Result<Option<Arc<rayon::ThreadPool>>> {
+        if self.max_batch == 0 {
+            return Err(DndError::InvalidInput(
+                "the generation batch bound must be at least 1".into(),
+            ));
+        }
         if self.threads == 0 {
+            if self.nice != 0 || self.idle {
+                // Without a pool of its own there is no thread to lower.
+                return Err(DndError::InvalidInput(
+                    "a generation priority needs a generation thread count above 0".into(),
+                ));
+            }
             return Ok(None);
         }
         if !(0..=19).contains(&self.nice) {
@@ -50,11 +72,11 @@ impl GenerationShare {
                 self.nice
             )));
         }
-        let nice = self.nice;
+        let (nice, idle) = (self.nice, self.idle);
         rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads)
             .thread_name(|i| format!("dnd-generation-{i}"))
-            .start_handler(move |_| lower_priority(nice))
+            .start_handler(move |_| lower_priority(nice, idle))
             .build()
             .map(|p| Some(Arc::new(p)))
             .map_err(|e| DndError::InvalidInput(format!("generation thread pool: {e}")))
@@ -69,10 +91,20 @@ pub fn run_in<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T +
     }
 }
 
-/// Lowers the calling thread's priority (Linux threads have their own nice value).
-fn lower_priority(nice: i32) {
+/// Lowers the calling thread's priority (Linux threads have their own nice value and policy).
+fn lower_priority(nice: i32, idle: bool) {
     #[cfg(target_os = "linux")]
-    if nice > 0 {
+    if idle {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain syscalls on the calling thread's own id, with a valid parameter.
+        let failed = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
+            libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0
+        };
+        if failed {
+            tracing::warn!("could not run the generation threads under SCHED_IDLE");
+        }
+    } else if nice > 0 {
         // SAFETY: plain syscalls on the calling thread's own id.
         let failed = unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
@@ -83,7 +115,7 @@ fn lower_priority(nice: i32) {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = nice;
+    let _ = (nice, idle);
 }
 
 #[cfg(test)]
@@ -95,6 +127,8 @@ mod tests {
         let share = GenerationShare {
             threads: 1,
             nice: 10,
+            idle: false,
+            max_batch: 1,
         };
         let pool = share.pool().unwrap().unwrap();
         // Nested parallel work inside the pool runs on its one thread.
@@ -117,8 +151,31 @@ mod tests {
         }
         assert!(GenerationShare::default().pool().unwrap().is_none());
         assert!(GenerationShare {
+            threads: 0,
+            nice: 10,
+            idle: false,
+            max_batch: 1,
+        }
+        .pool()
+        .is_err());
+        let idle = GenerationShare {
             threads: 1,
-            nice: 25
+            nice: 0,
+            idle: true,
+            max_batch: 1,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let policy = run_in(Some(&idle.pool().unwrap().unwrap()), || unsafe {
+                libc::sched_getscheduler(libc::syscall(libc::SYS_gettid) as libc::pid_t)
+            });
+            assert_eq!(policy, libc::SCHED_IDLE);
+        }
+        assert!(GenerationShare {
+            threads: 1,
+            nice: 25,
+            idle: false,
+            max_batch: 1,
         }
         .pool()
         .is_err());

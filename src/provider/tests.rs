@@ -424,3 +424,61 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
         (Some(Source::Generated), None)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_are_generated_together_each_with_its_own_adapter() {
+    let p = provider(false, PromptSource::Auto);
+    // Room for all of them (the helper's cache holds two).
+    let p = DndProvider::new(
+        generator(false),
+        "gen",
+        ProviderOptions {
+            limits: CacheLimits {
+                max_entries: 8,
+                ..p.options().limits
+            },
+            ..p.options().clone()
+        },
+    )
+    .unwrap();
+    let sets: Vec<String> = (0..6)
+        .map(|i| format!("Task {i}: answer briefly."))
+        .collect();
+    let served = futures_join(&p, &sets).await;
+    let mut keys = std::collections::HashSet::new();
+    for (set, s) in sets.iter().zip(&served) {
+        let s = s.as_ref().unwrap();
+        assert_eq!(s.source, Some(Source::Generated));
+        assert_eq!(s.key, Some(p.key_for(std::slice::from_ref(set))));
+        assert_eq!(
+            s.adapter.as_ref().unwrap().size_in_bytes(),
+            p.adapter_bytes()
+        );
+        keys.insert(s.key.clone());
+    }
+    assert_eq!(keys.len(), 6);
+    // A generator that makes non-finite weights fails every request of a batch, each clearly.
+    let bad = provider(true, PromptSource::Auto);
+    for s in futures_join(&bad, &sets[..2]).await {
+        assert_eq!(s.unwrap_err().code(), "adapter_not_finite");
+    }
+}
+
+/// Resolves every set at once.
+async fn futures_join(
+    p: &Arc<DndProvider>,
+    sets: &[String],
+) -> Vec<std::result::Result<Served, ProviderError>> {
+    let tasks: Vec<_> = sets
+        .iter()
+        .map(|s| {
+            let (p, s) = (p.clone(), s.clone());
+            tokio::spawn(async move { p.resolve(Condition::Prompts(vec![s])).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

@@ -43,6 +43,18 @@ const CITIES: &[&str] = &[
 const COLORS: &[&str] = &[
     "red", "blue", "green", "yellow", "orange", "purple", "black", "white", "brown", "pink",
 ];
+const WEEKDAYS: &[&str] = &[
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+const ANIMALS: &[&str] = &[
+    "cat", "horse", "rabbit", "parrot", "turtle", "goat", "otter", "fox", "owl", "dolphin",
+];
 const GOOD: &[&str] = &[
     "wonderful",
     "excellent",
@@ -452,6 +464,73 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                 let max = *v.iter().max().expect("three numbers");
                 let list: Vec<String> = v.iter().map(u32::to_string).collect();
                 (list.join(", "), max.to_string())
+            },
+        },
+        // Bracketed answers outside the classify family (added after the held-out classify
+        // family scored 0%: its bracketed labels were the only brackets the generator saw),
+        // so that an answer format is not the mark of a single family. Listed last, so the
+        // earlier tasks' seeded data are unchanged.
+        TaskSpec {
+            name: "extract_day",
+            family: "extract",
+            systems: [
+                "Reply with the weekday mentioned in the text, in square brackets, like [Monday].",
+                "Which day of the week does the sentence name? Answer with it inside brackets.",
+                "Find the day of the week in the text and give it between square brackets.",
+            ],
+            make: |r| {
+                let (name, day, city) = (pick(r, NAMES), pick(r, WEEKDAYS), pick(r, CITIES));
+                let text = match r.random_range(0..3) {
+                    0 => format!("{name} is meeting friends in {city} on {day}."),
+                    1 => format!("On {day}, {name} took the train to {city}."),
+                    _ => format!("The {} in {city} opens again on {day}.", pick(r, NOUNS)),
+                };
+                (text, format!("[{day}]"))
+            },
+        },
+        TaskSpec {
+            name: "extract_animal",
+            family: "extract",
+            systems: [
+                "Reply with the animal mentioned in the text, in square brackets, like [cat].",
+                "Which animal does the sentence talk about? Answer with it inside brackets.",
+                "Find the animal in the text and give its name between square brackets.",
+            ],
+            make: |r| {
+                let (name, animal, adj) = (pick(r, NAMES), pick(r, ANIMALS), pick(r, ADJECTIVES));
+                let text = match r.random_range(0..3) {
+                    0 => format!("{name} saw a {adj} {animal} near the {}.", pick(r, NOUNS)),
+                    1 => format!("A {animal} followed {name} all the way home."),
+                    _ => format!("The {adj} {animal} slept beside the {}.", pick(r, NOUNS)),
+                };
+                (text, format!("[{animal}]"))
+            },
+        },
+        TaskSpec {
+            name: "last_digit",
+            family: "arith",
+            systems: [
+                "Add the two numbers and reply with the last digit of the sum in square brackets, like [7].",
+                "What is the final digit of the sum of the numbers? Answer inside brackets.",
+                "Give the units digit of the total of the two numbers, between square brackets.",
+            ],
+            make: |r| {
+                let (a, b): (u32, u32) = (r.random_range(10..100), r.random_range(10..100));
+                (format!("{a} + {b}"), format!("[{}]", (a + b) % 10))
+            },
+        },
+        TaskSpec {
+            name: "first_word",
+            family: "format",
+            systems: [
+                "Reply with the first word of the text in square brackets, like [quiet].",
+                "Which word does the text start with? Answer with it inside brackets.",
+                "Give the opening word of the text between square brackets.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let first = p.split(' ').next().unwrap_or_default().to_string();
+                (p, format!("[{first}]"))
             },
         },
     ]
