@@ -84,10 +84,63 @@ fn run_one(name: &str) {
     );
 }
 
+/// Batched misses: `b` prompt sets generated one after another and as one batch
+/// (`Generator::generate_batch`, what the server does with misses that queue up), for the
+/// small SmolLM2 configuration. `--batches` runs only this table.
+fn batch_table() {
+    let cfg = presets::smollm2_135m_small().unwrap();
+    let dev = Device::Cpu;
+    let encoder = TextEncoder::load(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.assets/all-MiniLM-L6-v2"),
+        &dev,
+        DType::F32,
+    )
+    .expect("encoder (run scripts/fetch-assets.sh)");
+    let (dec, _) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
+    let g = mistralrs_dnd::Generator::from_parts(encoder, dec).unwrap();
+    let set = |i: usize| -> Vec<String> {
+        prompts(cfg.num_prompts)
+            .into_iter()
+            .map(|p| format!("Set {i}. {p}"))
+            .collect()
+    };
+    g.generate(&set(0)).unwrap();
+    println!(
+        "\nBatched misses (smollm2-135m-small, {} prompts per set, median of 3)\n",
+        cfg.num_prompts
+    );
+    println!("| cold sets | one after another s | one batch s | speed-up | batch peak RSS MiB |");
+    println!("|---|---|---|---|---|");
+    for b in [1usize, 4, 16] {
+        let sets: Vec<Vec<String>> = (0..b).map(|i| set(1000 * b + i)).collect();
+        let (mut seq, mut bat) = (vec![], vec![]);
+        for _ in 0..3 {
+            let t = Instant::now();
+            for s in &sets {
+                g.generate(s).unwrap();
+            }
+            seq.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            assert_eq!(g.generate_batch(&sets).unwrap().len(), b);
+            bat.push(t.elapsed().as_secs_f64());
+        }
+        let (s, t) = (median(seq), median(bat));
+        println!(
+            "| {b} | {s:.2} | {t:.2} | {:.2}x | {:.0} |",
+            s / t,
+            peak_rss_mib()
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
         run_one(&args[i + 1]);
+        return;
+    }
+    if args.iter().any(|a| a == "--batches") {
+        batch_table();
         return;
     }
     let configs = std::env::var("DND_BENCH_CONFIGS")

@@ -18,7 +18,8 @@
 # generators too: 1 for every holdout; default only for `all`), VARIANTS (the generators scored,
 # overriding that: e.g. "sft"; "sft-bare" also trains the SFT variant whose loss sees no system
 # prompt on a BARE_SHARE of its examples, 0.5), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
-# (runs/skill/MODEL), LEARN (runs/learnability/MODEL), DND (the dnd binary), SEED (0).
+# (runs/skill/MODEL), LEARN (runs/learnability/MODEL), LEARN_TASKS (the tasks whose own LoRA and
+# learnability rows step 1 prepares; default all), DND (the dnd binary), SEED (0).
 # Writes OUT/summary.md and OUT/summary.json (scripts/skill_summary.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +32,8 @@ SYSTEM_SHARE="${SYSTEM_SHARE:-0.5}" BARE_SHARE="${BARE_SHARE:-0.5}"
 "$root/scripts/fetch-assets.sh" encoder >/dev/null
 
 # 1. Data, each task's own LoRA, and the base / own-LoRA rows (skipped where done).
-STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" "$root/scripts/learnability.sh" "$which" >/dev/null
+STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" TASKS="${LEARN_TASKS:-}" \
+  "$root/scripts/learnability.sh" "$which" >/dev/null
 all_tasks="$(task_names)"
 HOLDOUTS="${HOLDOUTS:-all $(tasks_json 'print(" ".join(sorted({"family:" + x["family"] for x in t})))') task:sentiment_good_bad task:extract_color task:successor task:first_letters}"
 

@@ -289,7 +289,7 @@ fn tasks_are_written_reproducibly() {
     let list: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("a/tasks.json")).unwrap()).unwrap();
     let tasks = list.as_array().unwrap();
-    assert_eq!(tasks.len(), 20);
+    assert_eq!(tasks.len(), 24);
     for t in tasks {
         let name = t["name"].as_str().unwrap();
         for (split, n) in [("train", 20), ("test", 10)] {

@@ -93,10 +93,16 @@ mod tests {
 
     #[test]
     fn gelu_matches_candle() {
-        let x = Tensor::randn(0f32, 3.0, 10_000, &candle_core::Device::Cpu).unwrap();
+        // A fixed grid over [-10, 10] (random inputs made this fail now and then: 1.01e-6
+        // against a bound of 1e-6 at |x| near 9, where one f32 ulp is 9.5e-7).
+        let grid: Vec<f32> = (-5000..=5000).map(|i| i as f32 / 500.0).collect();
+        let x = Tensor::new(grid, &candle_core::Device::Cpu).unwrap();
         let a = gelu_erf(&x).unwrap();
         let b = x.gelu_erf().unwrap();
-        let d = crate::test_util::max_abs_diff(&a, &b);
-        assert!(d < 1e-6, "{d}");
+        // Relative to max(1, |x|): a few ulp wherever the value is.
+        let scale = x.abs().unwrap().maximum(1f32).unwrap();
+        let rel = ((&a - &b).unwrap().abs().unwrap() / scale).unwrap();
+        let d = rel.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 3e-7, "{d}");
     }
 }

@@ -419,29 +419,22 @@ mod tests {
         ];
         let batch = g.generate_batch(&sets).unwrap();
         assert_eq!(batch.len(), 3);
+        use crate::test_util::max_abs_diff;
         let mut worst = 0f32;
         for (set, got) in sets.iter().zip(&batch) {
             let want = g.generate(set).unwrap();
             assert_eq!(got.pairs().len(), want.pairs().len());
             for ((ta, a), (tb, b)) in got.pairs().iter().zip(want.pairs()) {
                 assert_eq!(ta, tb);
-                for (x, y) in [(&a.a, &b.a), (&a.b, &b.b)] {
-                    let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
-                    worst = worst.max(d.to_scalar::<f32>().unwrap());
-                }
+                worst = worst
+                    .max(max_abs_diff(&a.a, &b.a))
+                    .max(max_abs_diff(&a.b, &b.b));
             }
         }
         assert!(worst < 1e-4, "batched adapters differ by {worst}");
         // Different sets, different adapters: the batch did not mix them up.
         let first = |i: usize| batch[i].pairs().values().next().unwrap().a.clone();
-        let d = (first(0) - first(1))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&first(0), &first(1));
         assert!(d > 1e-3, "{d}");
         assert!(g.generate_batch::<&str>(&[]).unwrap().is_empty());
     }

@@ -79,6 +79,29 @@ fn provider(poison: bool, source: PromptSource) -> Arc<DndProvider> {
     .unwrap()
 }
 
+/// Options for the tiny model on the CPU: the auto policy, room for `entries` adapters, no
+/// abstention, no reuse.
+fn options(entries: usize) -> ProviderOptions {
+    ProviderOptions {
+        policy: PromptPolicy {
+            source: PromptSource::Auto,
+            max_prompts: 0,
+            max_chars: 1000,
+        },
+        limits: CacheLimits {
+            max_entries: entries,
+            max_bytes: 1 << 30,
+            wait_timeout: Duration::from_secs(1),
+        },
+        device: Device::Cpu,
+        dtype: DType::F32,
+        base_model_id: "tiny-qwen2".into(),
+        abstain_distance: None,
+        reuse_distance: None,
+        generation: Default::default(),
+    }
+}
+
 fn prompts(p: &[&str]) -> Condition {
     Condition::Prompts(p.iter().map(|s| s.to_string()).collect())
 }
@@ -239,22 +262,8 @@ async fn far_conditions_get_the_base_model_and_say_so() {
     .unwrap();
     // Without anchors, abstaining is refused at construction.
     let opts = |limit| ProviderOptions {
-        policy: PromptPolicy {
-            source: PromptSource::Auto,
-            max_prompts: 0,
-            max_chars: 1000,
-        },
-        limits: CacheLimits {
-            max_entries: 4,
-            max_bytes: 1 << 30,
-            wait_timeout: Duration::from_secs(1),
-        },
-        device: Device::Cpu,
-        dtype: DType::F32,
-        base_model_id: "tiny-qwen2".into(),
         abstain_distance: limit,
-        reuse_distance: None,
-        generation: Default::default(),
+        ..options(4)
     };
     let bare = DndProvider::new(generator(false), "gen", opts(Some(0.5)));
     assert!(bare.err().unwrap().to_string().contains("anchors"));
@@ -366,22 +375,8 @@ async fn named_adapters_are_replaced_and_removed_at_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
     let opts = |reuse| ProviderOptions {
-        policy: PromptPolicy {
-            source: PromptSource::Auto,
-            max_prompts: 0,
-            max_chars: 1000,
-        },
-        limits: CacheLimits {
-            max_entries: 4,
-            max_bytes: 1 << 30,
-            wait_timeout: Duration::from_secs(1),
-        },
-        device: Device::Cpu,
-        dtype: DType::F32,
-        base_model_id: "tiny-qwen2".into(),
-        abstain_distance: None,
         reuse_distance: reuse,
-        generation: Default::default(),
+        ..options(4)
     };
     let (first, para, other) = (
         "Add the two numbers and reply with the sum.",
@@ -427,20 +422,8 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_are_generated_together_each_with_its_own_adapter() {
-    let p = provider(false, PromptSource::Auto);
-    // Room for all of them (the helper's cache holds two).
-    let p = DndProvider::new(
-        generator(false),
-        "gen",
-        ProviderOptions {
-            limits: CacheLimits {
-                max_entries: 8,
-                ..p.options().limits
-            },
-            ..p.options().clone()
-        },
-    )
-    .unwrap();
+    // Room for all of them.
+    let p = DndProvider::new(generator(false), "gen", options(8)).unwrap();
     let sets: Vec<String> = (0..6)
         .map(|i| format!("Task {i}: answer briefly."))
         .collect();
