@@ -310,19 +310,14 @@ async fn stalls(provider: &Arc<DndProvider>, client: &Arc<Client>) -> Vec<StallR
     };
     let shares = [
         ("every core, one set at a time", share(0, 0, false, 1)),
-        (
-            "every core, batches of up to 16 (default)",
-            GenerationShare::default(),
-        ),
-        (
-            "1 thread, nice 10, one set at a time",
-            share(1, 10, false, 1),
-        ),
-        (
-            "1 thread, nice 10, batches of up to 16",
-            share(1, 10, false, 16),
-        ),
+        ("every core, batches of up to 16", share(0, 0, false, 16)),
+        ("1 thread, engine priority", share(1, 0, false, 1)),
+        ("1 thread, nice 10", share(1, 10, false, 1)),
+        ("1 thread, SCHED_IDLE", share(1, 0, true, 1)),
+        ("every core, SCHED_IDLE", share(2, 0, true, 1)),
     ];
+    // `--rows N`: only the first N shares.
+    let shares = &shares[..arg("--rows", shares.len()).min(shares.len())];
     let mut rows = Vec::new();
     for (round, (label, share)) in shares.iter().enumerate() {
         provider.set_generation_share(*share).unwrap();

@@ -118,8 +118,9 @@ struct DndArgs {
     /// Nice value of the generation threads (Linux, 0-19; needs --dnd-generation-threads).
     #[arg(long, default_value_t = 0)]
     dnd_generation_nice: i32,
-    /// Most prompt sets generated together when cache misses queue up (1: one at a time).
-    #[arg(long, default_value_t = 16)]
+    /// Most prompt sets generated together when cache misses queue up (1: one at a time; on
+    /// 2 CPU cores batches were no faster, README "Server benchmark").
+    #[arg(long, default_value_t = 1)]
     dnd_generation_batch: usize,
 }
 

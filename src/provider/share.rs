@@ -19,7 +19,9 @@ pub struct GenerationShare {
     /// Run the pool threads under Linux's `SCHED_IDLE` policy: only on cores no other thread
     /// wants, preempted at once when one does (the nice value then does not matter).
     pub idle: bool,
-    /// Most prompt sets generated together when misses queue up (1: one at a time).
+    /// Most prompt sets generated together when misses queue up (1: one at a time). On 2 CPU
+    /// cores a batch was no faster than its sets one by one and made each set wait for the
+    /// whole batch (README "Server benchmark"), so the default is 1.
     pub max_batch: usize,
 }
 
@@ -31,7 +33,7 @@ impl Default for GenerationShare {
             threads: 0,
             nice: 0,
             idle: false,
-            max_batch: 16,
+            max_batch: 1,
         }
     }
 }
@@ -46,7 +48,7 @@ impl GenerationShare {
             threads: (cores / 2).max(1),
             nice: 10,
             idle: false,
-            max_batch: 16,
+            max_batch: 1,
         }
     }
 

@@ -422,8 +422,15 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_are_generated_together_each_with_its_own_adapter() {
-    // Room for all of them.
-    let p = DndProvider::new(generator(false), "gen", options(8)).unwrap();
+    // Room for all of them, in batches of up to 16.
+    let batched = |o: ProviderOptions| ProviderOptions {
+        generation: GenerationShare {
+            max_batch: 16,
+            ..Default::default()
+        },
+        ..o
+    };
+    let p = DndProvider::new(generator(false), "gen", batched(options(8))).unwrap();
     let sets: Vec<String> = (0..6)
         .map(|i| format!("Task {i}: answer briefly."))
         .collect();
@@ -441,7 +448,7 @@ async fn concurrent_misses_are_generated_together_each_with_its_own_adapter() {
     }
     assert_eq!(keys.len(), 6);
     // A generator that makes non-finite weights fails every request of a batch, each clearly.
-    let bad = provider(true, PromptSource::Auto);
+    let bad = DndProvider::new(generator(true), "nan", batched(options(8))).unwrap();
     for s in futures_join(&bad, &sets[..2]).await {
         assert_eq!(s.unwrap_err().code(), "adapter_not_finite");
     }
