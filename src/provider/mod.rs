@@ -178,6 +178,17 @@ impl DndProvider {
         if opts.policy.max_prompts == 0 || opts.policy.max_prompts > n {
             opts.policy.max_prompts = n;
         }
+        for (what, d) in [
+            ("abstention", opts.abstain_distance),
+            ("reuse", opts.reuse_distance),
+        ] {
+            if d.is_some_and(|d| !(0.0..=2.0).contains(&d)) {
+                return Err(DndError::InvalidInput(format!(
+                    "the {what} distance must lie in 0..=2 (1 - cosine), got {}",
+                    d.unwrap_or_default()
+                )));
+            }
+        }
         if opts.abstain_distance.is_some() && generator.anchors().is_none() {
             return Err(DndError::InvalidInput(
                 "abstaining needs a generator with training-condition anchors (dnd anchors)".into(),

@@ -410,6 +410,10 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
     let own = p.resolve(prompts(&[other])).await.unwrap();
     assert_eq!((own.source, own.similar), (Some(Source::Generated), None));
     assert_eq!(p.cache().len(), 2);
+    // A distance no cosine can give is refused, NaN included.
+    for bad in [f32::NAN, -0.1, 2.5] {
+        assert!(DndProvider::new(generator(false), "gen", opts(Some(bad))).is_err());
+    }
     // Off: every condition gets its own adapter.
     let off = DndProvider::new(generator(false), "gen", opts(None)).unwrap();
     off.resolve(prompts(&[first])).await.unwrap();
