@@ -54,29 +54,9 @@ fn generator(poison: bool) -> Generator {
 }
 
 fn provider(poison: bool, source: PromptSource) -> Arc<DndProvider> {
-    DndProvider::new(
-        generator(poison),
-        if poison { "nan" } else { "gen" },
-        ProviderOptions {
-            policy: PromptPolicy {
-                source,
-                max_prompts: 0,
-                max_chars: 1000,
-            },
-            limits: CacheLimits {
-                max_entries: 2,
-                max_bytes: 1 << 30,
-                wait_timeout: Duration::from_secs(1),
-            },
-            device: Device::Cpu,
-            dtype: DType::F32,
-            base_model_id: "tiny-qwen2".into(),
-            abstain_distance: None,
-            reuse_distance: None,
-            generation: Default::default(),
-        },
-    )
-    .unwrap()
+    let mut opts = options(2);
+    opts.policy.source = source;
+    DndProvider::new(generator(poison), if poison { "nan" } else { "gen" }, opts).unwrap()
 }
 
 /// Options for the tiny model on the CPU: the auto policy, room for `entries` adapters, no
