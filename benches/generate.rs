@@ -121,7 +121,8 @@ fn batch_table() {
             }
             seq.push(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            assert_eq!(g.generate_batch(&sets).unwrap().len(), b);
+            let slices: Vec<&[String]> = sets.iter().map(Vec::as_slice).collect();
+            assert_eq!(g.generate_batch(&slices).unwrap().len(), b);
             bat.push(t.elapsed().as_secs_f64());
         }
         let (s, t) = (median(seq), median(bat));

@@ -316,7 +316,7 @@ impl Generator {
     /// Adapters for several prompt sets at once: one encoder pass over all their prompts and
     /// one decoder pass with the sets as its batch. Each adapter is the one
     /// [`generate`](Self::generate) makes for its set (up to float rounding).
-    pub fn generate_batch<S: AsRef<str>>(&self, sets: &[Vec<S>]) -> Result<Vec<LoraAdapter>> {
+    pub fn generate_batch<S: AsRef<str>>(&self, sets: &[&[S]]) -> Result<Vec<LoraAdapter>> {
         if sets.is_empty() {
             return Ok(Vec::new());
         }
@@ -407,10 +407,10 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-assets.sh encoder"));
         let g = super::Generator::from_parts(encoder, dec).unwrap();
-        let sets = vec![
-            vec!["Add the numbers.", "12 + 30"],
-            vec!["Translate into French."],
-            vec![
+        let sets: [&[&str]; 3] = [
+            &["Add the numbers.", "12 + 30"],
+            &["Translate into French."],
+            &[
                 "Is the sky green?",
                 "Is fire hot?",
                 "Is ice cold?",

@@ -92,26 +92,19 @@ impl Batcher {
     }
 }
 
-fn failed(e: DndError) -> GenerationError {
-    match e {
-        DndError::NonFinite(m) => GenerationError::NonFinite(m),
-        other => GenerationError::Failed(other.to_string()),
-    }
-}
-
 /// Generates a batch and answers each job; a batch that fails is retried set by set, so one
 /// bad set fails only its own requests.
 fn generate(generator: &Generator, batch: Vec<Job>, device: &Device, dtype: DType) {
-    let sets: Vec<Vec<String>> = batch.iter().map(|j| j.prompts.to_vec()).collect();
     let finish = |job: Job, adapter: crate::Result<crate::adapters::LoraAdapter>| {
         // `to_sequence_lora` refuses non-finite weights after the cast to the model's dtype.
         let lora = adapter
             .and_then(|a| to_sequence_lora(&a, format!("dnd-{}", job.key), device, dtype))
-            .map_err(failed);
+            .map_err(GenerationError::from);
         // A requester that went away no longer needs the answer.
         let _ = job.reply.send(lora);
     };
     let together = if batch.len() > 1 {
+        let sets: Vec<&[String]> = batch.iter().map(|j| j.prompts.as_slice()).collect();
         generator.generate_batch(&sets).ok()
     } else {
         None

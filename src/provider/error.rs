@@ -23,6 +23,16 @@ impl fmt::Display for GenerationError {
     }
 }
 
+impl From<crate::error::DndError> for GenerationError {
+    /// Non-finite weights keep their own kind (and client code); anything else failed.
+    fn from(e: crate::error::DndError) -> Self {
+        match e {
+            crate::error::DndError::NonFinite(m) => Self::NonFinite(m),
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
 /// A request the provider could not serve.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProviderError {

@@ -134,9 +134,11 @@ pub fn load_peft(
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<SequenceLora, GenerationError> {
-    let failed = |e: DndError| match e {
-        DndError::NonFinite(m) => GenerationError::NonFinite(m),
-        other => GenerationError::Failed(format!("loading {}: {other}", dir.display())),
+    let failed = |e: DndError| match GenerationError::from(e) {
+        GenerationError::Failed(m) => {
+            GenerationError::Failed(format!("loading {}: {m}", dir.display()))
+        }
+        non_finite => non_finite,
     };
     if content_fingerprint(dir).map_err(failed)? != content {
         return Err(GenerationError::Failed(format!(
