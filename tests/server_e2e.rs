@@ -11,31 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use common::{golden_path, token_ids, Golden};
-use mistralrs_dnd::adapters::{BaseModelShape, LoraSpec, Module};
-use mistralrs_dnd::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
+use candle_core::Device;
+use common::{golden_path, tiny_generator, token_ids, Golden};
+use mistralrs_dnd::generator::checkpoint;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A rank-2 random generator for tiny-qwen2 (N = 4 prompts), written to `dir`.
-fn tiny_generator(dir: &Path) -> PathBuf {
-    let shape = BaseModelShape::from_path(golden_path("tiny-qwen2")).unwrap();
-    let spec = LoraSpec {
-        rank: 2,
-        alpha: 16.0,
-        chunk_width: 32,
-        target_modules: Module::ALL.to_vec(),
-    };
-    let mut cfg =
-        GeneratorConfig::new(shape, spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
-    cfg.note = Some("RANDOM WEIGHTS (test)".into());
-    let (_, tensors) = ConditionDecoder::random(cfg.clone(), 3, &Device::Cpu, DType::F32).unwrap();
-    let path = dir.join("tiny-generator.safetensors");
-    checkpoint::save(&path, &cfg, &tensors).unwrap();
-    path
 }
 
 /// The server process; killed when dropped.

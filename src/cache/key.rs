@@ -61,6 +61,28 @@ impl fmt::Display for AdapterKey {
     }
 }
 
+/// The routing key of a condition: what a load balancer hashes on so that every request
+/// with the same condition reaches the replica that already holds its adapter.
+///
+/// Unlike [`AdapterKey`] it depends on the prompts alone (not on the generator or the base
+/// model), so a client or gateway can compute it from a request's system prompt without
+/// asking the server: the first 32 hex characters of the SHA-256 of the normalised prompts
+/// ([`normalize_prompts`]: trimmed, `\r\n` as `\n`, sorted), each followed by one zero byte.
+/// In Python, for a request conditioned on its system prompt `s`:
+/// `hashlib.sha256(s.replace("\r\n", "\n").strip().encode() + b"\0").hexdigest()[:32]`.
+pub fn route_key(normalized: &[String]) -> String {
+    let mut h = Sha256::new();
+    for p in normalized {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()
+        .iter()
+        .take(AdapterKey::LEN / 2)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A short content fingerprint of bytes (a generator checkpoint, say), 16 hex characters.
 pub fn fingerprint(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -97,6 +119,19 @@ mod tests {
             AdapterKey::new("g", "m", &["ab".into(), "c".into()]),
             AdapterKey::new("g", "m", &["a".into(), "bc".into()])
         );
+    }
+
+    #[test]
+    fn route_key_is_sha256_of_the_normalised_prompts_each_ended_by_a_zero_byte() {
+        // SHA-256("abc\0") and SHA-256("a\0b\0"), computed independently (sha256sum).
+        assert_eq!(
+            route_key(&normalize_prompts(&["  abc\r\n"])),
+            "dc1114cd074914bd872cc1f9a23ec910"
+        );
+        let ab = route_key(&normalize_prompts(&["b", "a"]));
+        assert_eq!(ab, "8fb20ef63ced4145fc2e983ffe597d1d");
+        // Generator-independent, but order-insensitive and content-sensitive like the key.
+        assert_ne!(ab, route_key(&normalize_prompts(&["a", "b", "b"])));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 pub mod key;
 pub mod store;
 
-pub use key::{fingerprint, normalize_prompts, AdapterKey};
+pub use key::{fingerprint, normalize_prompts, route_key, AdapterKey};
 pub use store::{
     AdapterCache, CacheError, CacheLimits, CacheStats, EntryInfo, Lookup, RemoveError, Source,
     Weighed, GENERATION_BUCKETS,

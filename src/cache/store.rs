@@ -462,6 +462,15 @@ where
         s.generation_buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The keys and metadata of the values being generated now.
+    pub fn in_flight(&self) -> Vec<(K, M)> {
+        let st = self.lock();
+        st.flights
+            .iter()
+            .map(|(k, (_, m))| (k.clone(), m.clone()))
+            .collect()
+    }
+
     /// Ready entries, most recently used first.
     pub fn entries(&self) -> Vec<EntryInfo<K, M>> {
         let st = self.lock();

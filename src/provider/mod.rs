@@ -118,6 +118,9 @@ pub struct Served {
     /// Set when a cached adapter for a similar condition was served instead of generating
     /// one: the distance between the two conditions.
     pub similar: Option<f32>,
+    /// The condition's routing key ([`crate::cache::route_key`]), when prompts conditioned
+    /// the request (set by the server).
+    pub route: Option<String>,
 }
 
 /// A generator, its adapter cache and the prompt policy, as an engine adapter provider.

@@ -18,13 +18,20 @@ use tokio::sync::mpsc::Receiver;
 
 use super::error::ApiError;
 use super::logprobs;
+use super::metrics::RequestGauge;
 use super::openai::{
     parse_body, ChatBody, CompletionBody, DndExtension, Extras, CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use super::ServerState;
-use crate::cache::Source;
+use crate::cache::{normalize_prompts, route_key, Source};
 use crate::policy::{Condition, Turn};
 use crate::provider::Served;
+
+/// The request header carrying the client's or gateway's routing key.
+pub(super) const ROUTE_HINT: &str = "x-dnd-key";
+/// The response header reporting the routing key the request was served by (`none` when no
+/// prompts conditioned it: the base model, a named adapter, an adapter chosen by key).
+pub(super) const ROUTE_KEY: &str = "x-dnd-route-key";
 
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
@@ -45,16 +52,20 @@ pub(super) fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes
 
 pub(super) async fn chat(
     State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResponse {
+    let mut gauge = state.metrics.waiting();
     let result = async {
         let req: ChatBody = parse_body(&body_or_error(body)?, CHAT_FIELDS)?;
         let (turns, message) = req.messages()?;
         let params = req.common.sampling.to_params()?;
         let extras = req.extras()?;
         let c = req.common;
-        let served = choose(&state, c.dnd, c.model.as_deref(), &turns).await?;
-        run(&state, served, message, params, extras, c.stream).await
+        let hint = route_hint(&headers)?;
+        let served = choose(&state, c.dnd, c.model.as_deref(), &turns, hint).await?;
+        gauge.running();
+        run(&state, served, message, params, extras, c.stream, gauge).await
     }
     .await;
     finish(&state, CHAT, result)
@@ -62,16 +73,20 @@ pub(super) async fn chat(
 
 pub(super) async fn completion(
     State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResponse {
+    let mut gauge = state.metrics.waiting();
     let result = async {
         let req: CompletionBody = parse_body(&body_or_error(body)?, COMPLETION_FIELDS)?;
         let (turns, message) = req.prompt()?;
         let params = req.common.sampling.to_params()?;
         let extras = req.extras()?;
         let c = req.common;
-        let served = choose(&state, c.dnd, c.model.as_deref(), &turns).await?;
-        run(&state, served, message, params, extras, c.stream).await
+        let hint = route_hint(&headers)?;
+        let served = choose(&state, c.dnd, c.model.as_deref(), &turns, hint).await?;
+        gauge.running();
+        run(&state, served, message, params, extras, c.stream, gauge).await
     }
     .await;
     finish(&state, COMPLETIONS, result)
@@ -90,13 +105,44 @@ fn finish(
     response
 }
 
+/// The request's `x-dnd-key` header: the routing key its client or gateway computed.
+fn route_hint(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(v) = headers.get(ROUTE_HINT) else {
+        return Ok(None);
+    };
+    v.to_str().map(|s| Some(s.trim())).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_dnd_key",
+            format!("the {ROUTE_HINT} header is not visible ASCII"),
+        )
+    })
+}
+
+/// Refuses a request whose `x-dnd-key` names another condition than the one it is served by:
+/// a client or gateway that computes the key by another recipe would scatter one condition's
+/// requests over replicas without anyone noticing.
+fn check_route(hint: Option<&str>, route: &str) -> Result<(), ApiError> {
+    match hint {
+        Some(h) if h != route => Err(ApiError::bad_request(
+            "dnd_key_mismatch",
+            format!(
+                "{ROUTE_HINT} is {h:?} but this request's condition has routing key {route:?} \
+                 (the SHA-256 of its normalised prompts, each followed by a zero byte, first 32 \
+                 hex characters; README \"Routing across replicas\")"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The adapter a request gets: a named adapter its `model` names, else its `dnd` field, else
-/// the policy.
+/// the policy. `hint`: the request's `x-dnd-key`, checked against its condition's routing key.
 async fn choose(
     state: &ServerState,
     ext: Option<DndExtension>,
     model: Option<&str>,
     turns: &[Turn],
+    hint: Option<&str>,
 ) -> Result<Served, ApiError> {
     let ext = ext.unwrap_or_default();
     let Some(provider) = &state.provider else {
@@ -145,7 +191,17 @@ async fn choose(
             .from_turns(turns)
             .map_err(crate::provider::ProviderError::from)?,
     };
-    Ok(provider.resolve(condition).await?)
+    let route = match &condition {
+        Condition::Prompts(p) => {
+            let route = route_key(&normalize_prompts(p));
+            check_route(hint, &route)?;
+            Some(route)
+        }
+        Condition::Base => None,
+    };
+    let mut served = provider.resolve(condition).await?;
+    served.route = route;
+    Ok(served)
 }
 
 /// The `dnd` response field.
@@ -164,6 +220,9 @@ fn dnd_info(served: &Served) -> Value {
     }
     if let Some(d) = served.similar {
         v["distance"] = json!(d);
+    }
+    if let Some(r) = &served.route {
+        v["route_key"] = json!(r);
     }
     v
 }
@@ -193,6 +252,10 @@ fn dnd_headers(served: &Served) -> HeaderMap {
         "x-dnd-adapter-source",
         HeaderValue::from_static(source_name(served)),
     );
+    h.insert(
+        ROUTE_KEY,
+        HeaderValue::from_str(served.route.as_deref().unwrap_or("none")).expect("hex key"),
+    );
     h
 }
 
@@ -200,6 +263,8 @@ fn dnd_headers(served: &Served) -> HeaderMap {
 struct Pin {
     served: Served,
     state: Arc<ServerState>,
+    /// Counts the request as running until the response is complete.
+    _gauge: RequestGauge,
 }
 
 impl Drop for Pin {
@@ -235,6 +300,7 @@ async fn run(
     mut params: SamplingParams,
     extras: Extras,
     stream: bool,
+    gauge: RequestGauge,
 ) -> Result<HttpResponse, ApiError> {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     // Until the engine has the request, a dropped handler (client gone) must not leave the
@@ -273,6 +339,7 @@ async fn run(
     let pin = Pin {
         served,
         state: state.clone(),
+        _gauge: gauge,
     };
     if stream {
         let events = sse_events(rx, info, pin, extras.include_usage, model);

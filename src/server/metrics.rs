@@ -2,8 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::header;
@@ -12,13 +13,60 @@ use axum::response::IntoResponse;
 use super::ServerState;
 use crate::cache::GENERATION_BUCKETS;
 
-/// Requests answered, by endpoint and status.
+/// Requests answered, by endpoint and status, and requests in progress.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
     counts: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Completion requests not yet handed to the engine (reading, waiting for their adapter).
+    waiting: Arc<AtomicI64>,
+    /// Completion requests the engine is answering.
+    running: Arc<AtomicI64>,
+}
+
+/// One completion request in progress: counted as waiting, then (after [`running`]) as
+/// running, until dropped.
+///
+/// [`running`]: RequestGauge::running
+#[derive(Debug)]
+pub struct RequestGauge {
+    waiting: Arc<AtomicI64>,
+    running: Arc<AtomicI64>,
+    is_running: bool,
+}
+
+impl RequestGauge {
+    /// The request has reached the engine.
+    pub fn running(&mut self) {
+        if !self.is_running {
+            self.is_running = true;
+            self.running.fetch_add(1, Ordering::Relaxed);
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for RequestGauge {
+    fn drop(&mut self) {
+        let counter = if self.is_running {
+            &self.running
+        } else {
+            &self.waiting
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl HttpMetrics {
+    /// Counts a completion request as waiting until the gauge says otherwise or is dropped.
+    pub fn waiting(&self) -> RequestGauge {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        RequestGauge {
+            waiting: self.waiting.clone(),
+            running: self.running.clone(),
+            is_running: false,
+        }
+    }
+
     /// Counts one answered request.
     pub fn record(&self, endpoint: &'static str, status: u16) {
         *self
@@ -28,6 +76,43 @@ impl HttpMetrics {
             .entry((endpoint, status))
             .or_default() += 1;
     }
+}
+
+/// vLLM's `lora_requests_info` in our namespace, the shape the Gateway API inference
+/// extension's endpoint picker reads: `running_lora_adapters` lists what is resident and ready
+/// (a generated adapter by its condition's routing key, the `x-dnd-key` a gateway hashes on; a
+/// named PEFT adapter by its name), `waiting_lora_adapters` the generations in flight, and
+/// `max_lora` the cache's entry limit. The value is the time of the reading, as in vLLM.
+fn lora_info(out: &mut String, p: &crate::provider::DndProvider) {
+    use crate::provider::{AdapterMeta, Origin};
+    let label = |meta: &AdapterMeta| match &meta.origin {
+        Origin::Generated => crate::cache::route_key(&meta.prompts),
+        Origin::Peft { name, .. } => name.clone(),
+    };
+    let cache = p.cache();
+    let running: Vec<String> = cache.entries().iter().map(|e| label(&e.meta)).collect();
+    let waiting: Vec<String> = cache.in_flight().iter().map(|(_, m)| label(m)).collect();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "# HELP dnd:lora_requests_info Adapters resident (running) and being generated \
+         (waiting), as vLLM's lora_requests_info.\n# TYPE dnd:lora_requests_info gauge\n\
+         dnd:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",\
+         waiting_lora_adapters=\"{}\"}} {now}",
+        cache.limits().max_entries,
+        running.join(","),
+        waiting.join(","),
+    );
+    metric(
+        out,
+        "dnd:adapter_cache_usage_perc",
+        "gauge",
+        "Share of the adapter cache's byte budget in use, 0 to 1 (the adapters' counterpart of \
+         vLLM's kv_cache_usage_perc; this CPU engine has no fixed KV-cache pool to report).",
+        cache.resident_bytes() as f64 / cache.limits().max_bytes.max(1) as f64,
+    );
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
@@ -56,7 +141,24 @@ pub(super) async fn prometheus(State(state): State<Arc<ServerState>>) -> impl In
             "dnd_http_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
         );
     }
+    let m = &state.metrics;
+    metric(
+        &mut out,
+        "dnd:num_requests_running",
+        "gauge",
+        "Completion requests the engine is answering (vLLM's num_requests_running).",
+        m.running.load(Ordering::Relaxed).max(0),
+    );
+    metric(
+        &mut out,
+        "dnd:num_requests_waiting",
+        "gauge",
+        "Completion requests not yet handed to the engine, most waiting for their adapter \
+         (vLLM's num_requests_waiting).",
+        m.waiting.load(Ordering::Relaxed).max(0),
+    );
     if let Some(p) = &state.provider {
+        lora_info(&mut out, p);
         let cache = p.cache();
         let s = cache.stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -3,12 +3,15 @@
 //! - `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream`): each request's
 //!   adapter is chosen by the [`policy`](crate::policy) or its `dnd` field, resolved through the
 //!   cache before the engine sees the request, and reported in the response (`dnd` field,
-//!   `x-dnd-adapter` headers).
+//!   `x-dnd-adapter` headers). A request's `x-dnd-key` header, the routing key a load
+//!   balancer hashes on, must match its condition's ([`crate::cache::route_key`]); every
+//!   answer reports the key it was served by (`x-dnd-route-key`).
 //! - `GET /v1/adapters`, `GET /v1/adapters/{key}`, `GET /v1/adapters/{key}/peft` (a tar of the
 //!   PEFT folder), `DELETE /v1/adapters/{key}`.
 //! - `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` (vLLM's shape; PEFT
 //!   folders under `--adapter-root` only).
-//! - `GET /metrics` (Prometheus), `GET /v1/models`, `GET /health`.
+//! - `GET /metrics` (Prometheus; request gauges and adapter residency in vLLM's shape),
+//!   `GET /v1/models`, `GET /health`.
 
 mod adapters;
 mod completions;
@@ -28,7 +31,7 @@ use serde_json::json;
 
 use crate::provider::DndProvider;
 pub use error::ApiError;
-pub use metrics::HttpMetrics;
+pub use metrics::{HttpMetrics, RequestGauge};
 pub use runtime_adapters::RuntimeLoading;
 
 /// What every handler shares.

@@ -11,6 +11,7 @@ summary of what it measured on success.
 """
 
 import concurrent.futures as cf
+import hashlib
 import io
 import json
 import math
@@ -244,6 +245,19 @@ def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outs
         max_tokens=8, temperature=0)
     assert raw.headers["x-dnd-adapter"] == dnd(b)["adapter"], dict(raw.headers)
     assert raw.headers["x-dnd-adapter-source"] == "cached"
+    # Routing: the answer reports its condition's routing key, which a client computes from
+    # the system prompt alone (README "Routing across replicas"); a wrong x-dnd-key is refused.
+    french = [{"role": "system", "content": "You translate English sentences into French."},
+              {"role": "user", "content": "Hello there"}]
+    route = hashlib.sha256(french[0]["content"].encode() + b"\0").hexdigest()[:32]
+    assert raw.headers["x-dnd-route-key"] == route, dict(raw.headers)
+    assert dnd(raw.parse())["route_key"] == route
+    keyed = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=french, max_tokens=2, temperature=0,
+        extra_headers={"x-dnd-key": route})
+    assert keyed.headers["x-dnd-adapter-source"] == "cached", dict(keyed.headers)
+    expect_error(400, "dnd_key_mismatch", lambda: client.chat.completions.create(
+        model=MODEL, messages=french, max_tokens=2, extra_headers={"x-dnd-key": "0" * 32}))
     # Streaming gives the same text, and the first chunk says which adapter served it.
     stream = client.chat.completions.create(
         model=MODEL, stream=True, max_tokens=8, temperature=0,
@@ -261,6 +275,9 @@ def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outs
     base = client.completions.create(model=MODEL, prompt=base_prompt, max_tokens=8,
                                      temperature=0, extra_body={"dnd": {"base": True}})
     assert dnd(base) == {"adapter": None, "source": "base", "generation_ms": None}
+    raw_base = client.completions.with_raw_response.create(
+        model=MODEL, prompt=base_prompt, max_tokens=1, extra_body={"dnd": {"base": True}})
+    assert raw_base.headers["x-dnd-route-key"] == "none", dict(raw_base.headers)
     assert base.choices[0].text == expected_base, (base.choices[0].text, expected_base)
     conformance(base_prompt, expected_base, expected_top)
     # The same prompt with explicit condition prompts is specialised (and says so).
@@ -270,6 +287,7 @@ def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outs
                                                                      "Is fire cold?"]}})
     assert dnd(spec)["source"] == "generated"
     summary["base_vs_adapter"] = [base.choices[0].text, spec.choices[0].text]
+    assert spec.choices[0].text != base.choices[0].text, summary["base_vs_adapter"]
     # Streaming completions work too.
     sc = list(client.completions.create(model=MODEL, prompt=base_prompt, max_tokens=8,
                                         temperature=0, stream=True,
