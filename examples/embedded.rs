@@ -4,8 +4,8 @@
 //!   scripts/fetch-assets.sh encoder smollm2
 //!   cargo run --features engine --example embedded -- [GENERATOR.safetensors]
 //!
-//! Without an argument it uses `.assets/generators/smollm2-135m-small.safetensors` (which
-//! `scripts/run.sh` creates).
+//! Without an argument it uses the shipped skills generator,
+//! `generators/smollm2-135m-skills.safetensors` (the main job's default).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 async fn main() -> Result<()> {
     let generator = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| ".assets/generators/smollm2-135m-small.safetensors".into());
+        .unwrap_or_else(|| "generators/smollm2-135m-skills.safetensors".into());
 
     // 1. The engine, as any mistral.rs application builds it.
     let model = GgufModelBuilder::new(MODEL_DIR, vec![MODEL_FILE])

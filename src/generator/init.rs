@@ -5,7 +5,6 @@
 //! result does not depend on the order modules are built in.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
@@ -13,6 +12,8 @@ use candle_nn::init::NormalOrUniform;
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
+use sha2::{Digest, Sha256};
 
 /// A `VarBuilder` backend that creates seeded tensors and remembers them.
 pub struct SeededInit {
@@ -40,11 +41,17 @@ impl SeededInit {
         std::mem::take(&mut self.created.lock().expect("init lock"))
     }
 
-    fn rng(&self, name: &str) -> rand::rngs::StdRng {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        name.hash(&mut h);
-        rand::rngs::StdRng::seed_from_u64(self.seed ^ h.finish())
+    fn rng(&self, name: &str) -> ChaCha12Rng {
+        ChaCha12Rng::seed_from_u64(self.seed ^ name_seed(name))
     }
+}
+
+/// A tensor name's share of its RNG seed: the first 8 bytes of its SHA-256, little-endian.
+/// Both halves are fixed algorithms (std's `DefaultHasher` and rand's `StdRng` promise no
+/// stability across releases), so a seed gives the same generator on every build.
+fn name_seed(name: &str) -> u64 {
+    let d = Sha256::digest(name.as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 struct Shared(std::sync::Arc<SeededInit>);
@@ -106,5 +113,39 @@ impl SimpleBackend for Shared {
 
     fn contains_tensor(&self, _name: &str) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_seeds_are_the_sha256_prefix() {
+        // sha256sum of "decoder.0.weight" starts 8b5f418f67080a2a.
+        assert_eq!(name_seed("decoder.0.weight"), 0x2a0a_0867_8f41_5f8b);
+    }
+
+    #[test]
+    fn same_seed_same_tensors_other_seed_other_tensors() {
+        let draw = |seed| {
+            let (vb, backend) = SeededInit::builder(seed, DType::F32, &Device::Cpu);
+            vb.get_with_hints(
+                (4, 3),
+                "w",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )
+            .unwrap();
+            backend.take()["w"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
     }
 }
