@@ -6,7 +6,8 @@
 #
 # qwen05: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), for the training benchmark.
 #
-# openai: a Python virtualenv (.assets/venv) with the `openai` client the server tests use.
+# openai: a Python virtualenv (.assets/venv) with the `openai` client and LangChain's
+# `langchain-openai` (ChatOpenAI), the clients the server tests drive.
 #
 # nginx: Debian's nginx, the load balancer of the routing test (scripts/affinity.py); installed
 # with apt-get when missing (needs root), never started as a service.
@@ -92,12 +93,12 @@ qwen05() {
 
 openai_client() {
   local venv="$assets/venv"
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import openai, langchain_openai" 2>/dev/null; then
     return
   fi
-  echo "installing the openai Python client into $venv..." >&2
+  echo "installing the openai and LangChain Python clients into $venv..." >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "langchain-openai>=0.3,<2"
 }
 
 nginx_server() {

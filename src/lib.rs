@@ -7,6 +7,8 @@
 //! - [`adapters`]: the LoRA adapter type, PEFT I/O and the parameter tokens.
 //! - [`convert`]: importing the authors' released PyTorch checkpoints.
 
+#![warn(missing_docs)]
+
 pub mod adapters;
 pub mod cache;
 pub mod convert;

@@ -219,6 +219,33 @@ def runtime(base_prompt, expected_a1, expected_a2, outside):
     assert client.completions.create(model="default", prompt="x", max_tokens=2).choices
 
 
+def langchain(a, expected_base_chat):
+    """LangChain's ChatOpenAI, a client no one here wrote, with its own default payload: the same
+    adapter answer as the openai client for the same conversation, streamed or not, with
+    logprobs, and a named adapter / the base model chosen through `model` alone."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    def llm(model=MODEL, **kw):
+        return ChatOpenAI(base_url=BASE + "/v1", api_key="unused", model=model, temperature=0,
+                          max_tokens=8, max_retries=0, timeout=600, **kw)
+
+    msgs = [SystemMessage("You answer science questions with A, B, C or D."), HumanMessage("Hello there")]
+    r = llm().invoke(msgs)
+    assert r.content == a.choices[0].message.content, (r.content, a.choices[0].message.content)
+    assert r.response_metadata["finish_reason"] in ("stop", "length"), r.response_metadata
+    streamed = "".join(c.content for c in llm().stream(msgs))
+    assert no_fffd(streamed) == no_fffd(r.content), (streamed, r.content)
+    lp = llm(logprobs=True, top_logprobs=2).invoke(msgs).response_metadata["logprobs"]["content"]
+    assert lp and all(t["logprob"] <= 0 and len(t["top_logprobs"]) == 2 for t in lp), lp
+    # `model` names the named adapter `a1` (a PEFT folder) or, with `dnd.base`, the base model.
+    named_a1 = llm("a1").invoke([HumanMessage("Hello there")])
+    assert named_a1.response_metadata["model_name"] == "a1", named_a1.response_metadata
+    base = llm(extra_body={"dnd": {"base": True}}).invoke([HumanMessage("Hello there")])
+    assert base.content == expected_base_chat, (base.content, expected_base_chat)
+    return {"langchain": r.content}
+
+
 def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outside):
     summary = {}
     named(base_prompt, expected_a1)
@@ -229,6 +256,8 @@ def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outs
     assert dnd(a)["source"] == "generated" and dnd(b)["source"] == "generated", (dnd(a), dnd(b))
     assert dnd(a)["adapter"] != dnd(b)["adapter"]
     summary["texts"] = [a.choices[0].message.content, b.choices[0].message.content]
+    base_chat = chat("", extra_body={"dnd": {"base": True}}).choices[0].message.content
+    summary.update(langchain(a, base_chat))
     # The same system prompt again: a cache hit, the same answer.
     a2 = chat("You answer science questions with A, B, C or D.")
     assert dnd(a2) == {**dnd(a), "source": "cached", "generation_ms": None}, dnd(a2)
