@@ -8,8 +8,8 @@ pub mod store;
 
 pub use key::{fingerprint, normalize_prompts, route_key, AdapterKey};
 pub use store::{
-    AdapterCache, CacheError, CacheLimits, CacheStats, EntryInfo, Lookup, RemoveError, Source,
-    Weighed, GENERATION_BUCKETS,
+    AdapterCache, CacheError, CacheLimits, CacheStats, EntryInfo, Lease, Lookup, RemoveError,
+    Source, Weighed, GENERATION_BUCKETS,
 };
 
 #[cfg(test)]

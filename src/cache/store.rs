@@ -2,16 +2,17 @@
 //!
 //! - Bounded by entry count and by bytes. Generations in flight reserve their bytes up front,
 //!   so resident + reserved never exceeds the budget.
-//! - An entry whose value is still held elsewhere (a running sequence holds an `Arc`) is
-//!   *pinned*: it is never evicted. When every entry is pinned and there is no room, a miss
-//!   waits for one to be released (up to a timeout) instead of exceeding the budget.
+//! - Values are handed out as [`Lease`]s. An entry with a live lease (a request, its running
+//!   sequence) is *in use*: it is never evicted. When every entry is in use and there is no
+//!   room, a miss waits for a lease to be released (up to a timeout) instead of exceeding the
+//!   budget; dropping an entry's last lease wakes it, so nothing polls.
 //! - Concurrent misses for one key share one generation, which runs in its own task: a client
 //!   that goes away does not cancel it.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -57,11 +58,73 @@ impl Source {
     }
 }
 
+/// How many leases of one value are alive, and whom to wake when the last one goes.
+#[derive(Debug)]
+struct Holds {
+    count: AtomicUsize,
+    released: Arc<Notify>,
+}
+
+impl Holds {
+    fn new(released: &Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            released: released.clone(),
+        })
+    }
+
+    fn in_use(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+}
+
+/// A cached value, counted as in use until dropped: the entry is not evicted while any of its
+/// leases lives, and dropping the last one wakes lookups waiting for room. Clones are leases
+/// of their own.
+#[derive(Debug)]
+pub struct Lease<V> {
+    value: Arc<V>,
+    holds: Arc<Holds>,
+}
+
+impl<V> Lease<V> {
+    fn new(value: Arc<V>, holds: Arc<Holds>) -> Self {
+        holds.count.fetch_add(1, Ordering::AcqRel);
+        Self { value, holds }
+    }
+
+    /// The value.
+    pub fn value(&self) -> &Arc<V> {
+        &self.value
+    }
+}
+
+impl<V> Clone for Lease<V> {
+    fn clone(&self) -> Self {
+        Self::new(self.value.clone(), self.holds.clone())
+    }
+}
+
+impl<V> std::ops::Deref for Lease<V> {
+    type Target = V;
+    fn deref(&self) -> &V {
+        &self.value
+    }
+}
+
+impl<V> Drop for Lease<V> {
+    fn drop(&mut self) {
+        if self.holds.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.holds.released.notify_waiters();
+        }
+    }
+}
+
 /// A value handed out by the cache.
 #[derive(Debug)]
 pub struct Lookup<V, M> {
-    /// The value; holding it pins the entry.
-    pub value: Arc<V>,
+    /// The value; the entry stays in use while this lease (or a clone) lives.
+    pub value: Lease<V>,
     /// The entry's metadata.
     pub meta: M,
     /// How it was served.
@@ -146,13 +209,36 @@ pub const GENERATION_BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 
 struct Entry<V, M> {
     value: Arc<V>,
+    holds: Arc<Holds>,
     meta: M,
     bytes: usize,
     hits: u64,
     created: Instant,
 }
 
-type FlightResult<V, E> = Option<Result<(Arc<V>, Duration), CacheError<E>>>;
+/// A finished generation as its waiters receive it: the flight's own lease keeps the new entry
+/// in use until each waiter has taken a lease of its own; the last one to do so drops it (so
+/// the entry is free as soon as the requests are done, whichever thread finishes first).
+#[derive(Debug)]
+struct Flight<V> {
+    lease: Mutex<Option<Lease<V>>>,
+    waiting: AtomicUsize,
+}
+
+impl<V> Flight<V> {
+    /// A lease of the generated value for one waiter.
+    fn take_lease(&self) -> Lease<V> {
+        let mut slot = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = slot.as_ref().expect("held until the last waiter").clone();
+        if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *slot = None;
+        }
+        lease
+    }
+}
+
+/// What a generation's waiters receive, and the time it took.
+type FlightResult<V, E> = Option<Result<(Arc<Flight<V>>, Duration), CacheError<E>>>;
 
 struct State<K: Hash + Eq, V, M, E> {
     ready: LruCache<K, Entry<V, M>>,
@@ -171,7 +257,9 @@ enum Step<V, M, E> {
 pub struct AdapterCache<K: Hash + Eq, V, M, E> {
     limits: CacheLimits,
     state: Mutex<State<K, V, M, E>>,
-    changed: Notify,
+    /// Woken when room may have appeared: a lease released, an entry removed, a generation
+    /// finished.
+    changed: Arc<Notify>,
     stats: CacheStats,
 }
 
@@ -192,7 +280,7 @@ where
                 resident: 0,
                 reserved: 0,
             }),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
             stats: CacheStats::default(),
         })
     }
@@ -229,12 +317,6 @@ where
         self.len() == 0
     }
 
-    /// Wakes lookups waiting for room (call when a request that held a value has finished;
-    /// waiters also re-check on their own every few milliseconds).
-    pub fn notify_released(&self) {
-        self.changed.notify_waiters();
-    }
-
     /// The ready value for `key`, counted as a hit.
     pub fn get(&self, key: &K) -> Option<Lookup<V, M>> {
         let mut st = self.lock();
@@ -242,7 +324,7 @@ where
         e.hits += 1;
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(Lookup {
-            value: e.value.clone(),
+            value: Lease::new(e.value.clone(), e.holds.clone()),
             meta: e.meta.clone(),
             source: Source::Cached,
             generation: None,
@@ -290,9 +372,8 @@ where
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 return Err(CacheError::Busy(self.limits.wait_timeout));
             }
-            // Sequences drop their adapters without telling us: re-check periodically.
-            let nap = (deadline - now).min(Duration::from_millis(20));
-            let _ = tokio::time::timeout(nap, notified).await;
+            // Woken by a released lease, a removal or a finished generation.
+            let _ = tokio::time::timeout(deadline - now, notified).await;
         }
     }
 
@@ -313,7 +394,7 @@ where
             e.hits += 1;
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Step::Ready(Lookup {
-                value: e.value.clone(),
+                value: Lease::new(e.value.clone(), e.holds.clone()),
                 meta: e.meta.clone(),
                 source: Source::Cached,
                 generation: None,
@@ -358,8 +439,8 @@ where
                 "the generation task was dropped".into(),
             )),
         };
-        result.map(|(value, took)| Lookup {
-            value,
+        result.map(|(flight, took)| Lookup {
+            value: flight.take_lease(),
             meta,
             source,
             generation: Some(took),
@@ -375,12 +456,12 @@ where
         let mut excess_bytes =
             (st.resident + st.reserved + bytes).saturating_sub(self.limits.max_bytes);
         let mut victims = Vec::new();
-        // Oldest first; pinned entries are skipped.
+        // Oldest first; entries in use are skipped.
         for (k, e) in st.ready.iter().rev() {
             if excess_entries == 0 && excess_bytes == 0 {
                 break;
             }
-            if Arc::strong_count(&e.value) == 1 {
+            if !e.holds.in_use() {
                 victims.push(k.clone());
                 excess_entries = excess_entries.saturating_sub(1);
                 excess_bytes = excess_bytes.saturating_sub(e.bytes);
@@ -413,6 +494,8 @@ where
             Ok(v) => {
                 let bytes = v.weight();
                 let value = Arc::new(v);
+                let holds = Holds::new(&self.changed);
+                let flight = Lease::new(value.clone(), holds.clone());
                 // The reservation is released above, so room is made for the whole value: an
                 // estimate that fell short is covered, and if no room can be made the value is
                 // given out uncached rather than exceed the budget.
@@ -421,7 +504,8 @@ where
                     st.ready.push(
                         key,
                         Entry {
-                            value: value.clone(),
+                            value,
+                            holds,
                             meta,
                             bytes,
                             hits: 0,
@@ -431,7 +515,13 @@ where
                     self.note_peak(&st);
                 }
                 self.record_generation(took);
-                Ok((value, took))
+                // Waiters that leave before reading keep the flight's lease until the channel
+                // goes (the entry is in use a little longer, never freed too early).
+                let flight = Flight {
+                    lease: Mutex::new(Some(flight)),
+                    waiting: AtomicUsize::new(tx.receiver_count()),
+                };
+                Ok((Arc::new(flight), took))
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -481,7 +571,7 @@ where
                 bytes: e.bytes,
                 hits: e.hits,
                 age: e.created.elapsed(),
-                in_use: Arc::strong_count(&e.value) > 1,
+                in_use: e.holds.in_use(),
                 meta: e.meta.clone(),
             })
             .collect()
@@ -492,7 +582,7 @@ where
         let mut st = self.lock();
         match st.ready.peek(key) {
             None => return Err(RemoveError::NotFound),
-            Some(e) if Arc::strong_count(&e.value) > 1 => return Err(RemoveError::InUse),
+            Some(e) if e.holds.in_use() => return Err(RemoveError::InUse),
             Some(_) => {}
         }
         let e = st.ready.pop(key).expect("present");

@@ -115,8 +115,8 @@ async fn entries_in_use_are_kept_and_a_miss_waits_for_a_release() {
     assert_eq!(keys(&c), ["a"]);
     assert!(c.entries()[0].in_use);
     drop(held);
-    // No notify: the waiter must notice the release by itself (the bound only stops a hang; a
-    // loaded machine may be slow to schedule it).
+    // Dropping the last lease wakes the waiter (the bound only stops a hang; a loaded machine
+    // may be slow to schedule it).
     let source = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
         .expect("the waiter saw the release")
@@ -260,4 +260,43 @@ async fn generation_latency_is_recorded() {
             "bucket {i}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_entry_is_in_use_while_any_of_its_leases_lives() {
+    let c = cache(4, 1000, 100);
+    let first = fetch(&c, "a", 10).await.value;
+    let second = fetch(&c, "a", 10).await.value;
+    let clone = first.clone();
+    drop(first);
+    drop(second);
+    assert!(c.entries()[0].in_use, "a clone is a lease of its own");
+    assert_eq!(c.remove(&"a".into()), Err(RemoveError::InUse));
+    drop(clone);
+    assert!(!c.entries()[0].in_use);
+    assert_eq!(c.remove(&"a".into()), Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_entry_stays_in_use_until_its_waiters_have_their_leases() {
+    // One generation, three waiters: once all have answers and have dropped them, the entry is
+    // free; while one still holds its value it is in use.
+    let c = cache(4, 1000, 100);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { fetch(&c, "k", 10).await.value })
+        })
+        .collect();
+    let mut values = Vec::new();
+    for t in tasks {
+        values.push(t.await.unwrap());
+    }
+    assert!(c.entries()[0].in_use);
+    let last = values.pop().unwrap();
+    drop(values);
+    assert!(c.entries()[0].in_use);
+    drop(last);
+    // The flight's own lease went with the last waiter's: nothing left holds the entry.
+    assert!(!c.entries()[0].in_use);
 }

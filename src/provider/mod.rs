@@ -24,8 +24,8 @@ use mistralrs_core::adapter_provider::{
 
 use crate::adapters::{BaseModelShape, LoraAdapter};
 use crate::cache::{
-    fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, Source,
-    Weighed,
+    fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, Lease,
+    Source, Weighed,
 };
 use crate::error::{DndError, Result};
 use crate::generator::anchors::{Anchors, Nearest};
@@ -121,6 +121,14 @@ pub struct Served {
     /// The condition's routing key ([`crate::cache::route_key`]), when prompts conditioned
     /// the request (set by the server).
     pub route: Option<String>,
+}
+
+/// The request's own copy of a cached adapter (same tensors), owning its cache lease: the entry
+/// stays in use until the request and its sequence drop the copy, and the drop wakes lookups
+/// waiting for room.
+fn leased(lease: Lease<SequenceLora>) -> Arc<SequenceLora> {
+    let adapter = lease.value().clone();
+    Arc::new(adapter.with_guard(lease))
 }
 
 /// A generator, its adapter cache and the prompt policy, as an engine adapter provider.
@@ -339,7 +347,7 @@ impl DndProvider {
             .map_err(cache_error)?;
         tracing::debug!(adapter = %key, source = lookup.source.as_str(), "adapter resolved");
         Ok(Served {
-            adapter: Some(lookup.value),
+            adapter: Some(leased(lookup.value)),
             key: Some(key),
             source: Some(lookup.source),
             generation: lookup.generation,
@@ -506,7 +514,7 @@ impl DndProvider {
             .await
             .map_err(cache_error)?;
         Ok(Served {
-            adapter: Some(lookup.value),
+            adapter: Some(leased(lookup.value)),
             key: Some(key),
             source: Some(lookup.source),
             generation: lookup.generation,
@@ -590,7 +598,7 @@ impl DndProvider {
         let lookup = self.cache.get(&key)?;
         tracing::debug!(adapter = %key, distance = near.distance, "similar condition reused");
         Some(Served {
-            adapter: Some(lookup.value),
+            adapter: Some(leased(lookup.value)),
             key: Some(key),
             source: Some(Source::Cached),
             similar: Some(near.distance),
@@ -608,7 +616,7 @@ impl DndProvider {
             Origin::Generated => (None, false),
         };
         Ok(Served {
-            adapter: Some(lookup.value),
+            adapter: Some(leased(lookup.value)),
             key: Some(k),
             source: Some(Source::Cached),
             name,

@@ -111,7 +111,16 @@ async fn equal_prompt_sets_share_one_adapter_of_the_announced_size() {
         .unwrap();
     assert_eq!(b.source, Some(Source::Cached));
     assert_eq!(b.key, a.key);
-    assert!(Arc::ptr_eq(&lora, b.adapter.as_ref().unwrap()));
+    // Each request gets its own copy (owning its cache lease) of the same weights.
+    assert_eq!(lora.uid(), b.adapter.as_ref().unwrap().uid());
+    assert!(!Arc::ptr_eq(&lora, b.adapter.as_ref().unwrap()));
+    let entry = &p.cache().entries()[0];
+    assert!(entry.in_use, "both requests hold the adapter");
+    drop((lora, b));
+    assert!(
+        !p.cache().entries()[0].in_use,
+        "released with the requests' copies"
+    );
     let c = p
         .resolve(prompts(&["Translate to French: cat"]))
         .await

@@ -259,21 +259,12 @@ fn dnd_headers(served: &Served) -> HeaderMap {
     h
 }
 
-/// Keeps the served adapter pinned until the response is complete, then wakes cache waiters.
+/// Holds the served adapter (its copy owns the cache lease) until the response is complete;
+/// the engine's sequence holds it too, and the lease goes with the last of the two.
 struct Pin {
-    served: Served,
-    state: Arc<ServerState>,
+    _served: Served,
     /// Counts the request as running until the response is complete.
     _gauge: RequestGauge,
-}
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        self.served.adapter = None;
-        if let Some(p) = &self.state.provider {
-            p.cache().notify_released();
-        }
-    }
 }
 
 /// Forgets a prepared adapter when dropped while armed.
@@ -337,8 +328,7 @@ async fn run(
     // As vLLM does, a named adapter's answers carry its name as their model.
     let model = served.name.clone();
     let pin = Pin {
-        served,
-        state: state.clone(),
+        _served: served,
         _gauge: gauge,
     };
     if stream {
