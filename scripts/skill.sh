@@ -19,7 +19,11 @@
 # overriding that: e.g. "sft"; "sft-bare" also trains the SFT variant whose loss sees no system
 # prompt on a BARE_SHARE of its examples, 0.5), COLLECT_STEPS (40, passed to learnability.sh as STEPS), OUT
 # (runs/skill/MODEL), LEARN (runs/learnability/MODEL), LEARN_TASKS (the tasks whose own LoRA and
-# learnability rows step 1 prepares; default all), DND (the dnd binary), SEED (0).
+# learnability rows step 1 prepares; default all; `none` skips step 1), CONTROL (0 skips the
+# control scores), DND (the dnd binary), SEED (0), ALL_INIT (a
+# generator the `all` SFT stage starts from instead of its MSE stage, which is then skipped: how
+# tasks are added to a trained generator without collecting every task's LoRA; the shipped
+# skills generator grew from 20 to 24 tasks so, README "Skill results").
 # Writes OUT/summary.md and OUT/summary.json (scripts/skill_summary.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,8 +36,10 @@ SYSTEM_SHARE="${SYSTEM_SHARE:-0.5}" BARE_SHARE="${BARE_SHARE:-0.5}"
 "$root/scripts/fetch-assets.sh" encoder >/dev/null
 
 # 1. Data, each task's own LoRA, and the base / own-LoRA rows (skipped where done).
-STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" TASKS="${LEARN_TASKS:-}" \
-  "$root/scripts/learnability.sh" "$which" >/dev/null
+if [ "${LEARN_TASKS:-}" != none ]; then
+  STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" TASKS="${LEARN_TASKS:-}" \
+    "$root/scripts/learnability.sh" "$which" >/dev/null
+fi
 all_tasks="$(task_names)"
 HOLDOUTS="${HOLDOUTS:-all $(tasks_json 'print(" ".join(sorted({"family:" + x["family"] for x in t})))') task:sentiment_good_bad task:extract_color task:successor task:first_letters}"
 
@@ -64,7 +70,10 @@ for h in $HOLDOUTS; do
   name="${h/:/-}"
   excl=()
   for t in $excluded; do excl+=(--exclude "$t"); done
-  if [ ! -f "$out/gen/$name-mse.done" ]; then
+  init="$out/gen/$name-mse.safetensors"
+  if [ "$h" = all ] && [ -n "${ALL_INIT:-}" ]; then
+    init="$ALL_INIT"
+  elif [ ! -f "$out/gen/$name-mse.done" ]; then
     "$dnd" train --init "$out/gen/init.safetensors" "${task_args[@]}" "${excl[@]}" \
       --steps "$TRAIN_STEPS" --lr "$TRAIN_LR" --warmup $((TRAIN_STEPS / 20 + 1)) --seed "$SEED" \
       --mean-offset --system-share "$SYSTEM_SHARE" --out "$out/gen/$name-mse.safetensors" \
@@ -77,7 +86,7 @@ for h in $HOLDOUTS; do
   for v in sft ${VARIANTS:-}; do
     case "$v" in sft) bare=0 ;; sft-bare) bare="$BARE_SHARE" ;; *) continue ;; esac
     [ -f "$out/gen/$name-$v.done" ] && continue
-    "$dnd" train --objective sft --model "$model" --init "$out/gen/$name-mse.safetensors" \
+    "$dnd" train --objective sft --model "$model" --init "$init" \
       "${sft_args[@]}" "${excl[@]}" --steps "$SFT_STEPS" --lr "$SFT_LR" \
       --warmup $((SFT_STEPS / 20 + 1)) --seed "$SEED" --system-share "$SYSTEM_SHARE" \
       --bare-share "$bare" --out "$out/gen/$name-$v.safetensors" --save-every 25 \
@@ -85,7 +94,7 @@ for h in $HOLDOUTS; do
     touch "$out/gen/$name-$v.done"
   done
   variants=sft
-  if [ "$h" = all ] || [ -n "${EVAL_MSE:-}" ]; then variants="mse sft"; fi
+  if { [ "$h" = all ] && [ -z "${ALL_INIT:-}" ]; } || [ -n "${EVAL_MSE:-}" ]; then variants="mse sft"; fi
   variants="${VARIANTS:-$variants}"
   for v in $variants; do
     gen="$out/gen/$name-$v.safetensors"
@@ -118,7 +127,7 @@ done
 # task i+5's, the tasks listed family by family, five each): if that scores as well as the
 # task's own condition, the adapters teach something general (answer briefly, follow the
 # instruction in the context) rather than the task the condition names.
-if [[ " $HOLDOUTS " == *" all "* ]]; then
+if [[ " $HOLDOUTS " == *" all "* ]] && [ "${CONTROL:-1}" != 0 ]; then
   read -r -a listed <<<"$all_tasks"
   for v in sft ${VARIANTS:-}; do
     [ "$v" = sft-bare ] || [ "$v" = sft ] || continue

@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use mistralrs_dnd::generator::{anchors::CONDITION_ANCHORS, checkpoint};
 use mistralrs_dnd::prompts::{read_prompts, read_systems, sample_prompts};
-use mistralrs_dnd::{Generator, LoadOptions};
 
 use crate::common::GeneratorFiles;
 
@@ -31,11 +30,8 @@ pub struct Args {
 
 /// Encodes the anchors and writes the input checkpoint's tensors with them added.
 pub fn run(args: Args) -> Result<()> {
-    let GeneratorFiles {
-        checkpoint: ckpt,
-        encoder,
-    } = &args.generator;
-    let gen = Generator::load(ckpt, encoder, &LoadOptions::default())?;
+    let ckpt = &args.generator.checkpoint;
+    let gen = args.generator.load()?;
     let n = gen.config().num_prompts;
     let (mut names, mut rows) = (Vec::new(), Vec::new());
     for t in &args.tasks {

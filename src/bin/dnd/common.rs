@@ -40,6 +40,18 @@ pub struct GeneratorFiles {
     pub encoder: PathBuf,
 }
 
+impl GeneratorFiles {
+    /// The generator, on the CPU in f32.
+    pub fn load(&self) -> Result<mistralrs_dnd::Generator> {
+        let opts = mistralrs_dnd::LoadOptions::default();
+        Ok(mistralrs_dnd::Generator::load(
+            &self.checkpoint,
+            &self.encoder,
+            &opts,
+        )?)
+    }
+}
+
 /// The base model and LoRA shape a generator's adapters are for (`init`, `convert`).
 #[derive(clap::Args)]
 pub struct LoraArgs {

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use mistralrs_dnd::prompts::{read_prompts, sample_prompts};
-use mistralrs_dnd::{Generator, LoadOptions};
 
 use crate::common::GeneratorFiles;
 
@@ -25,11 +24,8 @@ pub struct Args {
 
 /// Prints `distance<TAB>nearest anchor<TAB>prompt set` per line.
 pub fn run(args: Args) -> Result<()> {
-    let GeneratorFiles {
-        checkpoint: ckpt,
-        encoder,
-    } = &args.generator;
-    let gen = Generator::load(ckpt, encoder, &LoadOptions::default())?;
+    let ckpt = &args.generator.checkpoint;
+    let gen = args.generator.load()?;
     if gen.anchors().is_none() {
         bail!(
             "{} has no anchors (add them with `dnd anchors`)",
