@@ -19,7 +19,7 @@ cargo build --features server --bin mistralrs-server --bin dnd
 # scripts/skill.sh), with its training conditions as anchors for abstention.
 gen="${DND_GENERATOR:-generators/smollm2-135m-skills.safetensors}"
 [ -f "$gen" ] || { echo "generator $gen not found (DND_GENERATOR)" >&2; exit 1; }
-abstain="${DND_ABSTAIN_DISTANCE:-0.5}"
+abstain="${DND_ABSTAIN_DISTANCE:-0.45}"
 
 log="$assets/run/server.log"
 mkdir -p "$(dirname "$log")"
