@@ -55,7 +55,7 @@ pub(super) async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResponse {
-    let mut gauge = state.metrics.waiting();
+    let gauge = state.metrics.waiting();
     let result = async {
         let req: ChatBody = parse_body(&body_or_error(body)?, CHAT_FIELDS)?;
         let (turns, message) = req.messages()?;
@@ -64,7 +64,6 @@ pub(super) async fn chat(
         let c = req.common;
         let hint = route_hint(&headers)?;
         let served = choose(&state, c.dnd, c.model.as_deref(), &turns, hint).await?;
-        gauge.running();
         run(&state, served, message, params, extras, c.stream, gauge).await
     }
     .await;
@@ -76,7 +75,7 @@ pub(super) async fn completion(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResponse {
-    let mut gauge = state.metrics.waiting();
+    let gauge = state.metrics.waiting();
     let result = async {
         let req: CompletionBody = parse_body(&body_or_error(body)?, COMPLETION_FIELDS)?;
         let (turns, message) = req.prompt()?;
@@ -85,7 +84,6 @@ pub(super) async fn completion(
         let c = req.common;
         let hint = route_hint(&headers)?;
         let served = choose(&state, c.dnd, c.model.as_deref(), &turns, hint).await?;
-        gauge.running();
         run(&state, served, message, params, extras, c.stream, gauge).await
     }
     .await;
@@ -291,7 +289,7 @@ async fn run(
     mut params: SamplingParams,
     extras: Extras,
     stream: bool,
-    gauge: RequestGauge,
+    mut gauge: RequestGauge,
 ) -> Result<HttpResponse, ApiError> {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     // Until the engine has the request, a dropped handler (client gone) must not leave the
@@ -323,6 +321,7 @@ async fn run(
             "the engine is not accepting requests",
         ));
     }
+    gauge.running();
     let headers = dnd_headers(&served);
     let info = dnd_info(&served);
     // As vLLM does, a named adapter's answers carry its name as their model.
