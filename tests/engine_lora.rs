@@ -55,16 +55,27 @@ impl AdapterProvider for TestProvider {
     }
 }
 
-/// Loads golden model `name` and registers the test provider for it.
-async fn load(name: &str) -> mistralrs::Model {
+/// The builder of golden model `name` (f32, CPU).
+fn builder(name: &str) -> TextModelBuilder {
     let path = golden_path(name).to_str().unwrap().to_string();
-    let model = TextModelBuilder::new(&path)
+    TextModelBuilder::new(&path)
         .with_token_source(TokenSource::None)
         .with_dtype(ModelDType::F32)
         .with_force_cpu()
+}
+
+/// Loads golden model `name` and registers the test provider for it.
+async fn load(name: &str) -> mistralrs::Model {
+    let model = builder(name)
         .build()
         .await
         .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    register(&model, name);
+    model
+}
+
+/// Registers the test provider, with golden model `name`'s two PEFT adapters, for `model`.
+fn register(model: &mistralrs::Model, name: &str) {
     let lora = |dir: &str| {
         let a = LoraAdapter::load_peft(golden_path(name).join(dir), &Device::Cpu).unwrap();
         Arc::new(to_sequence_lora(&a, format!("{name}/{dir}"), &Device::Cpu, DType::F32).unwrap())
@@ -75,7 +86,6 @@ async fn load(name: &str) -> mistralrs::Model {
     let models = model.inner().list_models().unwrap();
     assert_eq!(models.len(), 1, "one model: {models:?}");
     set_adapter_provider(&models[0], Some(Arc::new(provider)));
-    model
 }
 
 async fn submit(
@@ -154,7 +164,7 @@ const VARIANTS: [(&str, usize); 3] = [
 /// The text the engine should print for the golden greedy tokens (up to the first EOS).
 fn expected_text(name: &str, g: &Golden, key: &str) -> String {
     let tok = tokenizers::Tokenizer::from_file(golden_path(name).join("tokenizer.json")).unwrap();
-    let eos = 258; // generation_config.json of both tiny models
+    let eos = 258; // generation_config.json of every tiny model
     let toks: Vec<u32> = common::token_ids(g.get(key))
         .into_iter()
         .take_while(|&t| t != eos)
@@ -215,6 +225,34 @@ async fn tiny_qwen2_mixed_adapters_match_peft() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_llama_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-llama").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_qwen3_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-qwen3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_mistral_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-mistral").await;
+}
+
+/// Gemma: tied and scaled embeddings, (1 + w) norms, GeGLU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_gemma_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-gemma").await;
+}
+
+/// SmolLM3: every second layer without rotary embeddings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_smollm3_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-smollm3").await;
+}
+
+/// Gemma 2: tied and scaled embeddings, soft-capped attention and logits, sliding layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_gemma2_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-gemma2").await;
 }
 
 /// The same prompt with and without an adapter, one after the other, twice: each answer is its

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Makes the tiny random golden models of the decoder families beyond Qwen2 and Llama.
+
+For each family: a complete model folder under tests/fixtures/golden/tiny-FAMILY (config.json,
+model.safetensors, the byte-level tokenizer of tiny-qwen2), two PEFT LoRA adapters on all seven
+projections (adapter1: r=4, alpha=8; adapter2: r=8, alpha=8) and expected.safetensors in the
+layout of tiny-qwen2's: per prompt the token ids, the full-prompt logits and 8 greedy tokens (no
+EOS stop) of the base model, base+adapter1 and base+adapter2, computed by transformers + peft in
+float32 on CPU. The Rust tests (tests/engine_lora.rs) compare the patched engine against them.
+
+Run once, with torch, transformers and peft installed; the outputs are committed, so neither CI
+nor the tests need torch:
+
+    python3 scripts/make_tiny_golden.py [FAMILY...]      # default: every family below
+    python3 scripts/make_tiny_golden.py lm-eval-chat     # tests/e2e/lm_eval/chat_expected.json
+"""
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, MistralConfig,
+                          Qwen3Config, SmolLM3Config)
+
+GOLDEN = Path(__file__).resolve().parent.parent / "tests/fixtures/golden"
+PROMPTS = ["The quick brown fox", "Hello, world! 123"]
+GREEDY = 8
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The shape every tiny model shares: small enough to commit, wide enough for GQA and rope.
+SHAPE = dict(
+    vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    rms_norm_eps=1e-6, eos_token_id=258, bos_token_id=None, pad_token_id=None,
+)
+FAMILIES = {
+    "qwen3": lambda: Qwen3Config(**SHAPE, hidden_act="silu", tie_word_embeddings=False,
+                                 rope_theta=10000.0, use_sliding_window=False,
+                                 sliding_window=None, max_window_layers=2),
+    "mistral": lambda: MistralConfig(**SHAPE, hidden_act="silu", tie_word_embeddings=False,
+                                     rope_theta=10000.0, sliding_window=None),
+    # Gemma: tied and scaled embeddings, (1 + w) norms, GeGLU.
+    "gemma": lambda: GemmaConfig(**SHAPE, hidden_activation="gelu_pytorch_tanh",
+                                 hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                 rope_theta=10000.0, attention_bias=False),
+    # SmolLM3: every second layer without rope (NoPE), as its interval of 4 does at scale.
+    "smollm3": lambda: SmolLM3Config(**SHAPE, hidden_act="silu", tie_word_embeddings=True,
+                                     rope_theta=10000.0, no_rope_layer_interval=2,
+                                     use_sliding_window=False, sliding_window=None),
+    # Gemma 2: tied embeddings, scaled embeddings, (1 + w) norms, soft-capped attention and
+    # logits, alternating sliding-window layers (the window is wider than the prompts).
+    "gemma2": lambda: Gemma2Config(**SHAPE, hidden_activation="gelu_pytorch_tanh",
+                                   hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                   rope_theta=10000.0, sliding_window=64,
+                                   query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                                   final_logit_softcapping=30.0, attention_bias=False),
+}
+# Fields mistral.rs 0.8.1 reads at the top level, which transformers 5 nests or leaves out.
+FLAT = {"rope_theta": 10000.0, "torch_dtype": "float32"}
+
+
+def spread(model, gemma_norms):
+    """Random weights with spread-out values, so that a transposed matrix or a wrong axis shows
+    up as a large error instead of hiding under tiny numbers."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and gemma_norms and "embed_tokens" in name:
+                # Gemma scales its embeddings by sqrt(hidden): undo it, or one token wins always.
+                p.normal_(0.0, 0.08 / SHAPE["hidden_size"] ** 0.5 * 2)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                # Gemma's norms scale by (1 + w): centre them on 0 there, on 1 elsewhere.
+                p.normal_(0.0 if gemma_norms else 1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.08)
+
+
+def greedy(model, ids):
+    out = []
+    x = torch.tensor([ids])
+    for _ in range(GREEDY):
+        t = int(model(input_ids=x).logits[0, -1].argmax())
+        out.append(t)
+        x = torch.cat([x, torch.tensor([[t]])], dim=1)
+    return out
+
+
+def make(family):
+    torch.manual_seed({"qwen3": 3, "mistral": 7, "gemma2": 11, "gemma": 13, "smollm3": 17}[family])
+    cfg = FAMILIES[family]()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    spread(model, family.startswith("gemma"))
+    model.eval()
+    out = GOLDEN / f"tiny-{family}"
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config.update({k: v for k, v in FLAT.items() if k not in config})
+    if family == "gemma2":
+        config.setdefault("hidden_act", "gelu_pytorch_tanh")
+    if family == "gemma":
+        # mistral.rs's Gemma refuses a config that sets both activation names.
+        config.pop("hidden_act", None)
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        shutil.copy(GOLDEN / "tiny-qwen2" / f, out / f)
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    ids = [tok.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    expected = {}
+    variants = {"base": model}
+    for name, r, seed in [("adapter1", 4, 1), ("adapter2", 8, 2)]:
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=r, lora_alpha=8, target_modules=MODULES, init_lora_weights=False,
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+        peft_model = get_peft_model(copy.deepcopy(model), lora)
+        peft_model.eval()
+        peft_model.save_pretrained(out / name)
+        (out / name / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        variants[name] = peft_model
+    with torch.no_grad():
+        for seq, prompt_ids in enumerate(ids):
+            expected[f"input.seq{seq}.ids"] = torch.tensor(prompt_ids, dtype=torch.float32)
+            for name, m in variants.items():
+                logits = m(input_ids=torch.tensor([prompt_ids])).logits[0]
+                expected[f"{name}.seq{seq}.logits"] = logits.float().contiguous()
+                expected[f"{name}.seq{seq}.greedy"] = torch.tensor(greedy(m, prompt_ids),
+                                                                   dtype=torch.float32)
+    meta = {"prompts": PROMPTS, "family": family,
+            "note": "logits: (len, vocab) for the whole prompt; greedy: 8 tokens, no eos stop; "
+                    "adapterN = base + PEFT adapterN (scale alpha/r); transformers "
+                    f"{__import__('transformers').__version__}, peft "
+                    f"{__import__('peft').__version__}, float32, CPU, eager attention"}
+    save_file(expected, out / "expected.safetensors", metadata={"json": json.dumps(meta)})
+    print(f"{out}: base greedy {expected['base.seq0.greedy'].int().tolist()}, "
+          f"adapter1 {expected['adapter1.seq0.greedy'].int().tolist()}")
+
+
+def lm_eval_chat():
+    """The expectation of the lm-evaluation-harness chat test: transformers+peft's greedy reply
+    (8 tokens, stopping at EOS) of tiny-qwen2 with adapter1 to each context of
+    tests/e2e/lm_eval/continuation.jsonl sent as one user message through the chat template."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    folder = GOLDEN / "tiny-qwen2"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, folder / "adapter1").eval()
+    tasks = GOLDEN.parent.parent / "e2e/lm_eval"
+    replies = {}
+    for line in (tasks / "continuation.jsonl").read_text().splitlines():
+        context = json.loads(line)["context"]
+        text = tok.apply_chat_template([{"role": "user", "content": context}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = [t for t in greedy(model, ids)]
+        eos = SHAPE["eos_token_id"]
+        out = out[:out.index(eos)] if eos in out else out
+        replies[context] = tok.decode(out)
+    (tasks / "chat_expected.json").write_text(json.dumps(replies, indent=1) + "\n")
+    print(replies)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["lm-eval-chat"]:
+        lm_eval_chat()
+        sys.exit()
+    for family in sys.argv[1:] or FAMILIES:
+        if family not in FAMILIES:
+            sys.exit(f"unknown family '{family}' ({', '.join(FAMILIES)}, or lm-eval-chat)")
+        make(family)
