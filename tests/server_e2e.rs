@@ -164,6 +164,29 @@ fn golden_adapter_continuation(adapter: &str) -> String {
     tok.decode(&ids, true).unwrap()
 }
 
+/// The golden prompt 0 (text and token ids) and, for positions 1.., each prompt token's
+/// natural-log probability under transformers (`base`) and transformers+peft with adapter1
+/// (`adapter1`): log_softmax of the golden logits at the position before it (JSON).
+fn golden_prompt_logprobs() -> String {
+    let golden = Golden::load("tiny-qwen2/expected.safetensors");
+    let ids = token_ids(golden.get("input.seq0.ids"));
+    let of = |variant: &str| -> Vec<f32> {
+        let logits = golden.get(&format!("{variant}.seq0.logits"));
+        let lp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        (1..ids.len()).map(|i| lp[i - 1][ids[i] as usize]).collect()
+    };
+    serde_json::json!({
+        "prompt": golden.meta["prompts"][0],
+        "ids": ids,
+        "base": of("base"),
+        "adapter1": of("adapter1"),
+    })
+    .to_string()
+}
+
 #[test]
 fn openai_client_sees_specialised_cached_and_base_answers() {
     // Named adapters: the golden PEFT adapter1 as `a1`, and a prompt set as `yesno`.
@@ -232,6 +255,7 @@ fn openai_client_sees_specialised_cached_and_base_answers() {
         &with_a1,
         &with_a2,
         outside.to_str().unwrap(),
+        &golden_prompt_logprobs(),
     ]);
 }
 
@@ -292,4 +316,142 @@ fn greedy_replies_do_not_depend_on_what_else_is_running() {
     let gen = root().join("generators/smollm2-135m-skills.safetensors");
     let server = spawn_server(&gen, &[], &model);
     python(&[&server.url, "concurrent", file]);
+}
+
+/// lm-evaluation-harness, a client no one here wrote, against the server under the named PEFT
+/// adapter `a1`: a loglikelihood task (`local-completions`, tokenizing through `/tokenize`,
+/// continuations scored by `echo` with `logprobs` on token prompts), whose every
+/// continuation's loglikelihood and greediness must be transformers+peft's from the golden
+/// logits; and a generative task through its chat client (`local-chat-completions` with the
+/// chat template), whose replies must be transformers+peft's greedy ones.
+#[test]
+fn lm_evaluation_harness_scores_and_generates_as_transformers_peft_does() {
+    let lm_eval = root().join(".assets/lmeval/bin/lm_eval");
+    assert!(
+        lm_eval.exists(),
+        "{} missing: run scripts/fetch-assets.sh lmeval",
+        lm_eval.display()
+    );
+    let lora = format!("a1={}", golden_path("tiny-qwen2/adapter1").display());
+    let server = start_server(&["--lora", &lora], "lmeval");
+    let out = std::env::temp_dir().join(format!("dnd-e2e-{}-lmeval-out", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let task_dir = root().join("tests/e2e/lm_eval");
+    // Runs lm_eval with `model` on `task` (from tests/e2e/lm_eval); the samples it logged.
+    let run_lm_eval = |model: &str, endpoint: &str, task: &str, extra: &[&str]| {
+        let run = Command::new(&lm_eval)
+            .current_dir(&task_dir)
+            .env("HF_DATASETS_OFFLINE", "1")
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["--model", model, "--model_args"])
+            .arg(format!(
+                "base_url={}{endpoint},model=a1,num_concurrent=2,max_retries=1",
+                server.url
+            ))
+            .args(["--tasks", task, "--include_path"])
+            .arg(&task_dir)
+            .args(extra)
+            .args(["--log_samples", "--output_path"])
+            .arg(out.join(task))
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "lm_eval {task} failed:\n{}\n{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let samples = walk_files(&out.join(task))
+            .into_iter()
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("samples_"))
+            })
+            .expect("lm_eval wrote its samples");
+        std::fs::read_to_string(samples)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+
+    let samples = run_lm_eval(
+        "local-completions",
+        "/v1/completions",
+        "dnd_continuation",
+        &[],
+    );
+    // The expectation: golden prompt k split into the task's context and continuation.
+    let golden = Golden::load("tiny-qwen2/expected.safetensors");
+    let tok = tokenizers::Tokenizer::from_file(golden_path("tiny-qwen2/tokenizer.json")).unwrap();
+    let expected = |context: &str| -> Option<(f64, bool)> {
+        let seq = (0..2).find(|k| {
+            golden.meta["prompts"][*k]
+                .as_str()
+                .is_some_and(|p| p.starts_with(context))
+        })?;
+        let ids = token_ids(golden.get(&format!("input.seq{seq}.ids")));
+        let ctx = tok.encode(context, false).unwrap().get_ids().len();
+        let lp = candle_nn::ops::log_softmax(
+            golden.get(&format!("adapter1.seq{seq}.logits")),
+            candle_core::D::Minus1,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        let sum = (ctx..ids.len())
+            .map(|i| lp[i - 1][ids[i] as usize] as f64)
+            .sum();
+        let greedy = (ctx..ids.len()).all(|i| {
+            let row = &lp[i - 1];
+            row.iter().all(|&v| v <= row[ids[i] as usize])
+        });
+        Some((sum, greedy))
+    };
+    let mut checked = 0;
+    for s in &samples {
+        let context = s["doc"]["context"].as_str().unwrap();
+        // The first choice is the golden prompt's own continuation.
+        let (want, want_greedy) = expected(context).expect("a golden prompt");
+        let got: f64 = s["resps"][0][0][0].as_str().unwrap().parse().unwrap();
+        let got_greedy = s["resps"][0][0][1].as_str().unwrap() == "True";
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{context:?}: lm-eval's loglikelihood {got}, transformers+peft's {want}"
+        );
+        assert_eq!(got_greedy, want_greedy, "{context:?}: is_greedy");
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "both documents scored");
+
+    let replies = run_lm_eval(
+        "local-chat-completions",
+        "/v1/chat/completions",
+        "dnd_chat_reply",
+        &["--apply_chat_template"],
+    );
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(task_dir.join("chat_expected.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(replies.len(), 2, "both documents answered");
+    for s in &replies {
+        let context = s["doc"]["context"].as_str().unwrap();
+        let got = s["resps"][0][0].as_str().unwrap();
+        assert_eq!(got, expected[context], "{context:?}: lm-eval's chat reply");
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk_files(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

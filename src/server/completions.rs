@@ -20,7 +20,8 @@ use super::error::ApiError;
 use super::logprobs;
 use super::metrics::RequestGauge;
 use super::openai::{
-    parse_body, ChatBody, CompletionBody, DndExtension, Extras, CHAT_FIELDS, COMPLETION_FIELDS,
+    parse_body, ChatBody, CompletionBody, DndExtension, Extras, PromptInput, CHAT_FIELDS,
+    COMPLETION_FIELDS,
 };
 use super::ServerState;
 use crate::cache::{normalize_prompts, route_key, Source};
@@ -77,14 +78,46 @@ pub(super) async fn completion(
 ) -> HttpResponse {
     let gauge = state.metrics.waiting();
     let result = async {
-        let req: CompletionBody = parse_body(&body_or_error(body)?, COMPLETION_FIELDS)?;
-        let (turns, message) = req.prompt()?;
+        let mut req: CompletionBody = parse_body(&body_or_error(body)?, COMPLETION_FIELDS)?;
+        let prompt = req.prompt()?;
+        let server_echo = req.server_echo();
+        // Scoring a prompt without generating: max_tokens 0, as OpenAI allows with echo.
+        let s = &mut req.common.sampling;
+        let generate = !(server_echo && s.max_completion_tokens.or(s.max_tokens) == Some(0));
+        if !generate {
+            (s.max_tokens, s.max_completion_tokens) = (None, None);
+        }
         let params = req.common.sampling.to_params()?;
         let extras = req.extras()?;
-        let c = req.common;
+        // The policy reads text: a token prompt is read as its text.
+        let text = match &prompt {
+            PromptInput::Text(t) => t.clone(),
+            PromptInput::Tokens(ids) => state.tokenizer().await?.decode(ids, false)?,
+        };
+        let turns = vec![Turn::new("user", text.clone())];
         let hint = route_hint(&headers)?;
-        let served = choose(&state, c.dnd, c.model.as_deref(), &turns, hint).await?;
-        run(&state, served, message, params, extras, c.stream, gauge).await
+        let c = &req.common;
+        let served = choose(&state, c.dnd.clone(), c.model.as_deref(), &turns, hint).await?;
+        if server_echo {
+            let echo = Echo {
+                text,
+                prompt,
+                top_logprobs: req.logprobs,
+                generate,
+            };
+            return echo_completion(&state, served, echo, params, extras, gauge).await;
+        }
+        let message = req.message(prompt);
+        run(
+            &state,
+            served,
+            message,
+            params,
+            extras,
+            req.common.stream,
+            gauge,
+        )
+        .await
     }
     .await;
     finish(&state, COMPLETIONS, result)
@@ -286,41 +319,12 @@ async fn run(
     state: &Arc<ServerState>,
     served: Served,
     message: RequestMessage,
-    mut params: SamplingParams,
+    params: SamplingParams,
     extras: Extras,
     stream: bool,
     mut gauge: RequestGauge,
 ) -> Result<HttpResponse, ApiError> {
-    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    // Until the engine has the request, a dropped handler (client gone) must not leave the
-    // prepared adapter behind: it would pin its cache entry forever.
-    let mut prepared = Prepared {
-        state: state.clone(),
-        id,
-        armed: true,
-    };
-    if let Some(p) = &state.provider {
-        p.prepare(id, served.adapter.clone());
-    }
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    params.top_n_logprobs = extras.top_logprobs;
-    let mut req = NormalRequest::new_simple(message, params, tx, id, None, None);
-    req.is_streaming = stream;
-    req.return_logprobs = extras.logprobs;
-    req.constraint = extras.constraint;
-    let sent = match state.engine.inner().get_sender(None) {
-        Ok(s) => s.send(Request::Normal(Box::new(req))).await.is_ok(),
-        Err(_) => false,
-    };
-    prepared.armed = !sent;
-    drop(prepared);
-    if !sent {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "engine_unavailable",
-            "the engine is not accepting requests",
-        ));
-    }
+    let rx = send(state, &served, message, params, &extras, stream, false).await?;
     gauge.running();
     let headers = dnd_headers(&served);
     let info = dnd_info(&served);
@@ -341,6 +345,163 @@ async fn run(
         body["model"] = json!(m);
     }
     Ok((headers, Json(body)).into_response())
+}
+
+/// Hands a request with the served adapter to the engine; `raw`: ask for the prompt's raw
+/// logits instead of a completion.
+async fn send(
+    state: &Arc<ServerState>,
+    served: &Served,
+    message: RequestMessage,
+    mut params: SamplingParams,
+    extras: &Extras,
+    stream: bool,
+    raw: bool,
+) -> Result<Receiver<Response>, ApiError> {
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    // Until the engine has the request, a dropped handler (client gone) must not leave the
+    // prepared adapter behind: it would pin its cache entry forever.
+    let mut prepared = Prepared {
+        state: state.clone(),
+        id,
+        armed: true,
+    };
+    if let Some(p) = &state.provider {
+        p.prepare(id, served.adapter.clone());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    params.top_n_logprobs = extras.top_logprobs;
+    let mut req = NormalRequest::new_simple(message, params, tx, id, None, None);
+    req.is_streaming = stream;
+    req.return_logprobs = extras.logprobs && !raw;
+    req.return_raw_logits = raw;
+    req.constraint = extras.constraint.clone();
+    let sent = match state.engine.inner().get_sender(None) {
+        Ok(s) => s.send(Request::Normal(Box::new(req))).await.is_ok(),
+        Err(_) => false,
+    };
+    prepared.armed = !sent;
+    drop(prepared);
+    if !sent {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "engine_unavailable",
+            "the engine is not accepting requests",
+        ));
+    }
+    Ok(rx)
+}
+
+/// A completion the server assembles: the prompt's text (and its logprobs) before what the
+/// engine generates.
+struct Echo {
+    /// The prompt's text.
+    text: String,
+    prompt: PromptInput,
+    /// `logprobs`: alternatives per token; None: no logprobs asked for.
+    top_logprobs: Option<usize>,
+    /// False for `max_tokens` 0: the prompt scored, nothing generated.
+    generate: bool,
+}
+
+/// `echo` with `logprobs` (how lm-evaluation-harness scores a continuation), or `echo` of a
+/// token prompt: the prompt's logprobs come from the engine's raw logits of the whole prompt
+/// under the request's adapter, the generated tokens' from the completion that follows.
+async fn echo_completion(
+    state: &Arc<ServerState>,
+    served: Served,
+    echo: Echo,
+    params: SamplingParams,
+    extras: Extras,
+    mut gauge: RequestGauge,
+) -> Result<HttpResponse, ApiError> {
+    let tokenizer = state.tokenizer().await?;
+    // The ids the engine would see for a text prompt (it adds special tokens too).
+    let ids = match echo.prompt {
+        PromptInput::Tokens(ids) => {
+            tokenizer.check_ids(&ids)?;
+            ids
+        }
+        PromptInput::Text(t) => tokenizer.encode(&t, true)?,
+    };
+    let mut prompt_logprobs = None;
+    if let Some(k) = echo.top_logprobs {
+        let message = RequestMessage::CompletionTokens(ids.clone());
+        let rx = send(
+            state,
+            &served,
+            message,
+            params.clone(),
+            &extras,
+            false,
+            true,
+        )
+        .await?;
+        gauge.running();
+        let logits = raw_logits(rx).await?;
+        prompt_logprobs = Some(logprobs::prompt(&logits, &ids, k, |id| {
+            tokenizer.token_text(id)
+        })?);
+    }
+    let mut body = if echo.generate {
+        let message = RequestMessage::CompletionTokens(ids.clone());
+        let rx = send(state, &served, message, params, &extras, false, false).await?;
+        gauge.running();
+        collect(rx).await?
+    } else {
+        json!({
+            "id": format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+            "object": "text_completion",
+            "created": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            "model": state.model_name,
+            "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": ids.len(), "completion_tokens": 0,
+                      "total_tokens": ids.len()},
+        })
+    };
+    if let Some(choice) = body["choices"].get_mut(0) {
+        let generated = choice["text"].as_str().unwrap_or_default().to_string();
+        choice["text"] = json!(format!("{}{generated}", echo.text));
+        if let Some(p) = prompt_logprobs {
+            let offset = echo.text.chars().count();
+            choice["logprobs"] = logprobs::append(p, choice["logprobs"].take(), offset);
+        }
+    }
+    body["dnd"] = dnd_info(&served);
+    if let Some(m) = &served.name {
+        body["model"] = json!(m);
+    }
+    let headers = dnd_headers(&served);
+    drop(served);
+    Ok((headers, Json(body)).into_response())
+}
+
+/// The raw logits of a whole prompt, (positions, vocabulary).
+async fn raw_logits(mut rx: Receiver<Response>) -> Result<candle_core::Tensor, ApiError> {
+    let internal = |e: candle_core::Error| ApiError::internal("internal_error", e.to_string());
+    match rx.recv().await {
+        Some(Response::Raw { logits_chunks, .. }) => {
+            let rows = logits_chunks
+                .iter()
+                .map(|t| {
+                    let vocab = t.dims().last().copied().unwrap_or(0);
+                    t.to_device(&candle_core::Device::Cpu)?
+                        .to_dtype(candle_core::DType::F32)?
+                        .reshape(((), vocab))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(internal)?;
+            candle_core::Tensor::cat(&rows, 0).map_err(internal)
+        }
+        Some(other) => Err(engine_error(other)
+            .unwrap_or_else(|| ApiError::internal("internal_error", "unexpected engine response"))),
+        None => Err(ApiError::internal(
+            "internal_error",
+            "the engine dropped the request without an answer",
+        )),
+    }
 }
 
 fn engine_error(r: Response) -> Option<ApiError> {

@@ -8,7 +8,10 @@
 //! A token the sampler had ruled out (top-k, top-p) has probability 0: its logprob, -inf,
 //! which JSON cannot hold, is reported as OpenAI does for such tokens, -9999.
 
+use candle_core::Tensor;
 use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
 
 /// The logprob reported for a token of probability 0.
 pub const IMPOSSIBLE: f64 = -9999.0;
@@ -112,9 +115,161 @@ pub fn completion_chunk(chunk: &mut Value, offset: &mut usize) {
     }
 }
 
+/// The legacy logprobs of a whole prompt from its raw `logits` (positions × vocabulary): each
+/// token's logprob under the positions before it and the `k` likeliest alternatives there.
+/// The first token has no context, so its logprob and alternatives are null (as OpenAI's).
+pub fn prompt(
+    logits: &Tensor,
+    ids: &[u32],
+    k: usize,
+    text_of: impl Fn(u32) -> String,
+) -> Result<Value, ApiError> {
+    let internal = |e: candle_core::Error| ApiError::internal("internal_error", e.to_string());
+    let (positions, vocab) = logits.dims2().map_err(internal)?;
+    if positions != ids.len() {
+        return Err(ApiError::internal(
+            "internal_error",
+            format!(
+                "the engine returned logits for {positions} positions of a {}-token prompt",
+                ids.len()
+            ),
+        ));
+    }
+    let logprobs = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)
+        .and_then(|l| l.to_vec2::<f32>())
+        .map_err(internal)?;
+    let (mut tokens, mut token_logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    let mut offset = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        let text = text_of(id);
+        offsets.push(json!(offset));
+        offset += text.chars().count();
+        tokens.push(json!(text));
+        let Some(row) = i.checked_sub(1).map(|p| &logprobs[p]) else {
+            token_logprobs.push(Value::Null);
+            tops.push(Value::Null);
+            continue;
+        };
+        let id = id as usize;
+        if id >= vocab {
+            return Err(ApiError::bad_request(
+                "invalid_token_id",
+                format!("token id {id} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        token_logprobs.push(finite(row[id]));
+        let mut top = Map::new();
+        for alt in top_k(row, k) {
+            top.entry(text_of(alt as u32))
+                .or_insert_with(|| finite(row[alt]));
+        }
+        tops.push(Value::Object(top));
+    }
+    Ok(json!({
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }))
+}
+
+fn finite(lp: f32) -> Value {
+    json!(if lp.is_finite() {
+        lp as f64
+    } else {
+        IMPOSSIBLE
+    })
+}
+
+/// Indices of the `k` largest values, largest first.
+fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut best: Vec<usize> = Vec::with_capacity(k + 1);
+    for (i, &v) in row.iter().enumerate() {
+        if best.len() == k && best.last().is_none_or(|&b| row[b] >= v) {
+            continue;
+        }
+        let at = best.partition_point(|&b| row[b] >= v);
+        best.insert(at, i);
+        best.truncate(k);
+    }
+    best
+}
+
+/// The prompt's legacy logprobs followed by the generated tokens' (`generated`: legacy
+/// logprobs or null), whose text offsets move past the prompt's `prompt_chars` characters.
+pub fn append(mut prompt: Value, generated: Value, prompt_chars: usize) -> Value {
+    for key in ["tokens", "token_logprobs", "top_logprobs"] {
+        if let (Some(p), Some(g)) = (prompt[key].as_array_mut(), generated[key].as_array()) {
+            p.extend(g.iter().cloned());
+        }
+    }
+    if let (Some(p), Some(g)) = (
+        prompt["text_offset"].as_array_mut(),
+        generated["text_offset"].as_array(),
+    ) {
+        p.extend(
+            g.iter()
+                .map(|o| json!(o.as_u64().unwrap_or(0) as usize + prompt_chars)),
+        );
+    }
+    prompt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompt_logprobs_are_log_softmax_of_the_previous_position() {
+        // Three positions over a vocabulary of 3; the prompt is tokens 2, 0, 1.
+        let logits = Tensor::new(
+            &[[0.0f32, 1.0, 2.0], [3.0, 3.0, 3.0], [5.0, 0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let names = ["a", "b", "c"];
+        let v = prompt(&logits, &[2, 0, 1], 2, |id| names[id as usize].to_string()).unwrap();
+        let lse0 = (1f64 + 1f64.exp() + 2f64.exp()).ln();
+        let lse1 = (3.0 * 3f64.exp()).ln();
+        let lp = v["token_logprobs"].as_array().unwrap();
+        assert!(lp[0].is_null());
+        assert!((lp[1].as_f64().unwrap() - (0.0 - lse0)).abs() < 1e-5);
+        assert!((lp[2].as_f64().unwrap() - (3.0 - lse1)).abs() < 1e-5);
+        assert_eq!(v["tokens"], json!(["c", "a", "b"]));
+        assert_eq!(v["text_offset"], json!([0, 1, 2]));
+        // Position 0's two likeliest tokens are c then b.
+        let top = v["top_logprobs"][1].as_object().unwrap();
+        assert_eq!(top.keys().collect::<Vec<_>>().len(), 2);
+        assert!((top["c"].as_f64().unwrap() - (2.0 - lse0)).abs() < 1e-5);
+        assert!((top["b"].as_f64().unwrap() - (1.0 - lse0)).abs() < 1e-5);
+        assert!(v["top_logprobs"][0].is_null());
+        // A logit row count that does not match the prompt is the engine's fault, not a panic.
+        assert_eq!(
+            prompt(&logits, &[1, 2], 1, |_| String::new())
+                .unwrap_err()
+                .code,
+            "internal_error"
+        );
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_in_order() {
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9, -1.0], 3), vec![1, 3, 2]);
+        assert_eq!(top_k(&[0.1, 0.2], 0), Vec::<usize>::new());
+        assert_eq!(top_k(&[0.1, 0.2], 5), vec![1, 0]);
+    }
+
+    #[test]
+    fn generated_logprobs_follow_the_prompt_with_shifted_offsets() {
+        let p = json!({"tokens": ["a"], "token_logprobs": [null], "top_logprobs": [null],
+                       "text_offset": [0]});
+        let g = json!({"tokens": ["b"], "token_logprobs": [-1.0], "top_logprobs": [{"b": -1.0}],
+                       "text_offset": [0]});
+        let v = append(p.clone(), g, 1);
+        assert_eq!(v["tokens"], json!(["a", "b"]));
+        assert_eq!(v["text_offset"], json!([0, 1]));
+        assert_eq!(append(p.clone(), Value::Null, 1), p);
+    }
 
     fn entry(token: &str, lp: f64) -> Value {
         json!({"token": token, "logprob": lp, "bytes": token.as_bytes(),

@@ -12,6 +12,9 @@
 //!   folders under `--adapter-root` only).
 //! - `GET /metrics` (Prometheus; request gauges and adapter residency in vLLM's shape),
 //!   `GET /v1/models`, `GET /health`.
+//! - `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info` (vLLM's shapes; what
+//!   lm-evaluation-harness uses to tokenize through the server). `/v1/completions` takes token
+//!   prompts and answers `echo` with `logprobs` with the prompt's own logprobs.
 
 mod adapters;
 mod completions;
@@ -20,6 +23,7 @@ mod logprobs;
 mod metrics;
 pub mod openai;
 mod runtime_adapters;
+mod tokenize;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -33,6 +37,7 @@ use crate::provider::DndProvider;
 pub use error::ApiError;
 pub use metrics::{HttpMetrics, RequestGauge};
 pub use runtime_adapters::RuntimeLoading;
+pub use tokenize::ServedTokenizer;
 
 /// What every handler shares.
 pub struct ServerState {
@@ -46,6 +51,8 @@ pub struct ServerState {
     pub metrics: HttpMetrics,
     /// Where `POST /v1/load_lora_adapter` may load from; off when `None`.
     pub runtime: Option<RuntimeLoading>,
+    /// The engine's tokenizer, read from its pipeline on first use.
+    tokenizer: tokio::sync::OnceCell<Result<Arc<ServedTokenizer>, String>>,
     next_id: AtomicUsize,
 }
 
@@ -73,6 +80,7 @@ impl ServerState {
             provider,
             metrics: HttpMetrics::default(),
             runtime,
+            tokenizer: tokio::sync::OnceCell::new(),
             // Ids far from those an embedding application might pick for its own requests.
             next_id: AtomicUsize::new(1 << 40),
         })
@@ -93,6 +101,21 @@ impl ServerState {
                 self.model_name
             ),
         ))
+    }
+
+    /// The engine's tokenizer (for token prompts, prompt logprobs and `/tokenize`).
+    pub(crate) async fn tokenizer(&self) -> Result<Arc<ServedTokenizer>, ApiError> {
+        let t = self
+            .tokenizer
+            .get_or_init(|| async { ServedTokenizer::of(&self.engine).await.map(Arc::new) })
+            .await;
+        t.clone().map_err(|e| {
+            ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "tokenizer_unavailable",
+                format!("the model's tokenizer cannot be read: {e}"),
+            )
+        })
     }
 
     fn provider(&self) -> Result<&Arc<DndProvider>, ApiError> {
@@ -121,6 +144,9 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/adapters/{key}/peft", get(adapters::export))
         .route("/v1/load_lora_adapter", post(runtime_adapters::load))
         .route("/v1/unload_lora_adapter", post(runtime_adapters::unload))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::info))
         .route("/metrics", get(metrics::prometheus))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {

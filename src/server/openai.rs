@@ -388,7 +388,7 @@ pub struct ChatBody {
     pub parallel_tool_calls: Option<bool>,
 }
 
-/// `prompt` of a completion: a string, or a list holding one.
+/// `prompt` of a completion: a string or token ids, or a list holding one of them.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum PromptField {
@@ -396,6 +396,19 @@ pub enum PromptField {
     One(String),
     /// A list (only one element supported).
     Many(Vec<String>),
+    /// One prompt as token ids (lm-evaluation-harness sends these).
+    Tokens(Vec<u32>),
+    /// A list of token-id prompts (only one element supported).
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// A completion's prompt: text, or token ids of the engine's tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Text, tokenized by the engine.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
 }
 
 /// `POST /v1/completions`.
@@ -595,9 +608,9 @@ impl ChatBody {
 }
 
 impl CompletionBody {
-    /// Logprobs and stream options, checked; refused: `suffix`, `best_of` > 1, prompt
-    /// logprobs (`echo` with `logprobs`), and `include_usage` (completion chunks carry no
-    /// usage).
+    /// Logprobs and stream options, checked; refused: `suffix`, `best_of` > 1, streams that
+    /// echo a token prompt or the prompt's logprobs (`echo` with `logprobs`: answered whole
+    /// only), and `include_usage` (completion chunks carry no usage).
     pub fn extras(&self) -> Result<Extras, ApiError> {
         if self.suffix.is_some() {
             return Err(unsupported(
@@ -607,9 +620,10 @@ impl CompletionBody {
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(unsupported("only best_of = 1 is supported"));
         }
-        if self.echo && self.logprobs.is_some() {
+        if self.echo && self.common.stream && (self.logprobs.is_some() || self.tokens()) {
             return Err(unsupported(
-                "echo with logprobs (the prompt's logprobs) is not supported by this server",
+                "stream with echo is supported for text prompts without logprobs only; send \
+                 the request without stream to get the prompt's logprobs",
             ));
         }
         if let Some(k) = self.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
@@ -630,26 +644,48 @@ impl CompletionBody {
 }
 
 impl CompletionBody {
-    /// The prompt as one user turn and as the engine's completion message.
-    pub fn prompt(&self) -> Result<(Vec<Turn>, RequestMessage), ApiError> {
-        let text = match &self.prompt {
-            PromptField::One(s) => s.clone(),
-            PromptField::Many(v) if v.len() == 1 => v[0].clone(),
-            PromptField::Many(v) => {
-                return Err(unsupported(format!(
-                    "{} prompts in one request; send one per request",
-                    v.len()
-                )))
-            }
+    /// Whether the prompt is token ids.
+    fn tokens(&self) -> bool {
+        matches!(
+            self.prompt,
+            PromptField::Tokens(_) | PromptField::ManyTokens(_)
+        )
+    }
+
+    /// The one prompt of the request.
+    pub fn prompt(&self) -> Result<PromptInput, ApiError> {
+        let many = |n: usize| {
+            Err(unsupported(format!(
+                "{n} prompts in one request; send one per request"
+            )))
         };
-        Ok((
-            vec![Turn::new("user", text.clone())],
-            RequestMessage::Completion {
+        match &self.prompt {
+            PromptField::One(s) => Ok(PromptInput::Text(s.clone())),
+            PromptField::Many(v) if v.len() == 1 => Ok(PromptInput::Text(v[0].clone())),
+            PromptField::Many(v) => many(v.len()),
+            PromptField::Tokens(ids) if ids.is_empty() => Err(invalid("the prompt has no tokens")),
+            PromptField::Tokens(ids) => Ok(PromptInput::Tokens(ids.clone())),
+            PromptField::ManyTokens(v) if v.len() == 1 => Ok(PromptInput::Tokens(v[0].clone())),
+            PromptField::ManyTokens(v) => many(v.len()),
+        }
+    }
+
+    /// Whether the answer is assembled by the server from the prompt's own logprobs and text
+    /// rather than echoed by the engine: `echo` with `logprobs`, or `echo` of a token prompt.
+    pub fn server_echo(&self) -> bool {
+        self.echo && (self.logprobs.is_some() || self.tokens())
+    }
+
+    /// The engine's message for `prompt` when the engine answers alone (no server echo).
+    pub fn message(&self, prompt: PromptInput) -> RequestMessage {
+        match prompt {
+            PromptInput::Text(text) => RequestMessage::Completion {
                 text,
                 echo_prompt: self.echo,
                 best_of: None,
             },
-        ))
+            PromptInput::Tokens(ids) => RequestMessage::CompletionTokens(ids),
+        }
     }
 }
 
@@ -808,7 +844,8 @@ mod tests {
         for j in [
             r#"{"prompt":"x","suffix":"y"}"#,
             r#"{"prompt":"x","best_of":2}"#,
-            r#"{"prompt":"x","echo":true,"logprobs":1}"#,
+            r#"{"prompt":"x","echo":true,"logprobs":1,"stream":true}"#,
+            r#"{"prompt":[1,2],"echo":true,"stream":true}"#,
             r#"{"prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#,
         ] {
             assert_eq!(
@@ -819,6 +856,41 @@ mod tests {
         }
         let x = completion(r#"{"prompt":"x","logprobs":3}"#).unwrap();
         assert_eq!((x.logprobs, x.top_logprobs), (true, 3));
+        // Prompt logprobs (answered whole) and echoed token prompts are the server's to build.
+        let body = |j: &str| parse_body::<CompletionBody>(j.as_bytes(), COMPLETION_FIELDS).unwrap();
+        assert!(body(r#"{"prompt":"x","echo":true,"logprobs":1}"#).server_echo());
+        assert!(body(r#"{"prompt":[[5,6]],"echo":true}"#).server_echo());
+        assert!(!body(r#"{"prompt":"x","echo":true}"#).server_echo());
+        assert!(completion(r#"{"prompt":"x","echo":true,"logprobs":1}"#).is_ok());
+    }
+
+    #[test]
+    fn token_prompts_are_one_list_of_ids() {
+        let prompt = |j: &str| {
+            parse_body::<CompletionBody>(j.as_bytes(), COMPLETION_FIELDS)
+                .unwrap()
+                .prompt()
+        };
+        assert_eq!(
+            prompt(r#"{"prompt":[1,2,3]}"#).unwrap(),
+            PromptInput::Tokens(vec![1, 2, 3])
+        );
+        assert_eq!(
+            prompt(r#"{"prompt":[[4]]}"#).unwrap(),
+            PromptInput::Tokens(vec![4])
+        );
+        assert_eq!(
+            prompt(r#"{"prompt":["hi"]}"#).unwrap(),
+            PromptInput::Text("hi".into())
+        );
+        assert_eq!(
+            prompt(r#"{"prompt":[[1],[2]]}"#).unwrap_err().code,
+            "unsupported_parameter"
+        );
+        assert_eq!(
+            prompt(r#"{"prompt":[]}"#).unwrap_err().code,
+            "unsupported_parameter"
+        );
     }
 
     #[test]

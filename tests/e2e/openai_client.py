@@ -140,7 +140,7 @@ def conformance(base_prompt, expected_base, expected_top):
     expect_error(400, "unsupported_parameter", lambda: client.chat.completions.create(
         model=MODEL, temperature=0.5, seed=3, max_tokens=2, messages=[{"role": "user", "content": "x"}]))
     expect_error(400, "unsupported_parameter", lambda: client.completions.create(
-        model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1))
+        model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1, stream=True))
     for bad in ([{"role": "wizard", "content": "x"}], [{"role": "user", "content": None}]):
         expect_error(400, "invalid_request", lambda: client.chat.completions.create(
             model=MODEL, messages=bad, max_tokens=2))
@@ -246,10 +246,68 @@ def langchain(a, expected_base_chat):
     return {"langchain": r.content}
 
 
-def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outside):
+def prompt_scoring(golden):
+    """What lm-evaluation-harness does to score a continuation: the tokenizer endpoints, then
+    `echo` with `logprobs` on a token prompt. The prompt's logprobs must be transformers' (and
+    transformers+peft's under the named adapter a1), from log_softmax of the golden logits."""
+    ids = golden["ids"]
+    status, _, body = http("POST", "/tokenize", json.dumps({"prompt": golden["prompt"],
+                                                            "add_special_tokens": False}))
+    assert status == 200 and json.loads(body)["tokens"] == ids, (status, body)
+    status, _, body = http("POST", "/detokenize", json.dumps({"tokens": ids}))
+    assert status == 200 and json.loads(body)["prompt"] == golden["prompt"], (status, body)
+    status, _, body = http("GET", "/tokenizer_info")
+    assert status == 200 and json.loads(body)["eos_token"] == "<|im_end|>", (status, body)
+    status, _, body = http("POST", "/detokenize", json.dumps({"tokens": [ids[0], 10 ** 6]}))
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_token_id", body
+
+    def close(got, want, what):
+        assert got[0] is None and len(got) == len(want) + 1, (what, got, want)
+        worst = max(abs(g - w) for g, w in zip(got[1:], want))
+        assert worst < 1e-3, (what, worst, got, want)
+
+    for model, extra, want in [(MODEL, {"dnd": {"base": True}}, golden["base"]),
+                               ("a1", {}, golden["adapter1"])]:
+        # lm-eval's payload: max_tokens 1, logprobs 1, echo, the prompt as token ids.
+        r = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0,
+                                      logprobs=1, echo=True, extra_body=extra)
+        lp = r.choices[0].logprobs
+        close(lp.token_logprobs[:-1], want, model)
+        assert r.choices[0].text.startswith(golden["prompt"]), r.choices[0].text
+        assert len(lp.tokens) == len(ids) + 1 and len(lp.top_logprobs) == len(ids) + 1, lp
+        # is_greedy as lm-eval reads it: each token against the best of its top_logprobs.
+        assert all(max(t.values()) >= g - 1e-6 for g, t in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]))
+        # Nothing generated (max_tokens 0): the prompt alone, scored the same.
+        z = client.completions.create(model=model, prompt=golden["prompt"], max_tokens=0,
+                                      temperature=0, logprobs=2, echo=True, extra_body=extra)
+        assert z.choices[0].text == golden["prompt"], z.choices[0].text
+        close(z.choices[0].logprobs.token_logprobs, want, f"{model}, text prompt")
+        # Two alternatives each (fewer where two byte tokens read as the same text, U+FFFD).
+        tops = z.choices[0].logprobs.top_logprobs[1:]
+        assert all(1 <= len(t) <= 2 for t in tops) and any(len(t) == 2 for t in tops), tops
+    # The same scoring twice in a row (the second finds the prompt in the prefix cache) and
+    # next to generation requests of the same length: the same logprobs, no engine failure.
+    import concurrent.futures as cf
+    def score():
+        return client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                         logprobs=1, echo=True,
+                                         extra_body={"dnd": {"base": True}}).choices[0].logprobs
+    def generate():
+        return client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
+                                         extra_body={"dnd": {"base": True}}).choices[0].text
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(score if i % 2 else generate) for i in range(12)]
+        results = [f.result() for f in futures]
+    for lp in results[1::2]:
+        close(lp.token_logprobs[:-1], golden["base"], "concurrent")
+    return {"prompt_logprobs": "ok"}
+
+
+def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outside, golden):
     summary = {}
     named(base_prompt, expected_a1)
     runtime(base_prompt, expected_a1, expected_a2, outside)
+    summary.update(prompt_scoring(golden))
     # Two system prompts: two adapters, each generated once.
     a = chat("You answer science questions with A, B, C or D.")
     b = chat("You translate English sentences into French.")
@@ -476,7 +534,8 @@ def concurrent():
 
 
 if MODE == "e2e":
-    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), *sys.argv[6:9])))
+    print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), *sys.argv[6:9],
+                         json.loads(sys.argv[9]))))
 elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
 elif MODE == "abstain":
