@@ -146,5 +146,6 @@ if [[ " $HOLDOUTS " == *" all "* ]] && [ "${CONTROL:-1}" != 0 ]; then
     done
   done
 fi
+# Each variant once (VARIANTS may repeat sft).
 python3 "$root/scripts/skill_summary.py" --learn "$learn" --skill "$out" --holdouts $HOLDOUTS \
-  --variants mse sft ${VARIANTS:-}
+  --variants $(printf '%s\n' mse sft ${VARIANTS:-} | awk '!seen[$0]++')
