@@ -25,12 +25,13 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, MistralConfig,
-                          Qwen3Config, SmolLM3Config)
+                          Phi3Config, Qwen3Config, SmolLM3Config)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests/fixtures/golden"
 PROMPTS = ["The quick brown fox", "Hello, world! 123"]
 GREEDY = 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # The shape every tiny model shares: small enough to commit, wide enough for GQA and rope.
 SHAPE = dict(
     vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -51,6 +52,10 @@ FAMILIES = {
     "smollm3": lambda: SmolLM3Config(**SHAPE, hidden_act="silu", tie_word_embeddings=True,
                                      rope_theta=10000.0, no_rope_layer_interval=2,
                                      use_sliding_window=False, sliding_window=None),
+    # Phi-3: fused qkv_proj and gate_up_proj, which its PEFT adapters target as such.
+    "phi3": lambda: Phi3Config(**SHAPE, hidden_act="silu", tie_word_embeddings=False,
+                               rope_theta=10000.0, original_max_position_embeddings=512,
+                               sliding_window=None, rope_scaling=None),
     # Gemma 2: tied embeddings, scaled embeddings, (1 + w) norms, soft-capped attention and
     # logits, alternating sliding-window layers (the window is wider than the prompts).
     "gemma2": lambda: Gemma2Config(**SHAPE, hidden_activation="gelu_pytorch_tanh",
@@ -91,7 +96,8 @@ def greedy(model, ids):
 
 
 def make(family):
-    torch.manual_seed({"qwen3": 3, "mistral": 7, "gemma2": 11, "gemma": 13, "smollm3": 17}[family])
+    torch.manual_seed({"qwen3": 3, "mistral": 7, "gemma2": 11, "gemma": 13, "smollm3": 17,
+                       "phi3": 19}[family])
     cfg = FAMILIES[family]()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     spread(model, family.startswith("gemma"))
@@ -117,7 +123,8 @@ def make(family):
     variants = {"base": model}
     for name, r, seed in [("adapter1", 4, 1), ("adapter2", 8, 2)]:
         torch.manual_seed(seed)
-        lora = LoraConfig(r=r, lora_alpha=8, target_modules=MODULES, init_lora_weights=False,
+        targets = FUSED_MODULES if family == "phi3" else MODULES
+        lora = LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                           lora_dropout=0.0, task_type="CAUSAL_LM")
         peft_model = get_peft_model(copy.deepcopy(model), lora)
         peft_model.eval()

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden_path, Golden};
 use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
 use mistralrs_core::Response;
-use mistralrs_dnd::adapters::LoraAdapter;
+use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter};
 use mistralrs_dnd::engine::{
     set_adapter_provider, to_sequence_lora, AdapterError, AdapterProvider, AdapterRequest,
     SequenceLora,
@@ -76,8 +76,11 @@ async fn load(name: &str) -> mistralrs::Model {
 
 /// Registers the test provider, with golden model `name`'s two PEFT adapters, for `model`.
 fn register(model: &mistralrs::Model, name: &str) {
+    // The model's shape splits fused projections (Phi-3) into their parts.
+    let shape = BaseModelShape::from_path(golden_path(name)).unwrap();
     let lora = |dir: &str| {
-        let a = LoraAdapter::load_peft(golden_path(name).join(dir), &Device::Cpu).unwrap();
+        let a = LoraAdapter::load_peft_for(golden_path(name).join(dir), &Device::Cpu, Some(&shape))
+            .unwrap();
         Arc::new(to_sequence_lora(&a, format!("{name}/{dir}"), &Device::Cpu, DType::F32).unwrap())
     };
     let provider = TestProvider {
@@ -235,6 +238,13 @@ async fn tiny_qwen3_mixed_adapters_match_peft() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_mistral_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-mistral").await;
+}
+
+/// Phi-3: fused qkv_proj and gate_up_proj, which its PEFT adapters target as such (loaded as
+/// q/k/v and gate/up LoRAs sharing A), each part of the fused output getting its own update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_phi3_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-phi3").await;
 }
 
 /// Gemma: tied and scaled embeddings, (1 + w) norms, GeGLU.

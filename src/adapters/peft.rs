@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::lora::{LoraAdapter, LoraPair, LoraTarget};
-use super::shapes::Module;
+use super::shapes::{BaseModelShape, Module};
 use crate::error::{read_json, DndError, Result};
 
 /// The file names of a PEFT adapter folder.
@@ -59,9 +59,31 @@ struct PeftConfigOut<'a> {
     alpha_pattern: BTreeMap<String, f64>,
 }
 
+/// The fused projections of Phi-3-style models, each the named modules' outputs side by side.
+const FUSED: [(&str, &[Module]); 2] = [
+    ("self_attn.qkv_proj", &[Module::Q, Module::K, Module::V]),
+    ("mlp.gate_up_proj", &[Module::Gate, Module::Up]),
+];
+
+/// What a PEFT weight key names: one of the seven projections, or a fused one (index into
+/// [`FUSED`]) of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum KeyTarget {
+    Plain(LoraTarget),
+    Fused { layer: usize, fused: usize },
+}
+
 /// Parses a PEFT weight key such as
 /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` into (target, is_a).
+#[cfg(test)]
 fn parse_key(key: &str) -> Option<(LoraTarget, bool)> {
+    match parse_any_key(key)? {
+        (KeyTarget::Plain(t), is_a) => Some((t, is_a)),
+        _ => None,
+    }
+}
+
+fn parse_any_key(key: &str) -> Option<(KeyTarget, bool)> {
     let rest = key.strip_prefix("base_model.model.").unwrap_or(key);
     let rest = rest.strip_prefix("model.")?;
     let rest = rest.strip_prefix("layers.")?;
@@ -69,16 +91,21 @@ fn parse_key(key: &str) -> Option<(LoraTarget, bool)> {
     let layer: usize = layer.parse().ok()?;
     let (block, rest) = rest.split_once('.')?;
     let (name, rest) = rest.split_once('.')?;
-    let module = Module::from_name(name)?;
-    if module.path() != format!("{block}.{name}") {
-        return None;
-    }
+    let path = format!("{block}.{name}");
+    let target = match Module::from_name(name) {
+        Some(module) if module.path() == path => KeyTarget::Plain(LoraTarget { layer, module }),
+        Some(_) => return None,
+        None => KeyTarget::Fused {
+            layer,
+            fused: FUSED.iter().position(|(p, _)| *p == path)?,
+        },
+    };
     let is_a = match rest {
         "lora_A.weight" | "lora_A.default.weight" => true,
         "lora_B.weight" | "lora_B.default.weight" => false,
         _ => return None,
     };
-    Some((LoraTarget { layer, module }, is_a))
+    Some((target, is_a))
 }
 
 /// The PEFT key of one matrix.
@@ -95,8 +122,20 @@ impl LoraAdapter {
     /// Loads a PEFT LoRA folder onto `device` (weights converted to f32).
     ///
     /// Refused with a clear error: DoRA, `fan_in_fan_out`, trained biases, per-module rank or
-    /// alpha patterns, and weights for anything but the seven decoder projections.
+    /// alpha patterns, weights for anything but the seven decoder projections, and fused
+    /// projections (which [`load_peft_for`](Self::load_peft_for) splits).
     pub fn load_peft(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_peft_for(dir, device, None)
+    }
+
+    /// As [`load_peft`](Self::load_peft), and with the base model's `shape`, a LoRA on a
+    /// fused projection (Phi-3's `qkv_proj`, `gate_up_proj`) becomes the LoRAs of its parts:
+    /// the same A, and B's rows of each part (q, k, v; gate, up), which is the same update.
+    pub fn load_peft_for(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        shape: Option<&BaseModelShape>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let cfg_path = dir.join(CONFIG_FILE);
         let cfg: PeftConfigIn = read_json(&cfg_path)?;
@@ -134,19 +173,80 @@ impl LoraAdapter {
         let tensors = candle_core::safetensors::load(&weights_path, device)?;
         let mut a_map = BTreeMap::new();
         let mut b_map = BTreeMap::new();
+        let mut fused = BTreeMap::new();
         for (key, t) in tensors {
-            let Some((target, is_a)) = parse_key(&key) else {
+            let Some((target, is_a)) = parse_any_key(&key) else {
                 return Err(DndError::Incompatible(format!(
                     "{}: tensor {key} is not a LoRA matrix of a decoder projection",
                     weights_path.display()
                 )));
             };
             let t = t.to_dtype(DType::F32)?;
-            if is_a {
-                a_map.insert(target, t);
-            } else {
-                b_map.insert(target, t);
+            match target {
+                KeyTarget::Plain(target) if is_a => {
+                    a_map.insert(target, t);
+                }
+                KeyTarget::Plain(target) => {
+                    b_map.insert(target, t);
+                }
+                KeyTarget::Fused { layer, fused: f } => {
+                    let Some(shape) = shape else {
+                        return Err(DndError::Incompatible(format!(
+                            "{}: {key} is a fused projection ({}); splitting it into its \
+                             parts needs the base model's shape",
+                            weights_path.display(),
+                            FUSED[f].0
+                        )));
+                    };
+                    fused.insert((layer, f, is_a), (t, shape));
+                }
             }
+        }
+        // A fused LoRA, y = x Aᵀ Bᵀ over the parts' outputs side by side, is the parts' LoRAs
+        // with the same A and B's rows of each part.
+        for (&(layer, f, is_a), (t, shape)) in &fused {
+            if !is_a {
+                continue;
+            }
+            let b = fused
+                .get(&(layer, f, false))
+                .map(|(b, _)| b)
+                .ok_or_else(|| {
+                    DndError::Incompatible(format!(
+                        "{}: layer {layer} {} has lora_A but no lora_B",
+                        weights_path.display(),
+                        FUSED[f].0
+                    ))
+                })?;
+            let widths: Vec<usize> = FUSED[f].1.iter().map(|m| shape.in_out(*m).1).collect();
+            if b.dim(0)? != widths.iter().sum::<usize>() {
+                return Err(DndError::Incompatible(format!(
+                    "{}: layer {layer} {}: lora_B has {} rows, the base model's parts {widths:?}",
+                    weights_path.display(),
+                    FUSED[f].0,
+                    b.dim(0)?
+                )));
+            }
+            let mut offset = 0;
+            for (module, width) in FUSED[f].1.iter().zip(widths) {
+                let target = LoraTarget {
+                    layer,
+                    module: *module,
+                };
+                a_map.insert(target, t.clone());
+                b_map.insert(target, b.narrow(0, offset, width)?.contiguous()?);
+                offset += width;
+            }
+        }
+        if let Some((layer, f, _)) = fused
+            .keys()
+            .find(|(l, f, a)| !*a && !fused.contains_key(&(*l, *f, true)))
+        {
+            return Err(DndError::Incompatible(format!(
+                "{}: layer {layer} {} has lora_B but no lora_A",
+                weights_path.display(),
+                FUSED[*f].0
+            )));
         }
         let mut pairs = BTreeMap::new();
         for (target, a) in a_map {
@@ -224,6 +324,61 @@ impl LoraAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_projections_become_their_parts_with_the_models_shape() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/tiny-phi3");
+        let err = LoraAdapter::load_peft(dir.join("adapter1"), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fused projection"), "{err}");
+        let shape = BaseModelShape::from_path(&dir).unwrap();
+        let a =
+            LoraAdapter::load_peft_for(dir.join("adapter1"), &Device::Cpu, Some(&shape)).unwrap();
+        assert_eq!(a.target_modules(), Module::ALL.to_vec());
+        let raw =
+            candle_core::safetensors::load(dir.join("adapter1").join(WEIGHTS_FILE), &Device::Cpu)
+                .unwrap();
+        let fused = |layer: usize, path: &str, ab: &str| {
+            raw[&format!("base_model.model.model.layers.{layer}.{path}.lora_{ab}.weight")].clone()
+        };
+        let same = |x: &Tensor, y: &Tensor| crate::test_util::max_abs_diff(x, y) == 0.0;
+        for layer in 0..shape.num_layers {
+            // Each part keeps the fused A and takes its own rows of B, in q, k, v order.
+            let (qa, qb) = (
+                fused(layer, "self_attn.qkv_proj", "A"),
+                fused(layer, "self_attn.qkv_proj", "B"),
+            );
+            let mut row = 0;
+            for m in [Module::Q, Module::K, Module::V] {
+                let p = a.get(layer, m).unwrap();
+                let w = shape.in_out(m).1;
+                assert!(
+                    same(&p.a, &qa) && same(&p.b, &qb.narrow(0, row, w).unwrap()),
+                    "{m:?}"
+                );
+                row += w;
+            }
+            assert_eq!(row, qb.dim(0).unwrap());
+            let gb = fused(layer, "mlp.gate_up_proj", "B");
+            let i = shape.intermediate;
+            assert!(same(
+                &a.get(layer, Module::Gate).unwrap().b,
+                &gb.narrow(0, 0, i).unwrap()
+            ));
+            assert!(same(
+                &a.get(layer, Module::Up).unwrap().b,
+                &gb.narrow(0, i, i).unwrap()
+            ));
+        }
+        // A base model whose parts do not add up to the fused width is refused.
+        let mut wrong = shape.clone();
+        wrong.kv_dim += 1;
+        let err = LoraAdapter::load_peft_for(dir.join("adapter1"), &Device::Cpu, Some(&wrong))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rows"), "{err}");
+    }
 
     #[test]
     fn keys_parse_both_ways() {

@@ -522,16 +522,7 @@ mod tests {
         for (target, a, b) in &factors {
             let p = adapter.get(target.layer, target.module).unwrap();
             assert_eq!((a.dims(), b.dims()), (p.a.dims(), p.b.dims()));
-            let d = |x: &Tensor, y: &Tensor| {
-                (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let d = crate::test_util::max_abs_diff;
             assert!(d(a, &p.a) < 1e-5 && d(b, &p.b) < 1e-5, "{target:?}");
             total = (total + (a.sum_all().unwrap() + b.sum_all().unwrap()).unwrap()).unwrap();
         }

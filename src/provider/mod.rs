@@ -500,9 +500,10 @@ impl DndProvider {
         let make = {
             let (name, device, dtype) =
                 (name.to_string(), self.opts.device.clone(), self.opts.dtype);
+            let shape = self.generator.layout().base_shape().clone();
             move || async move {
                 tokio::task::spawn_blocking(move || {
-                    named::load_peft(&dir, &name, &content, &device, dtype)
+                    named::load_peft(&dir, &name, &content, &shape, &device, dtype)
                 })
                 .await
                 .unwrap_or_else(|e| Err(GenerationError::Failed(format!("loading task: {e}"))))
@@ -650,7 +651,9 @@ impl DndProvider {
         let generator = self.generator.clone();
         tokio::task::spawn_blocking(move || match &meta.origin {
             Origin::Generated => generator.generate(&meta.prompts),
-            Origin::Peft { dir, .. } => LoraAdapter::load_peft(dir, &Device::Cpu),
+            Origin::Peft { dir, .. } => {
+                LoraAdapter::load_peft_for(dir, &Device::Cpu, Some(generator.layout().base_shape()))
+            }
         })
         .await
         .map_err(|e| ProviderError::Generation(GenerationError::Failed(e.to_string())))?

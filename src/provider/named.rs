@@ -101,7 +101,7 @@ pub fn check_peft(
     base_model_id: &str,
     dtype: DType,
 ) -> Result<NamedAdapter> {
-    let adapter = LoraAdapter::load_peft(dir, &Device::Cpu)?;
+    let adapter = LoraAdapter::load_peft_for(dir, &Device::Cpu, shape)?;
     if let Some(shape) = shape {
         adapter.check_fits(shape)?;
     }
@@ -126,11 +126,13 @@ fn content_fingerprint(dir: &Path) -> Result<String> {
     Ok(fingerprint(&content))
 }
 
-/// Loads a PEFT folder as the engine's adapter (off the async threads: it reads files).
+/// Loads a PEFT folder as the engine's adapter (off the async threads: it reads files);
+/// `shape`, the base model's, splits fused projections.
 pub fn load_peft(
     dir: &Path,
     name: &str,
     content: &str,
+    shape: &BaseModelShape,
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<SequenceLora, GenerationError> {
@@ -147,7 +149,7 @@ pub fn load_peft(
             dir.display()
         )));
     }
-    let adapter = LoraAdapter::load_peft(dir, &Device::Cpu).map_err(failed)?;
+    let adapter = LoraAdapter::load_peft_for(dir, &Device::Cpu, Some(shape)).map_err(failed)?;
     to_sequence_lora(&adapter, format!("peft-{name}"), device, dtype).map_err(failed)
 }
 
