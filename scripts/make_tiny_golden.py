@@ -2,7 +2,7 @@
 """Makes the tiny random golden models of the decoder families beyond Qwen2 and Llama.
 
 For each family: a complete model folder under tests/fixtures/golden/tiny-FAMILY (config.json,
-model.safetensors, the byte-level tokenizer of tiny-qwen2), two PEFT LoRA adapters on all seven
+model.safetensors in f16, values f16 holds exactly; the byte-level tokenizer of tiny-qwen2), two PEFT LoRA adapters on all seven
 projections (adapter1: r=4, alpha=8; adapter2: r=8, alpha=8) and expected.safetensors in the
 layout of tiny-qwen2's: per prompt the token ids, the full-prompt logits and 8 greedy tokens (no
 EOS stop) of the base model, base+adapter1 and base+adapter2, computed by transformers + peft in
@@ -65,7 +65,7 @@ FAMILIES = {
                                    final_logit_softcapping=30.0, attention_bias=False),
 }
 # Fields mistral.rs 0.8.1 reads at the top level, which transformers 5 nests or leaves out.
-FLAT = {"rope_theta": 10000.0, "torch_dtype": "float32"}
+FLAT = {"rope_theta": 10000.0}
 
 
 def spread(model, gemma_norms):
@@ -101,11 +101,16 @@ def make(family):
     cfg = FAMILIES[family]()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     spread(model, family.startswith("gemma"))
+    # Weights that f16 holds exactly, stored as f16 (half the bytes in the repository); the
+    # expectations are computed from them in f32, as the tests load them.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
     model.eval()
     out = GOLDEN / f"tiny-{family}"
     if out.exists():
         shutil.rmtree(out)
-    model.save_pretrained(out)
+    copy.deepcopy(model).half().save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     config.update({k: v for k, v in FLAT.items() if k not in config})
     if family == "gemma2":
