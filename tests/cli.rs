@@ -65,7 +65,7 @@ fn init_inspect_generate() {
     let cfg: serde_json::Value = serde_json::from_str(&dnd(&["inspect", ckpt_s])).unwrap();
     assert_eq!(cfg["num_prompts"], 4);
     assert_eq!(cfg["base_model"]["kv_dim"], 32);
-    assert!(cfg["note"].as_str().unwrap().contains("RANDOM"));
+    assert_eq!(cfg["untrained"], true);
 
     // Seeded: the same seed writes the same weights.
     let again = dir.join("again.safetensors");

@@ -298,13 +298,7 @@ fn build_provider(
         },
     )
     .with_context(|| format!("loading the generator {}", gen.display()))?;
-    let note = provider
-        .generator()
-        .config()
-        .note
-        .clone()
-        .unwrap_or_default();
-    if note.contains("RANDOM WEIGHTS") {
+    if provider.generator().config().is_untrained() {
         let bar = "!".repeat(78);
         eprintln!(
             "{bar}\n!! The generator {} has RANDOM WEIGHTS: its adapters are noise, not task\n\

@@ -176,6 +176,7 @@ pub fn convert_state_dict(
         base_model_name: opts.base_model_name.clone(),
         lora: opts.lora.clone(),
         note: Some("converted from a reference PyTorch checkpoint".into()),
+        untrained: false,
         anchor_names: Vec::new(),
     };
     config.validate()?;

@@ -47,9 +47,13 @@ pub struct GeneratorConfig {
     pub base_model_name: Option<String>,
     /// LoRA rank, alpha, chunk width and target modules of the generated adapters.
     pub lora: LoraSpec,
-    /// Free-form provenance (how it was trained, or "random weights").
+    /// Free-form provenance (how it was trained, converted or initialised).
     #[serde(default)]
     pub note: Option<String>,
+    /// The weights are random (`dnd init`), never trained: its adapters are noise. Tools and
+    /// the server warn loudly about such a generator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub untrained: bool,
     /// Names of the training-condition anchors stored with the weights (see
     /// [`super::anchors`]), in row order; empty when the checkpoint has none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -57,6 +61,16 @@ pub struct GeneratorConfig {
 }
 
 impl GeneratorConfig {
+    /// Whether the weights are random: the `untrained` flag, or for checkpoints written before
+    /// it existed, the note `dnd init` wrote then ("RANDOM WEIGHTS ...").
+    pub fn is_untrained(&self) -> bool {
+        self.untrained
+            || self
+                .note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("RANDOM WEIGHTS"))
+    }
+
     /// A config whose first stage is the condition shape and whose last is the token shape
     /// of `base_model` under `lora`; `hidden_stages` lie between.
     #[allow(clippy::too_many_arguments)]
@@ -92,6 +106,7 @@ impl GeneratorConfig {
             base_model_name: None,
             lora: layout.spec().clone(),
             note: None,
+            untrained: false,
             anchor_names: Vec::new(),
         };
         cfg.validate()?;

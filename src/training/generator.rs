@@ -498,6 +498,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             tensors.insert(CONDITION_ANCHORS.into(), a.clone());
         }
         let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+        config.untrained = false;
         config.note = Some(format!(
             "trained by `dnd train`: {step} of {} steps on tasks {names:?} (excluded {:?}), lr {}, seed {}",
             opts.steps, opts.exclude, opts.lr, opts.seed

@@ -161,7 +161,8 @@ pub fn tiny_generator(dir: &std::path::Path) -> PathBuf {
     };
     let mut cfg =
         GeneratorConfig::new(shape, spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
-    cfg.note = Some("RANDOM WEIGHTS (test)".into());
+    cfg.untrained = true;
+    cfg.note = Some("random weights (test)".into());
     let (_, tensors) = ConditionDecoder::random(cfg.clone(), 3, &Device::Cpu, DType::F32).unwrap();
     let path = dir.join("tiny-generator.safetensors");
     checkpoint::save(&path, &cfg, &tensors).unwrap();

@@ -83,10 +83,8 @@ pub fn run(args: Args) -> Result<()> {
     let pb = spinner("loading generator");
     let gen = Generator::load(&args.checkpoint, &args.encoder, &opts)?;
     pb.finish_and_clear();
-    if let Some(note) = &gen.config().note {
-        if note.contains("RANDOM") {
-            eprintln!("WARNING: {note}");
-        }
+    if gen.config().is_untrained() {
+        eprintln!("WARNING: RANDOM WEIGHTS: this generator is untrained, its adapters are noise");
     }
     if let Some(bm) = &args.base_model {
         gen.check_base_model(&BaseModelShape::from_path(bm)?)?;

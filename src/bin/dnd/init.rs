@@ -65,13 +65,12 @@ impl Args {
     }
 }
 
-/// Writes the seeded random generator; its note marks the adapters as noise.
+/// Writes the seeded random generator, marked untrained: its adapters are noise.
 pub fn run(args: Args) -> Result<()> {
     let mut cfg = args.config()?;
     let seed = args.seed;
-    cfg.note = Some(format!(
-        "RANDOM WEIGHTS (seed {seed}): untrained, adapters are noise"
-    ));
+    cfg.untrained = true;
+    cfg.note = Some(format!("random weights (seed {seed})"));
     let pb = spinner("initialising weights");
     let (dec, tensors) = ConditionDecoder::random(cfg.clone(), seed, &Device::Cpu, DType::F32)?;
     checkpoint::save(&args.out, &cfg, &tensors)?;
