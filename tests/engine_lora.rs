@@ -55,27 +55,16 @@ impl AdapterProvider for TestProvider {
     }
 }
 
-/// The builder of golden model `name` (f32, CPU).
-fn builder(name: &str) -> TextModelBuilder {
-    let path = golden_path(name).to_str().unwrap().to_string();
-    TextModelBuilder::new(&path)
+/// Loads golden model `name` and registers the test provider for it; the provider's two
+/// adapters with it.
+async fn load(name: &str) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
+    let model = TextModelBuilder::new(golden_path(name).to_str().unwrap())
         .with_token_source(TokenSource::None)
         .with_dtype(ModelDType::F32)
         .with_force_cpu()
-}
-
-/// Loads golden model `name` and registers the test provider for it.
-async fn load(name: &str) -> mistralrs::Model {
-    let model = builder(name)
         .build()
         .await
         .unwrap_or_else(|e| panic!("{name} loads: {e}"));
-    register(&model, name);
-    model
-}
-
-/// Registers the test provider, with golden model `name`'s two PEFT adapters, for `model`.
-fn register(model: &mistralrs::Model, name: &str) {
     // The model's shape splits fused projections (Phi-3) into their parts.
     let shape = BaseModelShape::from_path(golden_path(name)).unwrap();
     let lora = |dir: &str| {
@@ -83,12 +72,14 @@ fn register(model: &mistralrs::Model, name: &str) {
             .unwrap();
         Arc::new(to_sequence_lora(&a, format!("{name}/{dir}"), &Device::Cpu, DType::F32).unwrap())
     };
+    let adapters = [lora("adapter1"), lora("adapter2")];
     let provider = TestProvider {
-        adapters: [lora("adapter1"), lora("adapter2")],
+        adapters: adapters.clone(),
     };
     let models = model.inner().list_models().unwrap();
     assert_eq!(models.len(), 1, "one model: {models:?}");
     set_adapter_provider(&models[0], Some(Arc::new(provider)));
+    (model, adapters)
 }
 
 async fn submit(
@@ -183,7 +174,7 @@ fn expected_text(name: &str, g: &Golden, key: &str) -> String {
 /// logprob entry of every step) must be the golden greedy tokens.
 async fn mixed_batches_match_peft(name: &str) {
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let model = load(name).await;
+    let (model, adapters) = load(name).await;
     let cases: Vec<(usize, &str, usize)> = (0..2)
         .flat_map(|seq| VARIANTS.map(|(variant, kind)| (seq, variant, kind)))
         .collect();
@@ -217,6 +208,15 @@ async fn mixed_batches_match_peft(name: &str) {
             .position(|&t| t == EOS)
             .map_or(greedy.len(), |i| i + 1);
         assert_eq!(got, greedy[..n], "{what}: greedy tokens");
+    }
+    // They did share batches: forward passes carried each adapter next to other rows (the
+    // adapters are this test's own, so the counts are this test's).
+    for (i, a) in adapters.iter().enumerate() {
+        assert!(
+            a.mixed_steps() > 0,
+            "{name}: adapter{} never shared a forward pass with another variant",
+            i + 1
+        );
     }
 }
 
@@ -271,7 +271,7 @@ async fn tiny_gemma2_mixed_adapters_match_peft() {
 async fn alternating_adapter_and_base_never_share_cache() {
     let name = "tiny-llama";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let model = load(name).await;
+    let (model, _) = load(name).await;
     let prompt = common::token_ids(g.get("input.seq1.ids"));
     let base = expected_text(name, &g, "base.seq1.greedy");
     let adapted = expected_text(name, &g, "adapter1.seq1.greedy");
@@ -290,7 +290,7 @@ async fn alternating_adapter_and_base_never_share_cache() {
 async fn provider_errors_fail_only_their_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let model = load(name).await;
+    let (model, _) = load(name).await;
     let prompt = common::token_ids(g.get("input.seq0.ids"));
 
     let mut refused = submit(&model, prompt.clone(), REFUSE * 1000, false).await;
@@ -317,7 +317,7 @@ async fn provider_errors_fail_only_their_request() {
 async fn slow_provider_stalls_only_its_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let model = load(name).await;
+    let (model, _) = load(name).await;
     let prompt = common::token_ids(g.get("input.seq1.ids"));
 
     let mut slow = submit(&model, prompt.clone(), SLOW_ADAPTER1 * 1000, false).await;
