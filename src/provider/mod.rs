@@ -3,8 +3,8 @@
 //! [`DndProvider`] implements the engine's `AdapterProvider`. Embedded in an application it
 //! applies the [prompt policy](crate::policy) to each request's messages by itself; the
 //! server resolves the adapter before handing the request to the engine (so that it can report
-//! and refuse with HTTP semantics) and [`prepare`](DndProvider::prepare)s it under the request
-//! id, which the engine's call then picks up.
+//! and refuse with HTTP semantics) and sends it with the request
+//! (`Request::NormalWithAdapter`), so the engine does not ask the provider again.
 
 mod batcher;
 mod error;
@@ -138,7 +138,6 @@ pub struct DndProvider {
     opts: ProviderOptions,
     adapter_bytes: usize,
     cache: Arc<LoraCache>,
-    prepared: Mutex<HashMap<usize, Option<Arc<SequenceLora>>>>,
     /// Abstention decisions by key (a condition's distance never changes), bounded.
     nearest: Mutex<HashMap<AdapterKey, Nearest>>,
     /// Adapters served under a name.
@@ -234,7 +233,6 @@ impl DndProvider {
             cache: LoraCache::new(opts.limits),
             opts,
             adapter_bytes,
-            prepared: Mutex::new(HashMap::new()),
             nearest: Mutex::new(HashMap::new()),
             named: RwLock::new(NamedAdapters::default()),
         }))
@@ -626,22 +624,6 @@ impl DndProvider {
         })
     }
 
-    /// Records the adapter (or none) request `request_id` gets when the engine asks.
-    pub fn prepare(&self, request_id: usize, adapter: Option<Arc<SequenceLora>>) {
-        self.lock_prepared().insert(request_id, adapter);
-    }
-
-    /// Drops a prepared adapter of a request that never reached the engine.
-    pub fn forget(&self, request_id: usize) {
-        self.lock_prepared().remove(&request_id);
-    }
-
-    fn lock_prepared(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<usize, Option<Arc<SequenceLora>>>> {
-        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Regenerates the adapter a cached key was made from (the generator is deterministic),
     /// or reloads its PEFT folder, as float32 matrices for export.
     pub async fn export(&self, key: &str) -> std::result::Result<LoraAdapter, ProviderError> {
@@ -668,9 +650,6 @@ impl AdapterProvider for DndProvider {
         &self,
         request: &AdapterRequest<'_>,
     ) -> std::result::Result<Option<Arc<SequenceLora>>, AdapterError> {
-        if let Some(prepared) = self.lock_prepared().remove(&request.request_id) {
-            return Ok(prepared);
-        }
         let condition = self
             .opts
             .policy

@@ -195,7 +195,7 @@ fn chat(system: Option<&str>, user: &str) -> RequestMessage {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_engine_hook_applies_the_policy_or_the_prepared_choice() {
+async fn the_engine_hook_applies_the_policy() {
     let p = provider(false, PromptSource::System);
     let ask = |id: usize, m: &RequestMessage| {
         let p = p.clone();
@@ -217,9 +217,6 @@ async fn the_engine_hook_applies_the_policy_or_the_prepared_choice() {
         ask(2, &chat(None, "hi")).await.unwrap().is_none(),
         "no system prompt: base"
     );
-    // A prepared choice wins once, then the policy applies again.
-    p.prepare(3, None);
-    assert!(ask(3, &with_system).await.unwrap().is_none());
     assert!(ask(3, &with_system).await.unwrap().is_some());
     let long = chat(Some(&"x".repeat(1001)), "hi");
     match ask(4, &long).await {

@@ -298,23 +298,6 @@ struct Pin {
     _gauge: RequestGauge,
 }
 
-/// Forgets a prepared adapter when dropped while armed.
-struct Prepared {
-    state: Arc<ServerState>,
-    id: usize,
-    armed: bool,
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        if self.armed {
-            if let Some(p) = &self.state.provider {
-                p.forget(self.id);
-            }
-        }
-    }
-}
-
 async fn run(
     state: &Arc<ServerState>,
     served: Served,
@@ -359,16 +342,6 @@ async fn send(
     raw: bool,
 ) -> Result<Receiver<Response>, ApiError> {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    // Until the engine has the request, a dropped handler (client gone) must not leave the
-    // prepared adapter behind: it would pin its cache entry forever.
-    let mut prepared = Prepared {
-        state: state.clone(),
-        id,
-        armed: true,
-    };
-    if let Some(p) = &state.provider {
-        p.prepare(id, served.adapter.clone());
-    }
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     params.top_n_logprobs = extras.top_logprobs;
     let mut req = NormalRequest::new_simple(message, params, tx, id, None, None);
@@ -376,12 +349,13 @@ async fn send(
     req.return_logprobs = extras.logprobs && !raw;
     req.return_raw_logits = raw;
     req.constraint = extras.constraint.clone();
+    // The adapter travels with the request: the engine adds the sequence with it and asks
+    // no provider (the policy was applied once, in `choose`).
+    let request = Request::NormalWithAdapter(Box::new(req), served.adapter.clone());
     let sent = match state.engine.inner().get_sender(None) {
-        Ok(s) => s.send(Request::Normal(Box::new(req))).await.is_ok(),
+        Ok(s) => s.send(request).await.is_ok(),
         Err(_) => false,
     };
-    prepared.armed = !sent;
-    drop(prepared);
     if !sent {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

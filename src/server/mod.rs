@@ -81,8 +81,7 @@ impl ServerState {
             metrics: HttpMetrics::default(),
             runtime,
             tokenizer: tokio::sync::OnceCell::new(),
-            // Ids far from those an embedding application might pick for its own requests.
-            next_id: AtomicUsize::new(1 << 40),
+            next_id: AtomicUsize::new(0),
         })
     }
 
