@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
-use futures::stream::{self, Stream};
+use futures::stream::{self, Stream, StreamExt};
 use mistralrs_core::{NormalRequest, Request, RequestMessage, Response, SamplingParams};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
@@ -104,6 +104,7 @@ pub(super) async fn completion(
                 prompt,
                 top_logprobs: req.logprobs,
                 generate,
+                stream: req.common.stream,
             };
             return echo_completion(&state, served, echo, params, extras, gauge).await;
         }
@@ -318,7 +319,7 @@ async fn run(
         _gauge: gauge,
     };
     if stream {
-        let events = sse_events(rx, info, pin, extras.include_usage, model);
+        let events = sse_events(rx, Some(info), pin, extras.include_usage, model, 0);
         return Ok((headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response());
     }
     let mut body = collect(rx).await?;
@@ -376,6 +377,8 @@ struct Echo {
     top_logprobs: Option<usize>,
     /// False for `max_tokens` 0: the prompt scored, nothing generated.
     generate: bool,
+    /// Streamed: a first chunk with the prompt (and its logprobs), then the engine's chunks.
+    stream: bool,
 }
 
 /// `echo` with `logprobs` (how lm-evaluation-harness scores a continuation), or `echo` of a
@@ -391,12 +394,12 @@ async fn echo_completion(
 ) -> Result<HttpResponse, ApiError> {
     let tokenizer = state.tokenizer().await?;
     // The ids the engine would see for a text prompt (it adds special tokens too).
-    let ids = match echo.prompt {
+    let ids = match &echo.prompt {
         PromptInput::Tokens(ids) => {
-            tokenizer.check_ids(&ids)?;
-            ids
+            tokenizer.check_ids(ids)?;
+            ids.clone()
         }
-        PromptInput::Text(t) => tokenizer.encode(&t, true)?,
+        PromptInput::Text(t) => tokenizer.encode(t, true)?,
     };
     let mut prompt_logprobs = None;
     if let Some(k) = echo.top_logprobs {
@@ -416,6 +419,20 @@ async fn echo_completion(
         prompt_logprobs = Some(logprobs::prompt(&logits, &ids, k, |id| {
             tokenizer.token_text(id)
         })?);
+    }
+    if echo.stream {
+        return Ok(echo_stream(
+            state,
+            served,
+            echo,
+            ids,
+            prompt_logprobs,
+            params,
+            extras,
+            gauge,
+        )
+        .await?
+        .into_response());
     }
     let mut body = if echo.generate {
         let message = RequestMessage::CompletionTokens(ids.clone());
@@ -450,6 +467,55 @@ async fn echo_completion(
     let headers = dnd_headers(&served);
     drop(served);
     Ok((headers, Json(body)).into_response())
+}
+
+/// The streamed form of [`echo_completion`]: a first chunk carrying the prompt's text and
+/// logprobs (and the `dnd` field), then the engine's chunks of the generated tokens, whose
+/// logprob offsets continue after the prompt.
+#[allow(clippy::too_many_arguments)]
+async fn echo_stream(
+    state: &Arc<ServerState>,
+    served: Served,
+    echo: Echo,
+    ids: Vec<u32>,
+    prompt_logprobs: Option<Value>,
+    params: SamplingParams,
+    extras: Extras,
+    mut gauge: RequestGauge,
+) -> Result<HttpResponse, ApiError> {
+    let first = json!({
+        "id": format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+        "object": "text_completion",
+        "created": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        "model": served.name.clone().unwrap_or_else(|| state.model_name.clone()),
+        "choices": [{"index": 0, "text": echo.text, "logprobs": prompt_logprobs,
+                     "finish_reason": if echo.generate { Value::Null } else { json!("length") }}],
+        "dnd": dnd_info(&served),
+    });
+    let headers = dnd_headers(&served);
+    let head =
+        stream::once(async move { Ok::<_, Infallible>(Event::default().data(first.to_string())) });
+    if !echo.generate {
+        let done = stream::once(async { Ok::<_, Infallible>(Event::default().data("[DONE]")) });
+        return Ok((headers, Sse::new(head.chain(done))).into_response());
+    }
+    let message = RequestMessage::CompletionTokens(ids);
+    let rx = send(state, &served, message, params, &extras, true, false).await?;
+    gauge.running();
+    let model = served.name.clone();
+    let pin = Pin {
+        _served: served,
+        _gauge: gauge,
+    };
+    let offset = echo.text.chars().count();
+    let events = sse_events(rx, None, pin, false, model, offset);
+    Ok((
+        headers,
+        Sse::new(head.chain(events)).keep_alive(KeepAlive::default()),
+    )
+        .into_response())
 }
 
 /// The raw logits of a whole prompt, (positions, vocabulary).
@@ -520,12 +586,15 @@ async fn collect(mut rx: Receiver<Response>) -> Result<Value, ApiError> {
 
 /// Server-sent events of a streaming request: chunks (the first with the `dnd` field), a
 /// usage chunk when asked for, then `[DONE]`; an engine error becomes an `error` event.
+/// `info`: the `dnd` field for the first chunk (None: an earlier chunk carried it); `offset`:
+/// characters of text streamed before these chunks (legacy logprobs' offsets continue there).
 fn sse_events(
     rx: Receiver<Response>,
-    info: Value,
+    info: Option<Value>,
     pin: Pin,
     include_usage: bool,
     model: Option<String>,
+    offset: usize,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     struct St {
         rx: Receiver<Response>,
@@ -541,9 +610,9 @@ fn sse_events(
     }
     let st = St {
         rx,
-        info: Some(info),
+        info,
         usage: None,
-        offset: 0,
+        offset,
         model,
         done: false,
         _pin: pin,

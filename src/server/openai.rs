@@ -608,9 +608,8 @@ impl ChatBody {
 }
 
 impl CompletionBody {
-    /// Logprobs and stream options, checked; refused: `suffix`, `best_of` > 1, streams that
-    /// echo a token prompt or the prompt's logprobs (`echo` with `logprobs`: answered whole
-    /// only), and `include_usage` (completion chunks carry no usage).
+    /// Logprobs and stream options, checked; refused: `suffix`, `best_of` > 1, and
+    /// `include_usage` (completion chunks carry no usage).
     pub fn extras(&self) -> Result<Extras, ApiError> {
         if self.suffix.is_some() {
             return Err(unsupported(
@@ -619,12 +618,6 @@ impl CompletionBody {
         }
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(unsupported("only best_of = 1 is supported"));
-        }
-        if self.echo && self.common.stream && (self.logprobs.is_some() || self.tokens()) {
-            return Err(unsupported(
-                "stream with echo is supported for text prompts without logprobs only; send \
-                 the request without stream to get the prompt's logprobs",
-            ));
         }
         if let Some(k) = self.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(invalid(format!("logprobs {k} is above {MAX_TOP_LOGPROBS}")));
@@ -844,8 +837,6 @@ mod tests {
         for j in [
             r#"{"prompt":"x","suffix":"y"}"#,
             r#"{"prompt":"x","best_of":2}"#,
-            r#"{"prompt":"x","echo":true,"logprobs":1,"stream":true}"#,
-            r#"{"prompt":[1,2],"echo":true,"stream":true}"#,
             r#"{"prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#,
         ] {
             assert_eq!(
@@ -862,6 +853,7 @@ mod tests {
         assert!(body(r#"{"prompt":[[5,6]],"echo":true}"#).server_echo());
         assert!(!body(r#"{"prompt":"x","echo":true}"#).server_echo());
         assert!(completion(r#"{"prompt":"x","echo":true,"logprobs":1}"#).is_ok());
+        assert!(completion(r#"{"prompt":[1,2],"echo":true,"logprobs":1,"stream":true}"#).is_ok());
     }
 
     #[test]

@@ -139,8 +139,6 @@ def conformance(base_prompt, expected_base, expected_top):
     expect_error(400, "unsupported_parameter", lambda: chat("", tools=[tool]))
     expect_error(400, "unsupported_parameter", lambda: client.chat.completions.create(
         model=MODEL, temperature=0.5, seed=3, max_tokens=2, messages=[{"role": "user", "content": "x"}]))
-    expect_error(400, "unsupported_parameter", lambda: client.completions.create(
-        model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1, stream=True))
     for bad in ([{"role": "wizard", "content": "x"}], [{"role": "user", "content": None}]):
         expect_error(400, "invalid_request", lambda: client.chat.completions.create(
             model=MODEL, messages=bad, max_tokens=2))
@@ -285,6 +283,20 @@ def prompt_scoring(golden):
         # Two alternatives each (fewer where two byte tokens read as the same text, U+FFFD).
         tops = z.choices[0].logprobs.top_logprobs[1:]
         assert all(1 <= len(t) <= 2 for t in tops) and any(len(t) == 2 for t in tops), tops
+    # Streamed: a first chunk with the prompt and its logprobs, then the generated tokens,
+    # whose text offsets continue after the prompt; together the non-streamed answer.
+    whole = client.completions.create(model="a1", prompt=ids, max_tokens=4, temperature=0,
+                                      logprobs=1, echo=True)
+    chunks = list(client.completions.create(model="a1", prompt=ids, max_tokens=4, temperature=0,
+                                            logprobs=1, echo=True, stream=True))
+    assert chunks[0].choices[0].text == golden["prompt"], chunks[0]
+    close(chunks[0].choices[0].logprobs.token_logprobs, golden["adapter1"], "streamed prompt")
+    assert chunks[0].model_extra["dnd"]["name"] == "a1", chunks[0].model_extra
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert no_fffd(text) == no_fffd(whole.choices[0].text), (text, whole.choices[0].text)
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]
+    assert offsets[len(ids)] == len(golden["prompt"]), offsets
     # The same scoring twice in a row (the second finds the prompt in the prefix cache) and
     # next to generation requests of the same length: the same logprobs, no engine failure.
     import concurrent.futures as cf
