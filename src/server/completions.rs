@@ -416,9 +416,16 @@ async fn echo_completion(
         .await?;
         gauge.running();
         let logits = raw_logits(rx).await?;
-        prompt_logprobs = Some(logprobs::prompt(&logits, &ids, k, |id| {
-            tokenizer.token_text(id)
-        })?);
+        // Off the async threads: a long prompt over a large vocabulary is seconds of work.
+        let (tok, ids) = (tokenizer.clone(), ids.clone());
+        prompt_logprobs = Some(
+            tokio::task::spawn_blocking(move || {
+                let texts = tok.token_texts(&ids);
+                logprobs::prompt(&logits, &ids, k, texts, |id| tok.token_text(id))
+            })
+            .await
+            .map_err(|e| ApiError::internal("internal_error", e.to_string()))??,
+        );
     }
     if echo.stream {
         return Ok(echo_stream(
@@ -455,9 +462,9 @@ async fn echo_completion(
     if let Some(choice) = body["choices"].get_mut(0) {
         let generated = choice["text"].as_str().unwrap_or_default().to_string();
         choice["text"] = json!(format!("{}{generated}", echo.text));
-        if let Some(p) = prompt_logprobs {
-            let offset = echo.text.chars().count();
-            choice["logprobs"] = logprobs::append(p, choice["logprobs"].take(), offset);
+        // The generated tokens' offsets continue after the prompt tokens' texts.
+        if let Some((p, chars)) = prompt_logprobs {
+            choice["logprobs"] = logprobs::append(p, choice["logprobs"].take(), chars);
         }
     }
     body["dnd"] = dnd_info(&served);
@@ -478,7 +485,7 @@ async fn echo_stream(
     served: Served,
     echo: Echo,
     ids: Vec<u32>,
-    prompt_logprobs: Option<Value>,
+    prompt_logprobs: Option<(Value, usize)>,
     params: SamplingParams,
     extras: Extras,
     mut gauge: RequestGauge,
@@ -490,7 +497,8 @@ async fn echo_stream(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         "model": served.name.clone().unwrap_or_else(|| state.model_name.clone()),
-        "choices": [{"index": 0, "text": echo.text, "logprobs": prompt_logprobs,
+        "choices": [{"index": 0, "text": echo.text,
+                     "logprobs": prompt_logprobs.as_ref().map(|(p, _)| p),
                      "finish_reason": if echo.generate { Value::Null } else { json!("length") }}],
         "dnd": dnd_info(&served),
     });
@@ -509,7 +517,7 @@ async fn echo_stream(
         _served: served,
         _gauge: gauge,
     };
-    let offset = echo.text.chars().count();
+    let offset = prompt_logprobs.map_or(echo.text.chars().count(), |(_, chars)| chars);
     let events = sse_events(rx, None, pin, false, model, offset);
     Ok((
         headers,

@@ -118,12 +118,15 @@ pub fn completion_chunk(chunk: &mut Value, offset: &mut usize) {
 /// The legacy logprobs of a whole prompt from its raw `logits` (positions × vocabulary): each
 /// token's logprob under the positions before it and the `k` likeliest alternatives there.
 /// The first token has no context, so its logprob and alternatives are null (as OpenAI's).
+/// `texts`: each prompt token's text in context (offsets add them up); `text_of`: an
+/// alternative's text. Also returns the characters the prompt's tokens add up to.
 pub fn prompt(
     logits: &Tensor,
     ids: &[u32],
     k: usize,
+    texts: Vec<String>,
     text_of: impl Fn(u32) -> String,
-) -> Result<Value, ApiError> {
+) -> Result<(Value, usize), ApiError> {
     let internal = |e: candle_core::Error| ApiError::internal("internal_error", e.to_string());
     let (positions, vocab) = logits.dims2().map_err(internal)?;
     if positions != ids.len() {
@@ -135,17 +138,16 @@ pub fn prompt(
             ),
         ));
     }
-    let logprobs = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)
-        .and_then(|l| l.to_vec2::<f32>())
-        .map_err(internal)?;
+    // One copy of the logits; each row normalised on the fly (log-sum-exp), so a long prompt
+    // over a large vocabulary holds one matrix, not three.
+    let rows = logits.to_vec2::<f32>().map_err(internal)?;
     let (mut tokens, mut token_logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     let mut offset = 0;
-    for (i, &id) in ids.iter().enumerate() {
-        let text = text_of(id);
+    for (i, (&id, text)) in ids.iter().zip(texts).enumerate() {
         offsets.push(json!(offset));
         offset += text.chars().count();
         tokens.push(json!(text));
-        let Some(row) = i.checked_sub(1).map(|p| &logprobs[p]) else {
+        let Some(row) = i.checked_sub(1).map(|p| &rows[p]) else {
             token_logprobs.push(Value::Null);
             tops.push(Value::Null);
             continue;
@@ -157,20 +159,31 @@ pub fn prompt(
                 format!("token id {id} is outside the vocabulary (size {vocab})"),
             ));
         }
-        token_logprobs.push(finite(row[id]));
+        let lse = log_sum_exp(row);
+        token_logprobs.push(finite(row[id] - lse));
         let mut top = Map::new();
         for alt in top_k(row, k) {
             top.entry(text_of(alt as u32))
-                .or_insert_with(|| finite(row[alt]));
+                .or_insert_with(|| finite(row[alt] - lse));
         }
         tops.push(Value::Object(top));
     }
-    Ok(json!({
+    let value = json!({
         "tokens": tokens,
         "token_logprobs": token_logprobs,
         "top_logprobs": tops,
         "text_offset": offsets,
-    }))
+    });
+    Ok((value, offset))
+}
+
+/// ln Σ exp(v), stable.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
 }
 
 fn finite(lp: f32) -> Value {
@@ -228,14 +241,17 @@ mod tests {
         )
         .unwrap();
         let names = ["a", "b", "c"];
-        let v = prompt(&logits, &[2, 0, 1], 2, |id| names[id as usize].to_string()).unwrap();
+        let text = |id: u32| names[id as usize].to_string();
+        let texts = vec!["c".into(), "a".into(), "bb".into()];
+        let (v, chars) = prompt(&logits, &[2, 0, 1], 2, texts, text).unwrap();
+        assert_eq!(chars, 4);
         let lse0 = (1f64 + 1f64.exp() + 2f64.exp()).ln();
         let lse1 = (3.0 * 3f64.exp()).ln();
         let lp = v["token_logprobs"].as_array().unwrap();
         assert!(lp[0].is_null());
         assert!((lp[1].as_f64().unwrap() - (0.0 - lse0)).abs() < 1e-5);
         assert!((lp[2].as_f64().unwrap() - (3.0 - lse1)).abs() < 1e-5);
-        assert_eq!(v["tokens"], json!(["c", "a", "b"]));
+        assert_eq!(v["tokens"], json!(["c", "a", "bb"]));
         assert_eq!(v["text_offset"], json!([0, 1, 2]));
         // Position 0's two likeliest tokens are c then b.
         let top = v["top_logprobs"][1].as_object().unwrap();
@@ -245,9 +261,15 @@ mod tests {
         assert!(v["top_logprobs"][0].is_null());
         // A logit row count that does not match the prompt is the engine's fault, not a panic.
         assert_eq!(
-            prompt(&logits, &[1, 2], 1, |_| String::new())
-                .unwrap_err()
-                .code,
+            prompt(
+                &logits,
+                &[1, 2],
+                1,
+                vec![String::new(); 2],
+                |_| String::new()
+            )
+            .unwrap_err()
+            .code,
             "internal_error"
         );
     }

@@ -648,6 +648,9 @@ impl CompletionBody {
     /// The one prompt of the request.
     pub fn prompt(&self) -> Result<PromptInput, ApiError> {
         let many = |n: usize| {
+            if n == 0 {
+                return Err(invalid("the prompt is empty"));
+            }
             Err(unsupported(format!(
                 "{n} prompts in one request; send one per request"
             )))
@@ -658,6 +661,9 @@ impl CompletionBody {
             PromptField::Many(v) => many(v.len()),
             PromptField::Tokens(ids) if ids.is_empty() => Err(invalid("the prompt has no tokens")),
             PromptField::Tokens(ids) => Ok(PromptInput::Tokens(ids.clone())),
+            PromptField::ManyTokens(v) if v.len() == 1 && v[0].is_empty() => {
+                Err(invalid("the prompt has no tokens"))
+            }
             PromptField::ManyTokens(v) if v.len() == 1 => Ok(PromptInput::Tokens(v[0].clone())),
             PromptField::ManyTokens(v) => many(v.len()),
         }
@@ -881,7 +887,11 @@ mod tests {
         );
         assert_eq!(
             prompt(r#"{"prompt":[]}"#).unwrap_err().code,
-            "unsupported_parameter"
+            "invalid_parameter"
+        );
+        assert_eq!(
+            prompt(r#"{"prompt":[[]]}"#).unwrap_err().code,
+            "invalid_parameter"
         );
     }
 

@@ -107,6 +107,22 @@ impl ServedTokenizer {
         self.tokenizer.decode(&[id], false).unwrap_or_default()
     }
 
+    /// Each token's text as it reads in `ids`: the text a token adds to the few before it, so
+    /// that pieces of one character and word-initial spaces come out as in the whole text.
+    pub fn token_texts(&self, ids: &[u32]) -> Vec<String> {
+        (0..ids.len())
+            .map(|i| {
+                let from = i.saturating_sub(4);
+                let with = self.tokenizer.decode(&ids[from..=i], false);
+                let without = self.tokenizer.decode(&ids[from..i], false);
+                match (with, without) {
+                    (Ok(w), Ok(wo)) if w.starts_with(&wo) => w[wo.len()..].to_string(),
+                    _ => self.token_text(ids[i]),
+                }
+            })
+            .collect()
+    }
+
     /// Refuses ids outside the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<(), ApiError> {
         let vocab = self.tokenizer.get_vocab_size(true);
