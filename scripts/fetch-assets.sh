@@ -95,24 +95,27 @@ qwen05() {
   mv "$file.part" "$file"
 }
 
-openai_client() {
-  local venv="$assets/venv"
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import openai, langchain_openai" 2>/dev/null; then
+# python_env DIR WHAT IMPORTS PACKAGE...: a virtualenv at DIR in which IMPORTS import;
+# PACKAGEs are installed into it when they do not.
+python_env() {
+  local venv="$1" what="$2" imports="$3"
+  shift 3
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import $imports" 2>/dev/null; then
     return
   fi
-  echo "installing the openai and LangChain Python clients into $venv..." >&2
+  echo "installing $what into $venv..." >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "langchain-openai>=0.3,<2"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
+}
+
+openai_client() {
+  python_env "$assets/venv" "the openai and LangChain Python clients" "openai, langchain_openai" \
+    "openai>=1.40,<3" "langchain-openai>=0.3,<2"
 }
 
 lm_eval_client() {
-  local venv="$assets/lmeval"
-  if [ -x "$venv/bin/lm_eval" ] && "$venv/bin/python" -c "import lm_eval.models.openai_completions" 2>/dev/null; then
-    return
-  fi
-  echo "installing lm-evaluation-harness into $venv (no torch: it tokenizes through the server)..." >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "lm_eval[api]==0.4.13"
+  python_env "$assets/lmeval" "lm-evaluation-harness (no torch: it tokenizes through the server)" \
+    "tenacity, lm_eval.models.openai_completions" "lm_eval[api]==0.4.13"
 }
 
 nginx_server() {
