@@ -67,7 +67,7 @@ const FUSED: [(&str, &[Module]); 2] = [
 
 /// What a PEFT weight key names: one of the seven projections, or a fused one (index into
 /// [`FUSED`]) of a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy)]
 enum KeyTarget {
     Plain(LoraTarget),
     Fused { layer: usize, fused: usize },
@@ -173,7 +173,6 @@ impl LoraAdapter {
         let tensors = candle_core::safetensors::load(&weights_path, device)?;
         let mut a_map = BTreeMap::new();
         let mut b_map = BTreeMap::new();
-        let mut fused = BTreeMap::new();
         for (key, t) in tensors {
             let Some((target, is_a)) = parse_any_key(&key) else {
                 return Err(DndError::Incompatible(format!(
@@ -182,71 +181,42 @@ impl LoraAdapter {
                 )));
             };
             let t = t.to_dtype(DType::F32)?;
-            match target {
-                KeyTarget::Plain(target) if is_a => {
-                    a_map.insert(target, t);
-                }
+            let (layer, f) = match target {
                 KeyTarget::Plain(target) => {
-                    b_map.insert(target, t);
+                    if is_a { &mut a_map } else { &mut b_map }.insert(target, t);
+                    continue;
                 }
-                KeyTarget::Fused { layer, fused: f } => {
-                    let Some(shape) = shape else {
-                        return Err(DndError::Incompatible(format!(
-                            "{}: {key} is a fused projection ({}); splitting it into its \
-                             parts needs the base model's shape",
-                            weights_path.display(),
-                            FUSED[f].0
-                        )));
-                    };
-                    fused.insert((layer, f, is_a), (t, shape));
-                }
-            }
-        }
-        // A fused LoRA, y = x Aᵀ Bᵀ over the parts' outputs side by side, is the parts' LoRAs
-        // with the same A and B's rows of each part.
-        for (&(layer, f, is_a), (t, shape)) in &fused {
-            if !is_a {
-                continue;
-            }
-            let b = fused
-                .get(&(layer, f, false))
-                .map(|(b, _)| b)
-                .ok_or_else(|| {
-                    DndError::Incompatible(format!(
-                        "{}: layer {layer} {} has lora_A but no lora_B",
-                        weights_path.display(),
-                        FUSED[f].0
-                    ))
-                })?;
-            let widths: Vec<usize> = FUSED[f].1.iter().map(|m| shape.in_out(*m).1).collect();
-            if b.dim(0)? != widths.iter().sum::<usize>() {
+                KeyTarget::Fused { layer, fused } => (layer, fused),
+            };
+            let (path, parts) = FUSED[f];
+            let Some(shape) = shape else {
                 return Err(DndError::Incompatible(format!(
-                    "{}: layer {layer} {}: lora_B has {} rows, the base model's parts {widths:?}",
+                    "{}: {key} is a fused projection ({path}); splitting it into its parts \
+                     needs the base model's shape",
                     weights_path.display(),
-                    FUSED[f].0,
-                    b.dim(0)?
+                )));
+            };
+            // A fused LoRA, y = x Aᵀ Bᵀ over the parts' outputs side by side, is the parts'
+            // LoRAs with the same A and B's rows of each part (paired below like any other).
+            let widths: Vec<usize> = parts.iter().map(|m| shape.in_out(*m).1).collect();
+            if !is_a && t.dim(0)? != widths.iter().sum::<usize>() {
+                return Err(DndError::Incompatible(format!(
+                    "{}: layer {layer} {path}: lora_B has {} rows, the base model's parts \
+                     {widths:?}",
+                    weights_path.display(),
+                    t.dim(0)?
                 )));
             }
             let mut offset = 0;
-            for (module, width) in FUSED[f].1.iter().zip(widths) {
-                let target = LoraTarget {
-                    layer,
-                    module: *module,
-                };
-                a_map.insert(target, t.clone());
-                b_map.insert(target, b.narrow(0, offset, width)?.contiguous()?);
+            for (&module, width) in parts.iter().zip(widths) {
+                let target = LoraTarget { layer, module };
+                if is_a {
+                    a_map.insert(target, t.clone());
+                } else {
+                    b_map.insert(target, t.narrow(0, offset, width)?.contiguous()?);
+                }
                 offset += width;
             }
-        }
-        if let Some((layer, f, _)) = fused
-            .keys()
-            .find(|(l, f, a)| !*a && !fused.contains_key(&(*l, *f, true)))
-        {
-            return Err(DndError::Incompatible(format!(
-                "{}: layer {layer} {} has lora_B but no lora_A",
-                weights_path.display(),
-                FUSED[*f].0
-            )));
         }
         let mut pairs = BTreeMap::new();
         for (target, a) in a_map {

@@ -447,17 +447,14 @@ async fn echo_completion(
         gauge.running();
         collect(rx).await?
     } else {
-        json!({
-            "id": format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
-            "object": "text_completion",
-            "created": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            "model": state.model_name,
-            "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": ids.len(), "completion_tokens": 0,
-                      "total_tokens": ids.len()},
-        })
+        let mut body = completion_object(
+            state,
+            &served,
+            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}),
+        );
+        body["usage"] = json!({"prompt_tokens": ids.len(), "completion_tokens": 0,
+                               "total_tokens": ids.len()});
+        body
     };
     if let Some(choice) = body["choices"].get_mut(0) {
         let generated = choice["text"].as_str().unwrap_or_default().to_string();
@@ -490,18 +487,14 @@ async fn echo_stream(
     extras: Extras,
     mut gauge: RequestGauge,
 ) -> Result<HttpResponse, ApiError> {
-    let first = json!({
-        "id": format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
-        "object": "text_completion",
-        "created": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        "model": served.name.clone().unwrap_or_else(|| state.model_name.clone()),
-        "choices": [{"index": 0, "text": echo.text,
-                     "logprobs": prompt_logprobs.as_ref().map(|(p, _)| p),
-                     "finish_reason": if echo.generate { Value::Null } else { json!("length") }}],
-        "dnd": dnd_info(&served),
-    });
+    let mut first = completion_object(
+        state,
+        &served,
+        json!({"index": 0, "text": echo.text,
+               "logprobs": prompt_logprobs.as_ref().map(|(p, _)| p),
+               "finish_reason": if echo.generate { Value::Null } else { json!("length") }}),
+    );
+    first["dnd"] = dnd_info(&served);
     let headers = dnd_headers(&served);
     let head =
         stream::once(async move { Ok::<_, Infallible>(Event::default().data(first.to_string())) });
@@ -524,6 +517,20 @@ async fn echo_stream(
         Sse::new(head.chain(events)).keep_alive(KeepAlive::default()),
     )
         .into_response())
+}
+
+/// A completion (or completion chunk) the server writes itself, with one `choice`: a new id,
+/// the time, and the served adapter's name or the base model's as its model.
+fn completion_object(state: &ServerState, served: &Served, choice: Value) -> Value {
+    json!({
+        "id": format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+        "object": "text_completion",
+        "created": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        "model": served.name.as_deref().unwrap_or(&state.model_name),
+        "choices": [choice],
+    })
 }
 
 /// The raw logits of a whole prompt, (positions, vocabulary).

@@ -780,6 +780,10 @@ mod tests {
         parse_body(json.as_bytes(), CHAT_FIELDS)
     }
 
+    fn completion_body(json: &str) -> CompletionBody {
+        parse_body(json.as_bytes(), COMPLETION_FIELDS).unwrap()
+    }
+
     #[test]
     fn fields_the_server_does_not_act_on_are_refused() {
         let e = chat(r#"{"messages":[],"store":true,"functions":[{}]}"#).unwrap_err();
@@ -835,11 +839,7 @@ mod tests {
             "invalid_parameter"
         );
         assert!(chat(&format!(r#"{{{m},"response_format":{{"type":"xml"}}}}"#)).is_err());
-        let completion = |j: &str| {
-            parse_body::<CompletionBody>(j.as_bytes(), COMPLETION_FIELDS)
-                .unwrap()
-                .extras()
-        };
+        let completion = |j: &str| completion_body(j).extras();
         for j in [
             r#"{"prompt":"x","suffix":"y"}"#,
             r#"{"prompt":"x","best_of":2}"#,
@@ -854,7 +854,7 @@ mod tests {
         let x = completion(r#"{"prompt":"x","logprobs":3}"#).unwrap();
         assert_eq!((x.logprobs, x.top_logprobs), (true, 3));
         // Prompt logprobs (answered whole) and echoed token prompts are the server's to build.
-        let body = |j: &str| parse_body::<CompletionBody>(j.as_bytes(), COMPLETION_FIELDS).unwrap();
+        let body = completion_body;
         assert!(body(r#"{"prompt":"x","echo":true,"logprobs":1}"#).server_echo());
         assert!(body(r#"{"prompt":[[5,6]],"echo":true}"#).server_echo());
         assert!(!body(r#"{"prompt":"x","echo":true}"#).server_echo());
@@ -864,11 +864,7 @@ mod tests {
 
     #[test]
     fn token_prompts_are_one_list_of_ids() {
-        let prompt = |j: &str| {
-            parse_body::<CompletionBody>(j.as_bytes(), COMPLETION_FIELDS)
-                .unwrap()
-                .prompt()
-        };
+        let prompt = |j: &str| completion_body(j).prompt();
         assert_eq!(
             prompt(r#"{"prompt":[1,2,3]}"#).unwrap(),
             PromptInput::Tokens(vec![1, 2, 3])
