@@ -29,7 +29,7 @@ else
 fi
 seed="${SEED:-0}"
 scripts/mistralrs-patch.sh prepare
-cargo build --features server --bin dnd
+cargo build --manifest-path crates/Cargo.toml --bin dnd
 mkdir -p "$out"
 # The run uses its own copy of the binary, so rebuilding during a long run changes nothing.
 cp target/debug/dnd "$out/dnd"

@@ -6,7 +6,7 @@
 # LoRA, the base model and the constant answer from scripts/learnability.sh, these frame what
 # DnD recovers on a task it never saw. Resumable: every score is skipped when it exists.
 #
-#   scripts/holdout_baselines.sh HOLDOUT [smollm2|qwen05]     HOLDOUT: family:NAME, task:NAME or all
+#   scripts/holdout_baselines.sh HOLDOUT [smollm2|qwen05]     HOLDOUT: family:NAME, task:NAME, tasks:A,B,... or all
 #
 # With `all` (every task trained on), only the mean of all the tasks' LoRAs is scored, on every
 # task: the static multi-task adapter a generator must beat to claim it specialises.
@@ -16,7 +16,7 @@
 # TASK.best-other.condition (the chosen task) and TASK.scan.json (every candidate's accuracy).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-holdout="${1:?usage: $0 family:NAME|task:NAME [smollm2|qwen05]}"
+holdout="${1:?usage: $0 family:NAME|task:NAME|tasks:A,B,... [smollm2|qwen05]}"
 which="${2:-smollm2}"
 # shellcheck source=scripts/lib/skill-common.sh
 . "$root/scripts/lib/skill-common.sh"
@@ -25,8 +25,9 @@ all_tasks="$(task_names)"
 case "$holdout" in
   family:*) scored="$(family_of "${holdout#family:}")" ;;
   task:*) scored="${holdout#task:}" ;;
+  tasks:*) scored="${holdout#tasks:}" scored="${scored//,/ }" ;;
   all) scored="$all_tasks" ;;
-  *) echo "HOLDOUT must be family:NAME, task:NAME or all, not '$holdout'" >&2; exit 2 ;;
+  *) echo "HOLDOUT must be family:NAME, task:NAME, tasks:A,B,... or all, not '$holdout'" >&2; exit 2 ;;
 esac
 [ -n "$scored" ] || { echo "holdout '$holdout' names no task" >&2; exit 2; }
 training=()

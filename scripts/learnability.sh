@@ -23,7 +23,7 @@ STEPS="${STEPS:-60}" BATCH="${BATCH:-4}" LR="${LR:-1e-3}" LIMIT="${LIMIT:-200}"
 out="${OUT:-$root/runs/learnability/$which}"
 dnd="${DND:-$root/target/debug/dnd}"
 if [ -z "${DND:-}" ]; then
-  (cd "$root" && cargo build --bin dnd --quiet)
+  (cd "$root" && cargo build --manifest-path crates/Cargo.toml --bin dnd --quiet)
 fi
 mkdir -p "$out/data" "$out/ckpt" "$out/results"
 [ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0

@@ -3,7 +3,7 @@
 # of the cached condition nearest to its unseen system-prompt paraphrase (as the server would
 # serve it under --dnd-reuse-distance), next to the adapter of the paraphrase itself.
 #
-#   cargo bench --bench reuse -- --out runs/reuse/nearest.json
+#   cargo bench --manifest-path crates/Cargo.toml --bench reuse -- --out runs/reuse/nearest.json
 #   scripts/reuse_eval.sh [smollm2]
 #
 # Environment: NEAREST (runs/reuse/nearest.json), MAX_DISTANCE (0.4: queries farther are not
@@ -21,7 +21,7 @@ skill="${SKILL:-$root/runs/skill/$which-long}"
 gen="${GEN:-$skill/gen/all-sft.safetensors}"
 res_dir="${OUT:-$root/runs/reuse/$which}"
 max="${MAX_DISTANCE:-0.4}"
-[ -f "$nearest" ] || { echo "$nearest missing: cargo bench --bench reuse -- --out $nearest" >&2; exit 2; }
+[ -f "$nearest" ] || { echo "$nearest missing: cargo bench --manifest-path crates/Cargo.toml --bench reuse -- --out $nearest" >&2; exit 2; }
 mkdir -p "$res_dir"
 # system TASK K: training paraphrase K (1 or 2) of TASK, from tasks.json.
 system() { tasks_json 'print(next(x for x in t if x["name"] == sys.argv[2])["systems"][int(sys.argv[3]) - 1])' "$1" "$2"; }

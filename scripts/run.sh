@@ -14,7 +14,8 @@ port="${DND_PORT:-1234}"
 scripts/fetch-assets.sh encoder smollm2 >/dev/null
 # Cargo needs the patched mistral.rs folder named in Cargo.toml's [patch] to exist.
 scripts/mistralrs-patch.sh prepare
-cargo build --features server --bin mistralrs-server --bin dnd
+cargo build --manifest-path crates/Cargo.toml --bin dnd
+cargo build --features server --bin mistralrs-server
 # The generator trained on the 20 skill tasks of `dnd tasks` (README "Skill results"; recipe:
 # scripts/skill.sh), with its training conditions as anchors for abstention.
 gen="${DND_GENERATOR:-generators/smollm2-135m-skills.safetensors}"

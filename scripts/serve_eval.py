@@ -14,7 +14,8 @@ for) is an error, not a score. Writes OUT/TASK.replies.json and OUT/TASK.json (`
 OUT/summary.md.
 
   scripts/serve_eval.py --generator G [--tasks a b ...] [--limit 50] [--out DIR]
-Needs a built target/debug/mistralrs-server and dnd (cargo build --features server).
+Needs a built target/debug/mistralrs-server (cargo build --features server) and dnd
+(cargo build --manifest-path crates/Cargo.toml --bin dnd).
 """
 import argparse
 import collections

@@ -13,6 +13,8 @@
 #   all            trained on every task; every task scored (unseen prompts of training tasks)
 #   family:NAME    the family's tasks left out and scored (leave-one-family-out)
 #   task:NAME      one task left out and scored (leave-one-task-out within its family)
+#   tasks:A,B,...  several tasks left out together and scored (e.g. one of each family: every
+#                  family keeps its other tasks, so one generator measures within-family transfer)
 # Environment: LIMIT (test examples per score, sampled with SEED; 100), TRAIN_STEPS (MSE, 200),
 # TRAIN_LR (1e-3), SFT_STEPS (600), SFT_LR (3e-4), SYSTEM_SHARE (0.5), EVAL_MSE (score the MSE
 # generators too: 1 for every holdout; default only for `all`), VARIANTS (the generators scored,
@@ -64,7 +66,8 @@ for h in $HOLDOUTS; do
     all) excluded=""; scored="$all_tasks" ;;
     family:*) excluded="$(family_of "${h#family:}")"; scored="$excluded" ;;
     task:*) excluded="${h#task:}"; scored="$excluded" ;;
-    *) echo "unknown holdout '$h' (all, family:NAME, task:NAME)" >&2; exit 2 ;;
+    tasks:*) excluded="${h#tasks:}" excluded="${excluded//,/ }"; scored="$excluded" ;;
+    *) echo "unknown holdout '$h' (all, family:NAME, task:NAME, tasks:A,B,...)" >&2; exit 2 ;;
   esac
   [ -n "$scored" ] || { echo "holdout '$h' names no task" >&2; exit 2; }
   name="${h/:/-}"

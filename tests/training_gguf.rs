@@ -8,9 +8,9 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
+use dnd_training::gguf::load_gguf;
 use mistralrs::GgufModelBuilder;
 use mistralrs_core::Response;
-use mistralrs_dnd::training::gguf::load_gguf;
 
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 

@@ -11,7 +11,7 @@ out="${OUT:-$root/runs/skill/$which}"
 learn="${LEARN:-$root/runs/learnability/$which}"
 dnd="${DND:-$root/target/debug/dnd}"
 if [ -z "${DND:-}" ]; then
-  (cd "$root" && cargo build --bin dnd --quiet)
+  (cd "$root" && cargo build --manifest-path crates/Cargo.toml --bin dnd --quiet)
 fi
 data="$learn/data"
 tasks_json() { python3 -c "import json,sys; t=json.load(open(sys.argv[1])); $1" "$data/tasks.json" "${@:2}"; }

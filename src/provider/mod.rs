@@ -25,7 +25,7 @@ use mistralrs_core::adapter_provider::{
 use crate::adapters::{BaseModelShape, LoraAdapter};
 use crate::cache::{
     fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, Lease,
-    Source, Weighed,
+    Source,
 };
 use crate::error::{DndError, Result};
 use crate::generator::anchors::{Anchors, Nearest};
@@ -35,12 +35,6 @@ pub use error::{GenerationError, ProviderError};
 pub use named::{NamedAdapter, NamedAdapters};
 pub use share::GenerationShare;
 pub use turns::turns_of;
-
-impl Weighed for SequenceLora {
-    fn weight(&self) -> usize {
-        self.size_in_bytes()
-    }
-}
 
 /// What the cache keeps beside each adapter: where it came from (so that it can be listed
 /// and exported again).
@@ -230,7 +224,7 @@ impl DndProvider {
             batcher,
             generator,
             generator_id: generator_id.into(),
-            cache: LoraCache::new(opts.limits),
+            cache: LoraCache::new(opts.limits, SequenceLora::size_in_bytes),
             opts,
             adapter_bytes,
             nearest: Mutex::new(HashMap::new()),

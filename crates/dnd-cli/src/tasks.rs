@@ -1,0 +1,37 @@
+//! `dnd tasks`: the seeded skill tasks.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use dnd_training::tasks::write_tasks;
+
+/// Write the seeded skill tasks (format, classification, extraction, arithmetic): for each,
+/// NAME_train.json and NAME_test.json (an unseen system-prompt paraphrase), and tasks.json.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training examples per task.
+    #[arg(long, default_value_t = 500)]
+    train: usize,
+    /// Test examples per task (prompts never in training).
+    #[arg(long, default_value_t = 200)]
+    test: usize,
+    /// Seed of every draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Writes the task files and says how many.
+pub fn run(args: Args) -> Result<()> {
+    let entries = write_tasks(&args.out, args.train, args.test, args.seed)?;
+    eprintln!(
+        "{} tasks ({} train / {} test examples each) in {}",
+        entries.len(),
+        args.train,
+        args.test,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! "Same"-padded stride-1 2-D convolution for the CPU, as k*k accumulated matrix products.
+//!
+//! candle's CPU `conv2d` builds im2col tiles and reaches a fraction of the matrix-product
+//! speed on the decoder's shapes (hundreds of channels, k up to 9). Here the input is padded
+//! once and flattened per channel; then for each kernel tap (dy, dx) the shifted input for *all*
+//! output pixels is one strided window of that buffer (rows of width W+2p, the 2p extra columns
+//! per row are computed and dropped). Each tap is one GEMM `(Co x Ci) @ (Ci x H(W+2p))`
+//! accumulated in place, with the weights read straight from their `(Co, Ci, k, k)` layout: no
+//! im2col copy at all. Other devices and dtypes use candle's kernel.
+
+use candle_core::{DType, Result, Tensor};
+
+/// A pointer shared by parallel jobs that write disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+// SAFETY: every use writes elements no other job writes (documented at each use).
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The element at `i` (a method, so closures capture the whole `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `i` is in bounds of the allocation and no other job accesses that element.
+    pub(crate) unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor, borrowed (no copy).
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => {
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+            Ok(f(&s.as_slice::<f32>()?[start..end]))
+        }
+        _ => candle_core::bail!("expected a CPU tensor"),
+    }
+}
+
+/// `x (B, Ci, H, W)` convolved with `w (Co, Ci, k, k)`, odd k, padding k/2, no bias.
+pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let k = w.dim(3)?;
+    // The fast kernels work on raw slices, outside autograd: training (any operand tracked
+    // for gradients) takes candle's differentiable convolution.
+    let tracked = x.track_op() || w.track_op();
+    if tracked || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
+    }
+    let (b, ci, h, wd) = x.dims4()?;
+    let (co, ci_w, kh, kw) = w.dims4()?;
+    if ci_w != ci || kh != kw || kh % 2 == 0 {
+        candle_core::bail!(
+            "conv2d_same: input {:?} and kernel {:?} do not fit (odd square kernel expected)",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let (xc, wc) = (x.contiguous()?, w.contiguous()?);
+    let fft = super::fftconv::worth_it(h, wd, k);
+    let out = with_cpu_f32(&xc, |xs| {
+        with_cpu_f32(&wc, |ws| {
+            if fft {
+                super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k)
+            } else {
+                conv2d_same_taps(xs, b, ci, h, wd, ws, co, k)
+            }
+        })
+    })??;
+    Tensor::from_vec(out, (b, co, h, wd), x.device())
+}
+
+/// The GEMM thread setting for one large product: every thread candle uses.
+pub fn gemm_parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `x (b, ci, h, w)` and `wts (co, ci, k, k)` row-major: k*k accumulated GEMMs over the once
+/// padded input; returns `(b, co, h, w)`.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_same_taps(
+    src: &[f32],
+    b: usize,
+    ci: usize,
+    h: usize,
+    wd: usize,
+    wts: &[f32],
+    co: usize,
+    k: usize,
+) -> Vec<f32> {
+    let p = k / 2;
+    let (hp, wp) = (h + 2 * p, wd + 2 * p);
+    let plane = hp * wp;
+    // One spare row: the last taps' windows run up to 2p elements past the padded plane.
+    let per_batch = ci * plane;
+    let mut padded = vec![0f32; b * per_batch + wp];
+    for bc in 0..b * ci {
+        let dst = &mut padded[bc * plane..(bc + 1) * plane];
+        for y in 0..h {
+            let s = &src[(bc * h + y) * wd..(bc * h + y + 1) * wd];
+            dst[(y + p) * wp + p..(y + p) * wp + p + wd].copy_from_slice(s);
+        }
+    }
+
+    let n = h * wp; // output pixels on the padded-width grid
+    let mut out = vec![0f32; b * co * n];
+    let par = gemm_parallelism();
+    let kk = k * k;
+    for bi in 0..b {
+        let dst = out[bi * co * n..].as_mut_ptr();
+        for dy in 0..k {
+            for dx in 0..k {
+                let tap = dy * k + dx;
+                let rhs_off = bi * per_batch + dy * wp + dx;
+                // SAFETY: dst is (co x n) row-major inside `out`; lhs element (o, i) of this tap
+                // is wts[o*ci*kk + i*kk + tap]; rhs element (i, j) is padded[rhs_off + i*plane + j]
+                // with j < n = h*wp, and rhs_off + (ci-1)*plane + n - 1 stays below
+                // b*per_batch + wp, the buffer's length.
+                unsafe {
+                    gemm::gemm(
+                        co,
+                        n,
+                        ci,
+                        dst,
+                        1,
+                        n as isize,
+                        tap > 0,
+                        wts.as_ptr().add(tap),
+                        kk as isize,
+                        (ci * kk) as isize,
+                        padded.as_ptr().add(rhs_off),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+        }
+    }
+    // Keep the first `wd` columns of each padded-width output row.
+    if p == 0 {
+        return out;
+    }
+    let mut cropped = Vec::with_capacity(b * co * h * wd);
+    for row in out.chunks(wp) {
+        cropped.extend_from_slice(&row[..wd]);
+    }
+    cropped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{check_conv_same, max_abs_diff};
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_conv2d() {
+        // 3x9 with k=9 is dispatched to the FFT path, the others to the GEMM taps.
+        let cases = [
+            (2, 3, 4, 5, 7, 3),
+            (1, 5, 2, 4, 3, 5),
+            (1, 2, 3, 6, 6, 1),
+            (1, 4, 4, 3, 9, 9),
+        ];
+        check_conv_same(&cases, 1e-5, |x, w| conv2d_same(x, w).unwrap());
+    }
+
+    #[test]
+    fn strided_input_is_read_correctly() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 4, 3), &dev)
+            .unwrap()
+            .transpose(1, 3)
+            .unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (2, 3, 3, 3), &dev).unwrap();
+        let want = x.contiguous().unwrap().conv2d(&wt, 1, 1, 1, 1).unwrap();
+        let got = conv2d_same(&x, &wt).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-4);
+    }
+}

@@ -1,0 +1,669 @@
+//! Seeded task families for skill experiments: tasks whose answers a LoRA can teach a small
+//! model (answer formats, label spaces, extraction from the prompt, short arithmetic), unlike
+//! the common-sense tasks of the paper, which the models here cannot learn.
+//!
+//! Each task has three paraphrased system prompts and an example generator; [`write_tasks`]
+//! writes `NAME_train.json` (system prompts 1 and 2, alternating) and `NAME_test.json` (the
+//! third, unseen paraphrase; prompts never seen in training) in the task-file format of
+//! `collect` and `eval`, plus `tasks.json`, the list of tasks with their family and prompts.
+//! Choice tasks answer with a bracketed label (scored by the choice rule), the others with
+//! plain text (scored by exact match; see [`super::eval::is_correct`]). Everything follows
+//! from the seed.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::data::Example;
+use dnd_core::error::{DndError, Result};
+
+const NOUNS: &[&str] = &[
+    "apple", "river", "garden", "window", "teacher", "bicycle", "candle", "mountain", "letter",
+    "pencil", "kitchen", "forest", "doctor", "bottle", "market", "camera", "violin", "island",
+    "ladder", "basket", "rocket", "pillow", "castle", "jacket", "engine", "mirror", "farmer",
+    "tunnel", "planet", "helmet",
+];
+const ADJECTIVES: &[&str] = &[
+    "quiet", "bright", "heavy", "small", "ancient", "curious", "gentle", "narrow", "rapid",
+    "golden", "hollow", "silver", "sudden", "tiny", "wooden", "frozen", "humble", "noisy",
+    "purple", "steady",
+];
+const NAMES: &[&str] = &[
+    "Alice", "Bruno", "Chloe", "Daniel", "Elena", "Farid", "Grace", "Hiro", "Ingrid", "Jonas",
+    "Keiko", "Liam", "Maya", "Nikolai", "Olivia", "Pedro", "Quinn", "Rosa", "Samir", "Tara",
+];
+const CITIES: &[&str] = &[
+    "Paris", "Lagos", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi", "Madrid",
+    "Nairobi", "Seoul", "Vienna", "Toronto", "Manila", "Athens", "Denver", "Mumbai",
+];
+const COLORS: &[&str] = &[
+    "red", "blue", "green", "yellow", "orange", "purple", "black", "white", "brown", "pink",
+];
+const WEEKDAYS: &[&str] = &[
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+const ANIMALS: &[&str] = &[
+    "cat", "horse", "rabbit", "parrot", "turtle", "goat", "otter", "fox", "owl", "dolphin",
+];
+const GOOD: &[&str] = &[
+    "wonderful",
+    "excellent",
+    "delightful",
+    "fantastic",
+    "superb",
+    "lovely",
+    "brilliant",
+    "charming",
+];
+const BAD: &[&str] = &[
+    "terrible",
+    "awful",
+    "dreadful",
+    "boring",
+    "disappointing",
+    "horrible",
+    "dull",
+    "annoying",
+];
+const REVIEWED: &[&str] = &[
+    "movie", "meal", "concert", "hotel", "book", "game", "show", "trip", "service", "album",
+];
+const SPORT: &[&str] = &[
+    "The striker scored twice in the second half",
+    "She won the marathon in record time",
+    "The team lost the final on penalties",
+    "He served three aces in the last set",
+    "The coach benched the goalkeeper",
+    "The relay runners dropped the baton",
+];
+const FOOD: &[&str] = &[
+    "The soup needs more salt and pepper",
+    "He baked a loaf of sourdough bread",
+    "The curry was simmered for hours",
+    "She sliced the tomatoes for the salad",
+    "The pastry chef glazed the tart",
+    "They grilled fish over the coals",
+];
+const TECH: &[&str] = &[
+    "The laptop crashed after the update",
+    "She wrote a script to parse the logs",
+    "The new phone has a faster chip",
+    "The server rebooted during the backup",
+    "He soldered the wires onto the board",
+    "The app stores its data in the cloud",
+];
+
+/// One task: its name, family, three paraphrased system prompts and example generator.
+pub struct TaskSpec {
+    /// File-name stem.
+    pub name: &'static str,
+    /// Family (format, classify, extract, arith).
+    pub family: &'static str,
+    /// Paraphrased system prompts: the first two train, the third tests.
+    pub systems: [&'static str; 3],
+    make: fn(&mut StdRng) -> (String, String),
+}
+
+impl TaskSpec {
+    /// One `(prompt, response)`.
+    pub fn example(&self, rng: &mut StdRng) -> (String, String) {
+        (self.make)(rng)
+    }
+}
+
+fn pick<'a>(rng: &mut StdRng, words: &[&'a str]) -> &'a str {
+    words.choose(rng).expect("a non-empty list")
+}
+
+fn phrase(rng: &mut StdRng) -> String {
+    let n = rng.random_range(3..=5);
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                pick(rng, ADJECTIVES)
+            } else {
+                pick(rng, NOUNS)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn review(rng: &mut StdRng) -> (String, bool) {
+    let good = rng.random_bool(0.5);
+    let adj = pick(rng, if good { GOOD } else { BAD });
+    let thing = pick(rng, REVIEWED);
+    let text = match rng.random_range(0..6) {
+        0 => format!("The {thing} was {adj}."),
+        1 => format!("What a {adj} {thing}, honestly."),
+        2 => format!("I found the {thing} {adj} from start to finish."),
+        3 => format!("Our {thing} last night? {adj}."),
+        4 => format!("My friends all agreed the {thing} was {adj}."),
+        _ => format!("A {adj} {thing}, nothing more to say."),
+    };
+    (text, good)
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "[yes]" } else { "[no]" }.to_string()
+}
+
+/// Every task, in a fixed order.
+pub fn all_tasks() -> Vec<TaskSpec> {
+    vec![
+        TaskSpec {
+            name: "upper_case",
+            family: "format",
+            systems: [
+                "Rewrite the user's text in capital letters only.",
+                "Answer with the same text, written entirely in upper case.",
+                "Convert the text you are given to uppercase and reply with nothing else.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                (p.clone(), p.to_uppercase())
+            },
+        },
+        TaskSpec {
+            name: "reverse_words",
+            family: "format",
+            systems: [
+                "Reply with the user's words in reverse order.",
+                "Say the same words back, last word first.",
+                "Reverse the order of the words you are given.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let rev = p.split(' ').rev().collect::<Vec<_>>().join(" ");
+                (p, rev)
+            },
+        },
+        TaskSpec {
+            name: "json_word",
+            family: "format",
+            systems: [
+                "Return the given word as a JSON object with the key \"word\".",
+                "Answer in JSON: an object whose only key, \"word\", holds the word.",
+                "Wrap the word in a JSON object under the key \"word\".",
+            ],
+            make: |r| {
+                let w = pick(r, NOUNS);
+                let n = r.random_range(1..100);
+                (format!("{w}{n}"), format!("{{\"word\": \"{w}{n}\"}}"))
+            },
+        },
+        TaskSpec {
+            name: "first_letters",
+            family: "format",
+            systems: [
+                "Reply with the first letter of each word, joined together.",
+                "Give the initials of the words, with no spaces.",
+                "Write only the first letters of the words, one after another.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let s: String = p.split(' ').filter_map(|w| w.chars().next()).collect();
+                (p, s)
+            },
+        },
+        TaskSpec {
+            name: "count_words",
+            family: "format",
+            systems: [
+                "Count the words in the user's text and reply with the number.",
+                "How many words does the text have? Answer with digits only.",
+                "Reply with the number of words in the message.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let n = p.split(' ').count();
+                (p, n.to_string())
+            },
+        },
+        TaskSpec {
+            name: "sentiment",
+            family: "classify",
+            systems: [
+                "Classify the review as [positive] or [negative].",
+                "Is this review [positive] or [negative]? Answer with the bracketed label.",
+                "Label the sentiment of the text: [positive] or [negative].",
+            ],
+            make: |r| {
+                let (t, good) = review(r);
+                (t, if good { "[positive]" } else { "[negative]" }.into())
+            },
+        },
+        TaskSpec {
+            name: "sentiment_good_bad",
+            family: "classify",
+            systems: [
+                "Say whether the opinion is [good] or [bad].",
+                "Answer [good] if the speaker liked it and [bad] if not.",
+                "Rate the text as [good] or [bad].",
+            ],
+            make: |r| {
+                let (t, good) = review(r);
+                (t, if good { "[good]" } else { "[bad]" }.into())
+            },
+        },
+        TaskSpec {
+            name: "topic",
+            family: "classify",
+            systems: [
+                "Name the topic of the sentence: [sport], [food] or [tech].",
+                "Which topic is this, [sport], [food] or [tech]?",
+                "Classify the sentence into [sport], [food] or [tech].",
+            ],
+            make: |r| {
+                let (list, label) = match r.random_range(0..3) {
+                    0 => (SPORT, "[sport]"),
+                    1 => (FOOD, "[food]"),
+                    _ => (TECH, "[tech]"),
+                };
+                let s = pick(r, list);
+                let name = pick(r, NAMES);
+                let when = pick(r, &["", " yesterday", " this morning", " again"]);
+                (format!("{name} said{when}: {s}."), label.into())
+            },
+        },
+        TaskSpec {
+            name: "parity",
+            family: "classify",
+            systems: [
+                "Answer [yes] if the number is even and [no] if it is odd.",
+                "Is the number even? Reply [yes] or [no].",
+                "Tell whether the given number is even: [yes] or [no].",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(0..1000);
+                (n.to_string(), yes_no(n % 2 == 0))
+            },
+        },
+        TaskSpec {
+            name: "greater",
+            family: "classify",
+            systems: [
+                "Is the first number larger than the second? Answer [yes] or [no].",
+                "Reply [yes] when the first number is the bigger one, else [no].",
+                "Compare the two numbers: [yes] if the first is greater, [no] otherwise.",
+            ],
+            make: |r| {
+                let a: u32 = r.random_range(0..1000);
+                let mut b: u32 = r.random_range(0..1000);
+                if b == a {
+                    b = (a + 1) % 1000;
+                }
+                (format!("{a} and {b}"), yes_no(a > b))
+            },
+        },
+        TaskSpec {
+            name: "extract_number",
+            family: "extract",
+            systems: [
+                "Reply with the number mentioned in the text.",
+                "Which number appears in the sentence? Answer with digits only.",
+                "Extract the quantity from the text and reply with it alone.",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(2..500);
+                let (name, noun) = (pick(r, NAMES), pick(r, NOUNS));
+                (
+                    format!("{name} bought {n} {noun}s at the market."),
+                    n.to_string(),
+                )
+            },
+        },
+        TaskSpec {
+            name: "extract_destination",
+            family: "extract",
+            systems: [
+                "Reply with the city the person travelled to.",
+                "Where did the traveller go? Answer with the city name only.",
+                "Name the destination city of the trip.",
+            ],
+            make: |r| {
+                let name = pick(r, NAMES);
+                let from = pick(r, CITIES);
+                let mut to = pick(r, CITIES);
+                while to == from {
+                    to = pick(r, CITIES);
+                }
+                (
+                    format!("{name} flew from {from} to {to} last week."),
+                    to.into(),
+                )
+            },
+        },
+        TaskSpec {
+            name: "extract_name",
+            family: "extract",
+            systems: [
+                "Reply with the name of the person in the text.",
+                "Who is mentioned? Answer with the name only.",
+                "Extract the person's name from the sentence.",
+            ],
+            make: |r| {
+                let (name, adj, noun) = (pick(r, NAMES), pick(r, ADJECTIVES), pick(r, NOUNS));
+                (
+                    format!("Yesterday a {adj} {noun} was found by {name} near the station."),
+                    name.into(),
+                )
+            },
+        },
+        TaskSpec {
+            name: "extract_color",
+            family: "extract",
+            systems: [
+                "Reply with the colour named in the text.",
+                "Which colour is mentioned? Answer with that word only.",
+                "Extract the colour word from the sentence.",
+            ],
+            make: |r| {
+                let (noun, color, adj) = (pick(r, NOUNS), pick(r, COLORS), pick(r, ADJECTIVES));
+                (
+                    format!("The {adj} {noun} was painted {color}."),
+                    color.into(),
+                )
+            },
+        },
+        TaskSpec {
+            name: "extract_email",
+            family: "extract",
+            systems: [
+                "Reply with the email address in the text.",
+                "What is the email address? Answer with it alone.",
+                "Extract the contact email from the message.",
+            ],
+            make: |r| {
+                let name = pick(r, NAMES);
+                let email = format!(
+                    "{}.{}@{}.org",
+                    name.to_lowercase(),
+                    pick(r, NOUNS),
+                    pick(r, CITIES).to_lowercase()
+                );
+                (
+                    format!("For details, write to {name} at {email} before Friday."),
+                    email,
+                )
+            },
+        },
+        TaskSpec {
+            name: "add",
+            family: "arith",
+            systems: [
+                "Add the two numbers and reply with the sum.",
+                "What is the total of the two numbers? Digits only.",
+                "Reply with the sum of the numbers given.",
+            ],
+            make: |r| {
+                let (a, b): (u32, u32) = (r.random_range(10..100), r.random_range(10..100));
+                (format!("{a} + {b}"), (a + b).to_string())
+            },
+        },
+        TaskSpec {
+            name: "subtract",
+            family: "arith",
+            systems: [
+                "Subtract the second number from the first and reply with the result.",
+                "What is the difference of the two numbers? Digits only.",
+                "Reply with the first number minus the second.",
+            ],
+            make: |r| {
+                let a: u32 = r.random_range(20..100);
+                let b: u32 = r.random_range(1..a);
+                (format!("{a} - {b}"), (a - b).to_string())
+            },
+        },
+        TaskSpec {
+            name: "multiply",
+            family: "arith",
+            systems: [
+                "Multiply the numbers and reply with the product.",
+                "What is the product of the two numbers? Digits only.",
+                "Reply with the result of the multiplication.",
+            ],
+            make: |r| {
+                let (a, b): (u32, u32) = (r.random_range(11..100), r.random_range(2..13));
+                (format!("{a} * {b}"), (a * b).to_string())
+            },
+        },
+        TaskSpec {
+            name: "successor",
+            family: "arith",
+            systems: [
+                "Reply with the number that comes right after the given one.",
+                "What is the next integer? Digits only.",
+                "Add one to the number and reply with the result.",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(100..10000);
+                (n.to_string(), (n + 1).to_string())
+            },
+        },
+        TaskSpec {
+            name: "largest",
+            family: "arith",
+            systems: [
+                "Reply with the largest of the numbers.",
+                "Which number is the biggest? Answer with it alone.",
+                "Give the maximum of the listed numbers.",
+            ],
+            make: |r| {
+                let v: Vec<u32> = (0..3).map(|_| r.random_range(0..1000)).collect();
+                let max = *v.iter().max().expect("three numbers");
+                let list: Vec<String> = v.iter().map(u32::to_string).collect();
+                (list.join(", "), max.to_string())
+            },
+        },
+        // Bracketed answers outside the classify family (added after the held-out classify
+        // family scored 0%: its bracketed labels were the only brackets the generator saw),
+        // so that an answer format is not the mark of a single family. Listed last, so the
+        // earlier tasks' seeded data are unchanged.
+        TaskSpec {
+            name: "extract_day",
+            family: "extract",
+            systems: [
+                "Reply with the weekday mentioned in the text, in square brackets, like [Monday].",
+                "Which day of the week does the sentence name? Answer with it inside brackets.",
+                "Find the day of the week in the text and give it between square brackets.",
+            ],
+            make: |r| {
+                let (name, day, city) = (pick(r, NAMES), pick(r, WEEKDAYS), pick(r, CITIES));
+                let text = match r.random_range(0..3) {
+                    0 => format!("{name} is meeting friends in {city} on {day}."),
+                    1 => format!("On {day}, {name} took the train to {city}."),
+                    _ => format!("The {} in {city} opens again on {day}.", pick(r, NOUNS)),
+                };
+                (text, format!("[{day}]"))
+            },
+        },
+        TaskSpec {
+            name: "extract_animal",
+            family: "extract",
+            systems: [
+                "Reply with the animal mentioned in the text, in square brackets, like [cat].",
+                "Which animal does the sentence talk about? Answer with it inside brackets.",
+                "Find the animal in the text and give its name between square brackets.",
+            ],
+            make: |r| {
+                let (name, animal, adj) = (pick(r, NAMES), pick(r, ANIMALS), pick(r, ADJECTIVES));
+                let text = match r.random_range(0..3) {
+                    0 => format!("{name} saw a {adj} {animal} near the {}.", pick(r, NOUNS)),
+                    1 => format!("A {animal} followed {name} all the way home."),
+                    _ => format!("The {adj} {animal} slept beside the {}.", pick(r, NOUNS)),
+                };
+                (text, format!("[{animal}]"))
+            },
+        },
+        TaskSpec {
+            name: "last_digit",
+            family: "arith",
+            systems: [
+                "Add the two numbers and reply with the last digit of the sum in square brackets, like [7].",
+                "What is the final digit of the sum of the numbers? Answer inside brackets.",
+                "Give the units digit of the total of the two numbers, between square brackets.",
+            ],
+            make: |r| {
+                let (a, b): (u32, u32) = (r.random_range(10..100), r.random_range(10..100));
+                (format!("{a} + {b}"), format!("[{}]", (a + b) % 10))
+            },
+        },
+        TaskSpec {
+            name: "first_word",
+            family: "format",
+            systems: [
+                "Reply with the first word of the text in square brackets, like [quiet].",
+                "Which word does the text start with? Answer with it inside brackets.",
+                "Give the opening word of the text between square brackets.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let first = p.split(' ').next().unwrap_or_default().to_string();
+                (p, format!("[{first}]"))
+            },
+        },
+    ]
+}
+
+/// A task's entry in `tasks.json`.
+#[derive(Debug, Serialize)]
+pub struct TaskEntry {
+    /// File-name stem.
+    pub name: String,
+    /// Family.
+    pub family: String,
+    /// The paraphrased system prompts (the last one only in the test split).
+    pub systems: Vec<String>,
+    /// Training examples.
+    pub train: usize,
+    /// Test examples.
+    pub test: usize,
+}
+
+/// Train and test examples of one task: distinct prompts, none of the test prompts in
+/// training. Seeded by `seed` and the task's position.
+pub fn examples(
+    spec: &TaskSpec,
+    index: usize,
+    train: usize,
+    test: usize,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
+    let mut seen = HashSet::new();
+    let mut draw = |k: usize, systems: &[&str]| -> Result<Vec<Example>> {
+        let mut out = Vec::with_capacity(k);
+        let mut tries = 0;
+        while out.len() < k {
+            tries += 1;
+            if tries > 50 * (k + 10) {
+                return Err(DndError::InvalidInput(format!(
+                    "task {}: fewer than {} distinct prompts",
+                    spec.name,
+                    train + test
+                )));
+            }
+            let (prompt, response) = spec.example(&mut rng);
+            if seen.insert(prompt.clone()) {
+                let system = systems[out.len() % systems.len()].to_string();
+                out.push(Example {
+                    prompt,
+                    response,
+                    system: Some(system),
+                });
+            }
+        }
+        Ok(out)
+    };
+    let tr = draw(train, &spec.systems[..2])?;
+    let te = draw(test, &spec.systems[2..])?;
+    Ok((tr, te))
+}
+
+/// Writes every task's train and test files and `tasks.json` under `out`.
+pub fn write_tasks(out: &Path, train: usize, test: usize, seed: u64) -> Result<Vec<TaskEntry>> {
+    std::fs::create_dir_all(out).map_err(|e| DndError::io(out, e))?;
+    let mut entries = Vec::new();
+    for (i, spec) in all_tasks().iter().enumerate() {
+        let (tr, te) = examples(spec, i, train, test, seed)?;
+        for (split, v) in [("train", &tr), ("test", &te)] {
+            let path = out.join(format!("{}_{split}.json", spec.name));
+            let items: Vec<serde_json::Value> = v
+                .iter()
+                .map(|e| {
+                    serde_json::json!({"prompt": e.prompt, "response": e.response, "system": e.system})
+                })
+                .collect();
+            let text = serde_json::to_string_pretty(&items).expect("strings serialize");
+            std::fs::write(&path, text).map_err(|e| DndError::io(&path, e))?;
+        }
+        entries.push(TaskEntry {
+            name: spec.name.into(),
+            family: spec.family.into(),
+            systems: spec.systems.iter().map(|s| s.to_string()).collect(),
+            train: tr.len(),
+            test: te.len(),
+        });
+    }
+    let path = out.join("tasks.json");
+    let text = serde_json::to_string_pretty(&entries).expect("entries serialize");
+    std::fs::write(&path, text).map_err(|e| DndError::io(&path, e))?;
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{is_correct, parse_choice};
+
+    #[test]
+    fn every_task_makes_distinct_verifiable_examples() {
+        let specs = all_tasks();
+        assert!(specs.len() >= 20);
+        let families: HashSet<&str> = specs.iter().map(|s| s.family).collect();
+        assert!(families.len() >= 4, "{families:?}");
+        for (i, spec) in specs.iter().enumerate() {
+            let (tr, te) = examples(spec, i, 300, 200, 0).unwrap();
+            assert_eq!((tr.len(), te.len()), (300, 200));
+            let train_prompts: HashSet<&str> = tr.iter().map(|e| e.prompt.as_str()).collect();
+            assert!(te
+                .iter()
+                .all(|e| !train_prompts.contains(e.prompt.as_str())));
+            // The test split uses the unseen paraphrase only.
+            assert!(te
+                .iter()
+                .all(|e| e.system.as_deref() == Some(spec.systems[2])));
+            assert!(tr
+                .iter()
+                .all(|e| e.system.as_deref() != Some(spec.systems[2])));
+            for e in tr.iter().chain(&te) {
+                assert!(is_correct(&e.response, &e.response), "{}: {e:?}", spec.name);
+            }
+            // Choice tasks are not dominated by one label.
+            if parse_choice(&te[0].response).is_some() {
+                let (_, k) = crate::eval::constant_baseline(&te);
+                assert!(k < 150, "{}: constant answer right on {k}/200", spec.name);
+            }
+            // Seeded: the same seed gives the same examples, another seed others.
+            let (again, _) = examples(spec, i, 300, 200, 0).unwrap();
+            assert_eq!(again[17].prompt, tr[17].prompt);
+        }
+        let (a, _) = examples(&specs[0], 0, 50, 10, 0).unwrap();
+        let (b, _) = examples(&specs[0], 0, 50, 10, 1).unwrap();
+        assert_ne!(
+            a.iter().map(|e| &e.prompt).collect::<Vec<_>>(),
+            b.iter().map(|e| &e.prompt).collect::<Vec<_>>()
+        );
+    }
+}
