@@ -68,7 +68,7 @@ pub(super) async fn chat(
         run(&state, served, message, params, extras, c.stream, gauge).await
     }
     .await;
-    finish(&state, CHAT, result)
+    finish(CHAT, result)
 }
 
 pub(super) async fn completion(
@@ -121,19 +121,14 @@ pub(super) async fn completion(
         .await
     }
     .await;
-    finish(&state, COMPLETIONS, result)
+    finish(COMPLETIONS, result)
 }
 
-fn finish(
-    state: &ServerState,
-    endpoint: &'static str,
-    result: Result<HttpResponse, ApiError>,
-) -> HttpResponse {
+fn finish(endpoint: &'static str, result: Result<HttpResponse, ApiError>) -> HttpResponse {
     let response = result.unwrap_or_else(|e| {
         tracing::info!(endpoint, code = e.code, "request refused: {}", e.message);
         e.into_response()
     });
-    state.metrics.record(endpoint, response.status().as_u16());
     response
 }
 
@@ -319,7 +314,7 @@ async fn run(
         _gauge: gauge,
     };
     if stream {
-        let events = sse_events(rx, Some(info), pin, extras.include_usage, model, 0);
+        let events = sse_events(rx, Some(info), pin, extras.include_usage, model, None, 0);
         return Ok((headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response());
     }
     let mut body = collect(rx).await?;
@@ -495,6 +490,7 @@ async fn echo_stream(
                "finish_reason": if echo.generate { Value::Null } else { json!("length") }}),
     );
     first["dnd"] = dnd_info(&served);
+    let id = first["id"].as_str().unwrap_or_default().to_string();
     let headers = dnd_headers(&served);
     let head =
         stream::once(async move { Ok::<_, Infallible>(Event::default().data(first.to_string())) });
@@ -511,7 +507,8 @@ async fn echo_stream(
         _gauge: gauge,
     };
     let offset = prompt_logprobs.map_or(echo.text.chars().count(), |(_, chars)| chars);
-    let events = sse_events(rx, None, pin, false, model, offset);
+    // One completion, one id: the engine's chunks carry the first chunk's.
+    let events = sse_events(rx, None, pin, false, model, Some(id), offset);
     Ok((
         headers,
         Sse::new(head.chain(events)).keep_alive(KeepAlive::default()),
@@ -601,14 +598,16 @@ async fn collect(mut rx: Receiver<Response>) -> Result<Value, ApiError> {
 
 /// Server-sent events of a streaming request: chunks (the first with the `dnd` field), a
 /// usage chunk when asked for, then `[DONE]`; an engine error becomes an `error` event.
-/// `info`: the `dnd` field for the first chunk (None: an earlier chunk carried it); `offset`:
-/// characters of text streamed before these chunks (legacy logprobs' offsets continue there).
+/// `info`: the `dnd` field for the first chunk (None: an earlier chunk carried it); `id`: the
+/// chunks' id when an earlier chunk set it (None: the engine's); `offset`: characters of text
+/// streamed before these chunks (legacy logprobs' offsets continue there).
 fn sse_events(
     rx: Receiver<Response>,
     info: Option<Value>,
     pin: Pin,
     include_usage: bool,
     model: Option<String>,
+    id: Option<String>,
     offset: usize,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     struct St {
@@ -620,6 +619,7 @@ fn sse_events(
         offset: usize,
         /// The adapter name reported as the chunks' model.
         model: Option<String>,
+        id: Option<String>,
         done: bool,
         _pin: Pin,
     }
@@ -629,6 +629,7 @@ fn sse_events(
         usage: None,
         offset,
         model,
+        id,
         done: false,
         _pin: pin,
     };
@@ -677,6 +678,9 @@ fn sse_events(
             }
             if let Some(m) = &st.model {
                 v["model"] = json!(m);
+            }
+            if let Some(id) = &st.id {
+                v["id"] = json!(id);
             }
             // OpenAI streams carry usage only in a last chunk of its own, and only when asked.
             if let Some(usage) = v.get_mut("usage").map(Value::take) {

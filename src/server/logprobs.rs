@@ -76,7 +76,10 @@ fn legacy(entries: &[Value], mut offset: usize) -> Value {
     let (mut tokens, mut logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     for e in entries {
         let token = e["token"].as_str().unwrap_or_default();
+        // OpenAI's legacy shape always lists the chosen token beside the `logprobs` likeliest
+        // (so up to k + 1 entries; `logprobs: 0` gives the chosen token alone).
         let mut top = Map::new();
+        top.insert(token.to_string(), logprob(&e["logprob"]));
         for alt in e["top_logprobs"].as_array().into_iter().flatten() {
             let text = alt["bytes"].as_str().unwrap_or_default().to_string();
             top.entry(text).or_insert_with(|| logprob(&alt["logprob"]));
@@ -146,7 +149,7 @@ pub fn prompt(
     for (i, (&id, text)) in ids.iter().zip(texts).enumerate() {
         offsets.push(json!(offset));
         offset += text.chars().count();
-        tokens.push(json!(text));
+        tokens.push(json!(text.clone()));
         let Some(row) = i.checked_sub(1).map(|p| &rows[p]) else {
             token_logprobs.push(Value::Null);
             tops.push(Value::Null);
@@ -161,7 +164,10 @@ pub fn prompt(
         }
         let lse = log_sum_exp(row);
         token_logprobs.push(finite(row[id] - lse));
+        // The prompt's token first, under its text in context, then the k likeliest (as the
+        // generated tokens' entries).
         let mut top = Map::new();
+        top.insert(text, finite(row[id] - lse));
         for alt in top_k(row, k) {
             top.entry(text_of(alt as u32))
                 .or_insert_with(|| finite(row[alt] - lse));
@@ -253,12 +259,19 @@ mod tests {
         assert!((lp[2].as_f64().unwrap() - (3.0 - lse1)).abs() < 1e-5);
         assert_eq!(v["tokens"], json!(["c", "a", "bb"]));
         assert_eq!(v["text_offset"], json!([0, 1, 2]));
-        // Position 0's two likeliest tokens are c then b.
+        // Position 0's two likeliest tokens are c then b; the prompt's own token, a, is listed
+        // beside them, as OpenAI lists the chosen token.
         let top = v["top_logprobs"][1].as_object().unwrap();
-        assert_eq!(top.keys().collect::<Vec<_>>().len(), 2);
+        assert_eq!(top.keys().collect::<Vec<_>>().len(), 3);
         assert!((top["c"].as_f64().unwrap() - (2.0 - lse0)).abs() < 1e-5);
         assert!((top["b"].as_f64().unwrap() - (1.0 - lse0)).abs() < 1e-5);
+        assert!((top["a"].as_f64().unwrap() - (0.0 - lse0)).abs() < 1e-5);
         assert!(v["top_logprobs"][0].is_null());
+        // `logprobs: 0`: the prompt's tokens alone.
+        let texts = vec!["c".into(), "a".into(), "bb".into()];
+        let (z, _) = prompt(&logits, &[2, 0, 1], 0, texts, text).unwrap();
+        assert_eq!(z["top_logprobs"][1], json!({"a": lp[1]}));
+        assert_eq!(z["top_logprobs"][2], json!({"bb": lp[2]}));
         // A logit row count that does not match the prompt is the engine's fault, not a panic.
         assert_eq!(
             prompt(
@@ -340,5 +353,13 @@ mod tests {
         completion_chunk(&mut second, &mut offset);
         assert_eq!(second["choices"][0]["logprobs"]["text_offset"], json!([2]));
         assert_eq!(offset, 8);
+        // `logprobs: 0`: no alternatives from the engine; the chosen token is still listed.
+        let mut zero = json!({"choices": [{"text": "Hi", "logprobs": {"content": [
+            {"token": "Hi", "logprob": -0.5, "bytes": "Hi", "top_logprobs": []}]}}]});
+        completion_response(&mut zero);
+        assert_eq!(
+            zero["choices"][0]["logprobs"]["top_logprobs"],
+            json!([{"Hi": -0.5}])
+        );
     }
 }

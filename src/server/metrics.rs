@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 
 use super::ServerState;
 use crate::cache::GENERATION_BUCKETS;
@@ -16,7 +17,7 @@ use crate::cache::GENERATION_BUCKETS;
 /// Requests answered, by endpoint and status, and requests in progress.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
-    counts: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    counts: Mutex<BTreeMap<(String, u16), u64>>,
     /// Completion requests not yet handed to the engine (reading, waiting for their adapter).
     waiting: Arc<AtomicI64>,
     /// Completion requests the engine is answering.
@@ -68,14 +69,31 @@ impl HttpMetrics {
     }
 
     /// Counts one answered request.
-    pub fn record(&self, endpoint: &'static str, status: u16) {
+    pub fn record(&self, endpoint: &str, status: u16) {
         *self
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((endpoint, status))
+            .entry((endpoint.to_string(), status))
             .or_default() += 1;
     }
+}
+
+/// Counts every request a route answered, under the route's path (requests for no route are
+/// not counted: their paths are the clients' to choose).
+pub(super) async fn count(
+    State(state): State<Arc<ServerState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().cloned();
+    let response = next.run(request).await;
+    if let Some(endpoint) = endpoint {
+        state
+            .metrics
+            .record(endpoint.as_str(), response.status().as_u16());
+    }
+    response
 }
 
 /// vLLM's `lora_requests_info` in our namespace, the shape the Gateway API inference

@@ -148,6 +148,10 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/tokenizer_info", get(tokenize::info))
         .route("/metrics", get(metrics::prometheus))
         .route("/health", get(|| async { "ok" }))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count,
+        ))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

@@ -55,6 +55,14 @@ def metrics():
     return out
 
 
+def requests_total():
+    """`dnd_http_requests_total` by (endpoint, status)."""
+    text = urllib.request.urlopen(BASE + "/metrics", timeout=30).read().decode()
+    pattern = r'^dnd_http_requests_total\{endpoint="([^"]*)",status="([0-9]+)"\} ([0-9]+)$'
+    return {(m.group(1), int(m.group(2))): int(m.group(3))
+            for m in (re.match(pattern, line) for line in text.splitlines()) if m}
+
+
 def http(method, path, body=None):
     req = urllib.request.Request(
         BASE + path,
@@ -249,6 +257,7 @@ def prompt_scoring(golden):
     `echo` with `logprobs` on a token prompt. The prompt's logprobs must be transformers' (and
     transformers+peft's under the named adapter a1), from log_softmax of the golden logits."""
     ids = golden["ids"]
+    counted = requests_total()
     status, _, body = http("POST", "/tokenize", json.dumps({"prompt": golden["prompt"],
                                                             "add_special_tokens": False}))
     assert status == 200 and json.loads(body)["tokens"] == ids, (status, body)
@@ -258,6 +267,11 @@ def prompt_scoring(golden):
     assert status == 200 and json.loads(body)["eos_token"] == "<|im_end|>", (status, body)
     status, _, body = http("POST", "/detokenize", json.dumps({"tokens": [ids[0], 10 ** 6]}))
     assert status == 400 and json.loads(body)["error"]["code"] == "invalid_token_id", body
+    # Every route's answers are counted under its path (vLLM's and our dashboards read them).
+    now = requests_total()
+    for key, n in [(("/tokenize", 200), 1), (("/detokenize", 200), 1), (("/detokenize", 400), 1),
+                   (("/tokenizer_info", 200), 1)]:
+        assert now.get(key, 0) - counted.get(key, 0) == n, (key, counted, now)
 
     def close(got, want, what):
         assert got[0] is None and len(got) == len(want) + 1, (what, got, want)
@@ -280,9 +294,19 @@ def prompt_scoring(golden):
                                       temperature=0, logprobs=2, echo=True, extra_body=extra)
         assert z.choices[0].text == golden["prompt"], z.choices[0].text
         close(z.choices[0].logprobs.token_logprobs, want, f"{model}, text prompt")
-        # Two alternatives each (fewer where two byte tokens read as the same text, U+FFFD).
-        tops = z.choices[0].logprobs.top_logprobs[1:]
-        assert all(1 <= len(t) <= 2 for t in tops) and any(len(t) == 2 for t in tops), tops
+        # Two alternatives each and the prompt's own token, as OpenAI lists the chosen token
+        # (fewer where they coincide or two byte tokens read as the same text, U+FFFD).
+        zl = z.choices[0].logprobs
+        tops = zl.top_logprobs[1:]
+        assert all(1 <= len(t) <= 3 for t in tops) and any(len(t) == 3 for t in tops), tops
+        assert all(t[tok] == lp for tok, lp, t in zip(zl.tokens[1:], zl.token_logprobs[1:], tops))
+        # `logprobs: 0`: the chosen tokens alone, prompt and generated.
+        zero = client.completions.create(model=model, prompt=golden["prompt"], max_tokens=2,
+                                         temperature=0, logprobs=0, echo=True,
+                                         extra_body=extra).choices[0].logprobs
+        assert len(zero.tokens) == len(zero.top_logprobs) and zero.top_logprobs[0] is None, zero
+        assert all(t == {tok: lp} for tok, lp, t in
+                   zip(zero.tokens[1:], zero.token_logprobs[1:], zero.top_logprobs[1:])), zero
     # Streamed: a first chunk with the prompt and its logprobs, then the generated tokens,
     # whose text offsets continue after the prompt; together the non-streamed answer.
     whole = client.completions.create(model="a1", prompt=ids, max_tokens=4, temperature=0,
@@ -290,6 +314,8 @@ def prompt_scoring(golden):
     chunks = list(client.completions.create(model="a1", prompt=ids, max_tokens=4, temperature=0,
                                             logprobs=1, echo=True, stream=True))
     assert chunks[0].choices[0].text == golden["prompt"], chunks[0]
+    # One completion, one id, as the non-streamed form has.
+    assert len({c.id for c in chunks}) == 1, [c.id for c in chunks]
     close(chunks[0].choices[0].logprobs.token_logprobs, golden["adapter1"], "streamed prompt")
     assert chunks[0].model_extra["dnd"]["name"] == "a1", chunks[0].model_extra
     text = "".join(c.choices[0].text for c in chunks if c.choices)
