@@ -28,7 +28,6 @@ else
   init_args=(--preset "${PRESET:-smollm2-135m-small}")
 fi
 seed="${SEED:-0}"
-scripts/mistralrs-patch.sh prepare
 cargo build --manifest-path crates/Cargo.toml --bin dnd
 mkdir -p "$out"
 # The run uses its own copy of the binary, so rebuilding during a long run changes nothing.

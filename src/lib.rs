@@ -6,9 +6,9 @@
 //!
 //! - [`encoder`], [`generator`], [`adapters`], [`convert`], [`policy`], [`cache`], [`prompts`]:
 //!   from `dnd-core`.
-//! - [`engine`] (feature `engine`): our adapters as the patched engine's per-sequence LoRA.
-//! - [`provider`] (feature `engine`): the DnD adapter provider: policy, cache and generator.
-//! - [`server`] (feature `server`): the OpenAI-compatible HTTP server.
+//! - `engine` (feature `engine`): our adapters as the patched engine's per-sequence LoRA.
+//! - `provider` (feature `engine`): the DnD adapter provider: policy, cache and generator.
+//! - `server` (feature `server`): the OpenAI-compatible HTTP server.
 
 #![warn(missing_docs)]
 

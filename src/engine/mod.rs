@@ -3,7 +3,7 @@
 //! The patched mistralrs-core (see `patches/`) applies a per-sequence LoRA adapter to every
 //! q/k/v/o/gate/up/down projection of Qwen2 and Llama models (safetensors and GGUF) and asks a
 //! registered `AdapterProvider` for each request's adapter. This module turns our adapters into
-//! the engine's [`SequenceLora`](mistralrs_core::adapter_provider::SequenceLora).
+//! the engine's [`SequenceLora`].
 
 pub mod sequence_lora;
 

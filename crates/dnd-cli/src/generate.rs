@@ -65,7 +65,9 @@ impl Args {
     /// The library's load options; fails when `--cuda` names a device this build cannot open.
     fn load_options(&self) -> Result<LoadOptions> {
         let device = match self.cuda {
-            Some(i) => Device::new_cuda(i).context("CUDA device (build with --features cuda)")?,
+            Some(i) => Device::new_cuda(i).context(
+                "CUDA device (build with `cargo build --manifest-path crates/Cargo.toml --bin dnd --features dnd-cli/cuda`)",
+            )?,
             None => Device::Cpu,
         };
         Ok(LoadOptions {

@@ -143,6 +143,10 @@ fn batch_table() {
 }
 
 fn main() {
+    // Relative paths on the command line are the repository root's, as the README writes them
+    // (cargo runs a bench in its package's folder).
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .expect("the repository root");
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
         run_one(&args[i + 1]);

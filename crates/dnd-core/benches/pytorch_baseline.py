@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root (this file is crates/dnd-core/benches/pytorch_baseline.py).
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 
 
 class Stage(nn.Module):
@@ -90,7 +91,8 @@ def check():
 def preset(name):
     # The presets live in Rust; ask the CLI for the stage list so both sides use one source.
     out = subprocess.run(
-        ["cargo", "run", "-q", "--release", "--bin", "dnd", "--", "preset", name],
+        ["cargo", "run", "-q", "--release", "--manifest-path", "crates/Cargo.toml", "--bin", "dnd",
+         "--", "preset", name],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out)

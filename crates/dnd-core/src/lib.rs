@@ -3,7 +3,7 @@
 //!
 //! - [`encoder`]: the frozen Sentence-BERT that turns prompts into the condition tensor.
 //! - [`generator`]: the hyper-convolutional decoder, its checkpoint format and the
-//!   [`Generator`](generator::Generator) API (`load`, then `generate(&prompts)`).
+//!   [`Generator`] API (`load`, then `generate(&prompts)`).
 //! - [`adapters`]: the LoRA adapter type, PEFT I/O and the parameter tokens.
 //! - [`convert`]: importing the authors' released PyTorch checkpoints.
 //! - [`policy`]: which prompts of a request condition its adapter.

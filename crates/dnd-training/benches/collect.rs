@@ -169,6 +169,10 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 fn main() {
+    // Relative paths on the command line are the repository root's, as the README writes them
+    // (cargo runs a bench in its package's folder).
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .expect("the repository root");
     if let Some(work) = opt::<PathBuf>("--child") {
         child(&work, flag("--child-autograd"));
         return;

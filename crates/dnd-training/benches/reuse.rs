@@ -38,6 +38,10 @@ const CHAT: &[&str] = &[
 ];
 
 fn main() {
+    // Relative paths on the command line are the repository root's, as the README writes them
+    // (cargo runs a bench in its package's folder).
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .expect("the repository root");
     let args: Vec<String> = std::env::args().collect();
     let out = args
         .iter()
