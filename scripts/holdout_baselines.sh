@@ -22,13 +22,7 @@ which="${2:-smollm2}"
 . "$root/scripts/lib/skill-common.sh"
 SCAN_LIMIT="${SCAN_LIMIT:-30}"
 all_tasks="$(task_names)"
-case "$holdout" in
-  family:*) scored="$(family_of "${holdout#family:}")" ;;
-  task:*) scored="${holdout#task:}" ;;
-  tasks:*) scored="${holdout#tasks:}" scored="${scored//,/ }" ;;
-  all) scored="$all_tasks" ;;
-  *) echo "HOLDOUT must be family:NAME, task:NAME, tasks:A,B,... or all, not '$holdout'" >&2; exit 2 ;;
-esac
+scored="$(held_out "$holdout")"
 [ -n "$scored" ] || { echo "holdout '$holdout' names no task" >&2; exit 2; }
 training=()
 for t in $all_tasks; do

@@ -17,12 +17,9 @@ holdout="${1:?usage: $0 family:NAME|task:NAME|tasks:A,B,... [smollm2|qwen05]}"
 which="${2:-smollm2}"
 # shellcheck source=scripts/lib/skill-common.sh
 . "$root/scripts/lib/skill-common.sh"
-case "$holdout" in
-  family:*) scored="$(family_of "${holdout#family:}")" ;;
-  task:*) scored="${holdout#task:}" ;;
-  tasks:*) scored="${holdout#tasks:}" scored="${scored//,/ }" ;;
-  *) echo "HOLDOUT must be family:NAME, task:NAME or tasks:A,B,..., not '$holdout'" >&2; exit 2 ;;
-esac
+[ "$holdout" != all ] || { echo "HOLDOUT all holds nothing out" >&2; exit 2; }
+scored="$(held_out "$holdout")"
+[ -n "$scored" ] || { echo "holdout '$holdout' names no task" >&2; exit 2; }
 name="${holdout/:/-}"
 gen="$out/gen/$name-sft.safetensors" mean="$out/adapters/$name-baselines/mean"
 [ -f "$gen" ] || { echo "$gen missing: run scripts/skill.sh with HOLDOUTS=$holdout" >&2; exit 2; }

@@ -62,13 +62,9 @@ for t in $all_tasks; do
 done
 
 for h in $HOLDOUTS; do
-  case "$h" in
-    all) excluded=""; scored="$all_tasks" ;;
-    family:*) excluded="$(family_of "${h#family:}")"; scored="$excluded" ;;
-    task:*) excluded="${h#task:}"; scored="$excluded" ;;
-    tasks:*) excluded="${h#tasks:}" excluded="${excluded//,/ }"; scored="$excluded" ;;
-    *) echo "unknown holdout '$h' (all, family:NAME, task:NAME, tasks:A,B,...)" >&2; exit 2 ;;
-  esac
+  scored="$(held_out "$h")"
+  excluded="$scored"
+  [ "$h" != all ] || excluded=""
   [ -n "$scored" ] || { echo "holdout '$h' names no task" >&2; exit 2; }
   name="${h/:/-}"
   excl=()

@@ -18,6 +18,18 @@ tasks_json() { python3 -c "import json,sys; t=json.load(open(sys.argv[1])); $1" 
 family_of() { tasks_json 'print(" ".join(x["name"] for x in t if x["family"] == sys.argv[2]))' "$1"; }
 # The task names of LEARN/data/tasks.json (written by scripts/learnability.sh), family by family.
 task_names() { tasks_json 'print(" ".join(x["name"] for x in t))'; }
+# held_out HOLDOUT: the tasks a holdout leaves out (family:NAME, task:NAME, tasks:A,B,...; all:
+# every task), space-separated; fails on any other form.
+held_out() {
+  local h="$1" names
+  case "$h" in
+    all) task_names ;;
+    family:*) family_of "${h#family:}" ;;
+    task:*) echo "${h#task:}" ;;
+    tasks:*) names="${h#tasks:}" && echo "${names//,/ }" ;;
+    *) echo "unknown holdout '$h' (all, family:NAME, task:NAME, tasks:A,B,...)" >&2; return 2 ;;
+  esac
+}
 
 # score TASK RESULT LABEL=ADAPTER_DIR...: `dnd eval` of the adapters on LIMIT test examples of
 # TASK (greedy, 16 new tokens); RESULT (.json) is written last, so its presence marks it done.
