@@ -28,8 +28,7 @@ res="$out/results/$name-blend" ads="$out/adapters/$name-blend"
 mkdir -p "$res" "$ads"
 for t in ${TASKS:-$scored}; do
   [ -f "$res/$t.json" ] && continue
-  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' \
-    "$data/${t}_test.json" >"$ads/$t.system.txt"
+  test_system "$t" >"$ads/$t.system.txt"
   rm -rf "$ads/$t-dnd" "$ads/$t-blend"
   "$dnd" generate --checkpoint "$gen" --prompts "$ads/$t.system.txt" --out "$ads/$t-dnd"
   "$dnd" mean --adapter "$ads/$t-dnd" --adapter "$mean" --out "$ads/$t-blend"

@@ -46,8 +46,6 @@ all_tasks="$(task_names)"
 HOLDOUTS="${HOLDOUTS:-all $(tasks_json 'print(" ".join(sorted({"family:" + x["family"] for x in t})))') task:sentiment_good_bad task:extract_color task:successor task:first_letters}"
 
 mkdir -p "$out/gen" "$out/adapters" "$out/results"
-# test_system TASK: the system-prompt paraphrase of TASK's test split (never trained on).
-test_system() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' "$data/${1}_test.json"; }
 # adapter GEN DIR PROMPT_ARGS...: the adapter the generator makes from the prompts, into DIR.
 adapter() {
   local gen="$1" dir="$2"

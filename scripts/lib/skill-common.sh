@@ -18,6 +18,8 @@ tasks_json() { python3 -c "import json,sys; t=json.load(open(sys.argv[1])); $1" 
 family_of() { tasks_json 'print(" ".join(x["name"] for x in t if x["family"] == sys.argv[2]))' "$1"; }
 # The task names of LEARN/data/tasks.json (written by scripts/learnability.sh), family by family.
 task_names() { tasks_json 'print(" ".join(x["name"] for x in t))'; }
+# test_system TASK: the system-prompt paraphrase of TASK's test split (never trained on).
+test_system() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' "$data/${1}_test.json"; }
 # held_out HOLDOUT: the tasks a holdout leaves out (family:NAME, task:NAME, tasks:A,B,...; all:
 # every task), space-separated; fails on any other form.
 held_out() {

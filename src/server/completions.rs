@@ -125,11 +125,10 @@ pub(super) async fn completion(
 }
 
 fn finish(endpoint: &'static str, result: Result<HttpResponse, ApiError>) -> HttpResponse {
-    let response = result.unwrap_or_else(|e| {
+    result.unwrap_or_else(|e| {
         tracing::info!(endpoint, code = e.code, "request refused: {}", e.message);
         e.into_response()
-    });
-    response
+    })
 }
 
 /// The request's `x-dnd-key` header: the routing key its client or gateway computed.

@@ -40,14 +40,7 @@ fn run_one(name: &str) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if cfg.num_prompts >= 128 { 1 } else { 3 });
     let dev = Device::Cpu;
-    let enc_dir = std::env::var("DND_ENCODER_DIR").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../.assets/all-MiniLM-L6-v2"
-        )
-        .into()
-    });
-    let encoder = TextEncoder::load(&enc_dir, &dev, DType::F32)
+    let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, DType::F32)
         .expect("encoder (run scripts/fetch-assets.sh)");
     let (dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
     let p = prompts(cfg.num_prompts);
@@ -95,15 +88,8 @@ fn run_one(name: &str) {
 fn batch_table() {
     let cfg = presets::smollm2_135m_small().unwrap();
     let dev = Device::Cpu;
-    let encoder = TextEncoder::load(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../.assets/all-MiniLM-L6-v2"
-        ),
-        &dev,
-        DType::F32,
-    )
-    .expect("encoder (run scripts/fetch-assets.sh)");
+    let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, DType::F32)
+        .expect("encoder (run scripts/fetch-assets.sh)");
     let (dec, _) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
     let g = dnd_core::Generator::from_parts(encoder, dec).unwrap();
     let set = |i: usize| -> Vec<String> {
@@ -145,8 +131,7 @@ fn batch_table() {
 fn main() {
     // Relative paths on the command line are the repository root's, as the README writes them
     // (cargo runs a bench in its package's folder).
-    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .expect("the repository root");
+    std::env::set_current_dir(dnd_core::test_util::repo_root()).expect("the repository root");
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
         run_one(&args[i + 1]);

@@ -171,20 +171,14 @@ fn mean(v: &[f64]) -> f64 {
 fn main() {
     // Relative paths on the command line are the repository root's, as the README writes them
     // (cargo runs a bench in its package's folder).
-    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .expect("the repository root");
+    std::env::set_current_dir(dnd_core::test_util::repo_root()).expect("the repository root");
     if let Some(work) = opt::<PathBuf>("--child") {
         child(&work, flag("--child-autograd"));
         return;
     }
     let model: PathBuf = opt("--model").expect("--model FILE.gguf or folder");
-    let task: PathBuf = opt("--task").unwrap_or_else(|| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/data/dnd/ARC-e_train.json"
-        )
-        .into()
-    });
+    let task: PathBuf = opt("--task")
+        .unwrap_or_else(|| Path::new("../shared/data/dnd/ARC-e_train.json").to_path_buf());
     let steps: usize = opt("--steps").unwrap_or(6);
     let batch: usize = opt("--batch").unwrap_or(4);
     let seq_len: usize = opt("--seq-len").unwrap_or(256);

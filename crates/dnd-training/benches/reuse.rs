@@ -40,17 +40,15 @@ const CHAT: &[&str] = &[
 fn main() {
     // Relative paths on the command line are the repository root's, as the README writes them
     // (cargo runs a bench in its package's folder).
-    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .expect("the repository root");
+    std::env::set_current_dir(dnd_core::test_util::repo_root()).expect("the repository root");
     let args: Vec<String> = std::env::args().collect();
     let out = args
         .iter()
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-    let dir = root.join(".assets/all-MiniLM-L6-v2");
-    let encoder = TextEncoder::load(&dir, &Device::Cpu, DType::F32)
+    let root = dnd_core::test_util::repo_root();
+    let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &Device::Cpu, DType::F32)
         .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-assets.sh encoder"));
     // Conditions are cut at the shipped generator's length, as the server cuts them.
     let cfg =

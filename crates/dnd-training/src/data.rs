@@ -105,10 +105,7 @@ mod tests {
 
     #[test]
     fn answers_are_kept_whole_and_prompts_cut_from_the_front() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/golden/tiny-qwen2/tokenizer.json"
-        );
+        let path = dnd_core::test_util::golden_path("tiny-qwen2").join("tokenizer.json");
         let tok = Tokenizer::from_file(path).unwrap();
         let ex = Example {
             prompt: "Is it so?".into(),

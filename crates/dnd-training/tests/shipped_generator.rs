@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use dnd_core::adapters::{BaseModelShape, LoraAdapter};
 use dnd_core::generator::{Generator, LoadOptions};
+use dnd_core::test_util::repo_root;
 use dnd_training::collect::answer_loss;
 use dnd_training::data::{encode, Example};
 use dnd_training::gguf::load_gguf;
@@ -43,10 +44,6 @@ const QUESTIONS: [(&str, &str); 4] = [
         "[C]",
     ),
 ];
-
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
 
 /// Mean answer-token loss over the questions under a system prompt.
 fn mean_loss(
@@ -80,14 +77,14 @@ fn mean_loss(
 
 /// The SmolLM2 GGUF file and the shipped generator `file` (under `generators/`), loaded.
 fn shipped(file: &str) -> (PathBuf, Generator) {
-    let gguf = root().join(".assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let encoder = root().join(".assets/all-MiniLM-L6-v2");
+    let gguf = repo_root().join(".assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let encoder = repo_root().join(".assets/all-MiniLM-L6-v2");
     assert!(
         gguf.exists() && encoder.exists(),
         "run scripts/fetch-assets.sh encoder smollm2"
     );
     let gen = Generator::load(
-        root().join("generators").join(file),
+        repo_root().join("generators").join(file),
         &encoder,
         &LoadOptions::default(),
     )
@@ -149,7 +146,8 @@ fn skills_generator_specialises_smollm2_from_the_system_prompt() {
         let n = gen.nearest(&[system]).unwrap().expect("anchors");
         assert!(n.distance < limit, "{system:?}: {n:?}");
     }
-    let chat = std::fs::read_to_string(root().join("tests/fixtures/general_chat.txt")).unwrap();
+    let chat =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/general_chat.txt")).unwrap();
     for line in chat.lines().filter(|l| !l.trim().is_empty()) {
         let n = gen.nearest(&[line]).unwrap().unwrap();
         assert!(n.distance > limit, "{line:?} is near {n:?}");

@@ -297,8 +297,7 @@ mod tests {
 
     #[test]
     fn fused_projections_become_their_parts_with_the_models_shape() {
-        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-            .join("tests/fixtures/golden/tiny-phi3");
+        let dir = crate::test_util::golden_path("tiny-phi3");
         let err = LoraAdapter::load_peft(dir.join("adapter1"), &Device::Cpu)
             .unwrap_err()
             .to_string();

@@ -388,9 +388,7 @@ mod tests {
         use crate::adapters::{BaseModelShape, LoraSpec, Module};
         use crate::generator::{presets, ConditionDecoder, GeneratorConfig};
         use candle_core::{DType, Device};
-        let root = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-        let shape =
-            BaseModelShape::from_path(root.join("tests/fixtures/golden/tiny-qwen2")).unwrap();
+        let shape = BaseModelShape::from_path(crate::test_util::golden_path("tiny-qwen2")).unwrap();
         let spec = LoraSpec {
             rank: 2,
             alpha: 4.0,
@@ -401,7 +399,7 @@ mod tests {
             GeneratorConfig::new(shape, spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
         let (dec, _) = ConditionDecoder::random(cfg, 5, &Device::Cpu, DType::F32).unwrap();
         let encoder = crate::encoder::TextEncoder::load(
-            root.join(".assets/all-MiniLM-L6-v2"),
+            crate::test_util::encoder_dir(),
             &Device::Cpu,
             DType::F32,
         )
