@@ -55,22 +55,43 @@ impl AdapterProvider for TestProvider {
     }
 }
 
+/// How a golden model is loaded: its safetensors folder, or its GGUF copy
+/// (`model-f32.gguf`, scripts/make_tiny_gguf.py) through mistral.rs's GGUF loader for the
+/// family.
+#[derive(Clone, Copy)]
+enum Format {
+    Safetensors,
+    Gguf,
+}
+
 /// Loads golden model `name` and registers the test provider for it; the provider's two
 /// adapters with it.
-async fn load(name: &str) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
-    let model = TextModelBuilder::new(golden_path(name).to_str().unwrap())
-        .with_token_source(TokenSource::None)
-        .with_dtype(ModelDType::F32)
-        .with_force_cpu()
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
+    let dir = golden_path(name);
+    let (model, shape) = match format {
+        Format::Safetensors => (
+            TextModelBuilder::new(dir.to_str().unwrap())
+                .with_token_source(TokenSource::None)
+                .with_dtype(ModelDType::F32)
+                .with_force_cpu()
+                .build()
+                .await,
+            BaseModelShape::from_path(&dir),
+        ),
+        Format::Gguf => (
+            load_gguf_f32(&dir).await,
+            // The shape from the GGUF metadata, as the server reads it for a GGUF model.
+            BaseModelShape::from_path(dir.join(GGUF_FILE)),
+        ),
+    };
+    let model = model.unwrap_or_else(|e| panic!("{name} loads: {e}"));
     // The model's shape splits fused projections (Phi-3) into their parts.
-    let shape = BaseModelShape::from_path(golden_path(name)).unwrap();
-    let lora = |dir: &str| {
-        let a = LoraAdapter::load_peft_for(golden_path(name).join(dir), &Device::Cpu, Some(&shape))
-            .unwrap();
-        Arc::new(to_sequence_lora(&a, format!("{name}/{dir}"), &Device::Cpu, DType::F32).unwrap())
+    let shape = shape.unwrap();
+    let lora = |adapter: &str| {
+        let a = LoraAdapter::load_peft_for(dir.join(adapter), &Device::Cpu, Some(&shape)).unwrap();
+        Arc::new(
+            to_sequence_lora(&a, format!("{name}/{adapter}"), &Device::Cpu, DType::F32).unwrap(),
+        )
     };
     let adapters = [lora("adapter1"), lora("adapter2")];
     let provider = TestProvider {
@@ -80,6 +101,47 @@ async fn load(name: &str) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
     assert_eq!(models.len(), 1, "one model: {models:?}");
     set_adapter_provider(&models[0], Some(Arc::new(provider)));
     (model, adapters)
+}
+
+/// The GGUF copy of a golden model, next to its safetensors.
+const GGUF_FILE: &str = "model-f32.gguf";
+
+/// Loads a golden model's GGUF copy with f32 activations. mistral.rs's `GgufModelBuilder`
+/// always asks for `ModelDType::Auto`, which is bf16 on CPU: its attention would then differ
+/// from the f32 goldens by more than their tolerance (about 1e-3), hiding what the adapters
+/// change. The tokenizer comes from the folder (the GGUF copies carry none).
+async fn load_gguf_f32(dir: &std::path::Path) -> anyhow::Result<mistralrs::Model> {
+    use mistralrs_core::{
+        AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
+        GGUFSpecificConfig, MistralRsBuilder, ModelDType, SchedulerConfig, TokenSource,
+    };
+    let loader = GGUFLoaderBuilder::new(
+        None,
+        Some(dir.to_str().unwrap().to_string()),
+        dir.to_str().unwrap().to_string(),
+        vec![GGUF_FILE.to_string()],
+        GGUFSpecificConfig { topology: None },
+        false,
+        None,
+    )
+    .build();
+    let pipeline = loader.load_model_from_hf(
+        None,
+        TokenSource::None,
+        &ModelDType::F32,
+        &Device::Cpu,
+        true,
+        DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
+        None,
+        None,
+    )?;
+    let scheduler = SchedulerConfig::DefaultScheduler {
+        method: DefaultSchedulerMethod::Fixed(32.try_into()?),
+    };
+    let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
+        .build()
+        .await;
+    Ok(mistralrs::Model::new(runner))
 }
 
 async fn submit(
@@ -172,9 +234,9 @@ fn expected_text(name: &str, g: &Golden, key: &str) -> String {
 /// 1); then the six greedy generations submitted together, so that the scheduler batches the
 /// variants together through prefill and decode. Each generation's token ids (the top-1
 /// logprob entry of every step) must be the golden greedy tokens.
-async fn mixed_batches_match_peft(name: &str) {
+async fn mixed_batches_match_peft(name: &str, format: Format) {
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, adapters) = load(name).await;
+    let (model, adapters) = load(name, format).await;
     let cases: Vec<(usize, &str, usize)> = (0..2)
         .flat_map(|seq| VARIANTS.map(|(variant, kind)| (seq, variant, kind)))
         .collect();
@@ -222,47 +284,61 @@ async fn mixed_batches_match_peft(name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_qwen2_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-qwen2").await;
+    mixed_batches_match_peft("tiny-qwen2", Format::Safetensors).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_llama_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-llama").await;
+    mixed_batches_match_peft("tiny-llama", Format::Safetensors).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_qwen3_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-qwen3").await;
+    mixed_batches_match_peft("tiny-qwen3", Format::Safetensors).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_mistral_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-mistral").await;
+    mixed_batches_match_peft("tiny-mistral", Format::Safetensors).await;
 }
 
 /// Phi-3: fused qkv_proj and gate_up_proj, which its PEFT adapters target as such (loaded as
 /// q/k/v and gate/up LoRAs sharing A), each part of the fused output getting its own update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_phi3_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-phi3").await;
+    mixed_batches_match_peft("tiny-phi3", Format::Safetensors).await;
+}
+
+/// Qwen3 from GGUF (mistral.rs's quantized_qwen3 model file): the same weights in f32, the
+/// same goldens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_qwen3_gguf_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-qwen3", Format::Gguf).await;
+}
+
+/// Phi-3 from GGUF (quantized_phi3): fused attn_qkv and ffn_up (gate, up) as in the
+/// safetensors model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_phi3_gguf_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-phi3", Format::Gguf).await;
 }
 
 /// Gemma: tied and scaled embeddings, (1 + w) norms, GeGLU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_gemma_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-gemma").await;
+    mixed_batches_match_peft("tiny-gemma", Format::Safetensors).await;
 }
 
 /// SmolLM3: every second layer without rotary embeddings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_smollm3_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-smollm3").await;
+    mixed_batches_match_peft("tiny-smollm3", Format::Safetensors).await;
 }
 
 /// Gemma 2: tied and scaled embeddings, soft-capped attention and logits, sliding layers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_gemma2_mixed_adapters_match_peft() {
-    mixed_batches_match_peft("tiny-gemma2").await;
+    mixed_batches_match_peft("tiny-gemma2", Format::Safetensors).await;
 }
 
 /// The same prompt with and without an adapter, one after the other, twice: each answer is its
@@ -271,7 +347,7 @@ async fn tiny_gemma2_mixed_adapters_match_peft() {
 async fn alternating_adapter_and_base_never_share_cache() {
     let name = "tiny-llama";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, _) = load(name).await;
+    let (model, _) = load(name, Format::Safetensors).await;
     let prompt = common::token_ids(g.get("input.seq1.ids"));
     let base = expected_text(name, &g, "base.seq1.greedy");
     let adapted = expected_text(name, &g, "adapter1.seq1.greedy");
@@ -290,7 +366,7 @@ async fn alternating_adapter_and_base_never_share_cache() {
 async fn provider_errors_fail_only_their_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, _) = load(name).await;
+    let (model, _) = load(name, Format::Safetensors).await;
     let prompt = common::token_ids(g.get("input.seq0.ids"));
 
     let mut refused = submit(&model, prompt.clone(), REFUSE * 1000, false).await;
@@ -317,7 +393,7 @@ async fn provider_errors_fail_only_their_request() {
 async fn slow_provider_stalls_only_its_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, _) = load(name).await;
+    let (model, _) = load(name, Format::Safetensors).await;
     let prompt = common::token_ids(g.get("input.seq1.ids"));
 
     let mut slow = submit(&model, prompt.clone(), SLOW_ADAPTER1 * 1000, false).await;
