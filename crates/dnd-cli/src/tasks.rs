@@ -21,11 +21,15 @@ pub struct Args {
     /// Seed of every draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Write only the first N tasks (the shipped skills generator was trained on the first 24);
+    /// their data are the same as in a full run.
+    #[arg(long)]
+    count: Option<usize>,
 }
 
 /// Writes the task files and says how many.
 pub fn run(args: Args) -> Result<()> {
-    let entries = write_tasks(&args.out, args.train, args.test, args.seed)?;
+    let entries = write_tasks(&args.out, args.train, args.test, args.seed, args.count)?;
     eprintln!(
         "{} tasks ({} train / {} test examples each) in {}",
         entries.len(),

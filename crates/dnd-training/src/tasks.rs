@@ -154,6 +154,17 @@ fn review(rng: &mut StdRng) -> (String, bool) {
     (text, good)
 }
 
+fn rng_bool(rng: &mut StdRng) -> bool {
+    rng.random_bool(0.5)
+}
+
+fn capitalise(word: &str) -> String {
+    let mut c = word.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
 fn yes_no(b: bool) -> String {
     if b { "[yes]" } else { "[no]" }.to_string()
 }
@@ -533,6 +544,372 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                 (p, format!("[{first}]"))
             },
         },
+        // Six more tasks per family (session 13), to measure whether more neighbours in a
+        // family help a held-out task of it. Written after the first held-out results were
+        // known; listed last, so the earlier tasks' seeded data are unchanged.
+        TaskSpec {
+            name: "lower_case",
+            family: "format",
+            systems: [
+                "Rewrite the user's text in small letters only.",
+                "Answer with the same text, written entirely in lower case.",
+                "Convert the text you are given to lowercase and reply with nothing else.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                (p.to_uppercase(), p)
+            },
+        },
+        TaskSpec {
+            name: "last_word",
+            family: "format",
+            systems: [
+                "Reply with the last word of the user's text.",
+                "Which word does the text end with? Answer with that word alone.",
+                "Give only the final word of the text.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let last = p.split(' ').next_back().unwrap_or_default().to_string();
+                (p, last)
+            },
+        },
+        TaskSpec {
+            name: "title_case",
+            family: "format",
+            systems: [
+                "Rewrite the text with every word capitalised.",
+                "Answer with the same words, each starting with a capital letter.",
+                "Put the text in title case: a capital letter at the start of each word.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                let t = p.split(' ').map(capitalise).collect::<Vec<_>>().join(" ");
+                (p, t)
+            },
+        },
+        TaskSpec {
+            name: "hyphen_join",
+            family: "format",
+            systems: [
+                "Join the user's words with hyphens instead of spaces.",
+                "Answer with the same words linked by dashes, no spaces.",
+                "Replace every space in the text with a hyphen.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                (p.clone(), p.replace(' ', "-"))
+            },
+        },
+        TaskSpec {
+            name: "quote_text",
+            family: "format",
+            systems: [
+                "Reply with the user's text inside double quotes.",
+                "Repeat the text, wrapped in quotation marks.",
+                "Give the text back between a pair of double quotes.",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                (p.clone(), format!("\"{p}\""))
+            },
+        },
+        TaskSpec {
+            name: "answer_prefix",
+            family: "format",
+            systems: [
+                "Repeat the user's text after the prefix \"Answer: \".",
+                "Start your reply with \"Answer: \" followed by the text you were given.",
+                "Reply with the text, preceded by the words \"Answer: \".",
+            ],
+            make: |r| {
+                let p = phrase(r);
+                (p.clone(), format!("Answer: {p}"))
+            },
+        },
+        TaskSpec {
+            name: "review_stars",
+            family: "classify",
+            systems: [
+                "Rate the review [5] if it is positive and [1] if it is negative.",
+                "Give the review a score: [5] for praise, [1] for a complaint.",
+                "Answer [5] when the reviewer was pleased and [1] when not.",
+            ],
+            make: |r| {
+                let (t, good) = review(r);
+                (t, if good { "[5]" } else { "[1]" }.into())
+            },
+        },
+        TaskSpec {
+            name: "topic_letter",
+            family: "classify",
+            systems: [
+                "Is the sentence about (A) sport, (B) food or (C) technology? Reply [A], [B] or [C].",
+                "Pick the topic: [A] sport, [B] food, [C] tech. Answer with the bracketed letter.",
+                "Classify the sentence: [A] for sport, [B] for food, [C] for technology.",
+            ],
+            make: |r| {
+                let (list, label) = match r.random_range(0..3) {
+                    0 => (SPORT, "[A]"),
+                    1 => (FOOD, "[B]"),
+                    _ => (TECH, "[C]"),
+                };
+                let s = pick(r, list);
+                let name = pick(r, NAMES);
+                let city = pick(r, CITIES);
+                (format!("In {city}, {name} noted: {s}."), label.into())
+            },
+        },
+        TaskSpec {
+            name: "is_question",
+            family: "classify",
+            systems: [
+                "Answer [yes] if the text is a question and [no] if it is a statement.",
+                "Is the user's sentence a question? Reply [yes] or [no].",
+                "Tell whether the text asks something: [yes] or [no].",
+            ],
+            make: |r| {
+                let (name, noun, city) = (pick(r, NAMES), pick(r, NOUNS), pick(r, CITIES));
+                let q = rng_bool(r);
+                let text = match (q, r.random_range(0..3)) {
+                    (true, 0) => format!("Did {name} leave the {noun} in {city}?"),
+                    (true, 1) => format!("Where is the {noun} that {name} bought in {city}?"),
+                    (true, _) => format!("Can {name} bring the {noun} to {city}?"),
+                    (false, 0) => format!("{name} left the {noun} in {city}."),
+                    (false, 1) => format!("The {noun} that {name} bought is in {city}."),
+                    (false, _) => format!("{name} can bring the {noun} to {city}."),
+                };
+                (text, yes_no(q))
+            },
+        },
+        TaskSpec {
+            name: "is_animal",
+            family: "classify",
+            systems: [
+                "Answer [yes] if the thing named is an animal and [no] otherwise.",
+                "Is the word an animal? Reply [yes] or [no].",
+                "Say [yes] when the text names an animal, else [no].",
+            ],
+            make: |r| {
+                let animal = rng_bool(r);
+                let thing = pick(r, if animal { ANIMALS } else { NOUNS });
+                let (adj, name) = (pick(r, ADJECTIVES), pick(r, NAMES));
+                (format!("{name}'s {adj} {thing}"), yes_no(animal))
+            },
+        },
+        TaskSpec {
+            name: "odd",
+            family: "classify",
+            systems: [
+                "Answer [yes] if the number is odd and [no] if it is even.",
+                "Is the number odd? Reply [yes] or [no].",
+                "Tell whether the given number is odd: [yes] or [no].",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(0..1000);
+                (n.to_string(), yes_no(n % 2 == 1))
+            },
+        },
+        TaskSpec {
+            name: "smaller",
+            family: "classify",
+            systems: [
+                "Is the first number smaller than the second? Answer [yes] or [no].",
+                "Reply [yes] when the first number is the lower one, else [no].",
+                "Compare the two numbers: [yes] if the first is less, [no] otherwise.",
+            ],
+            make: |r| {
+                let a: u32 = r.random_range(0..1000);
+                let mut b: u32 = r.random_range(0..1000);
+                if b == a {
+                    b = (a + 1) % 1000;
+                }
+                (format!("{a} versus {b}"), yes_no(a < b))
+            },
+        },
+        TaskSpec {
+            name: "extract_year",
+            family: "extract",
+            systems: [
+                "Reply with the year mentioned in the text.",
+                "In which year did it happen? Answer with the four digits only.",
+                "Extract the year from the sentence.",
+            ],
+            make: |r| {
+                let (name, city) = (pick(r, NAMES), pick(r, CITIES));
+                let y: u32 = r.random_range(1900..2030);
+                let text = match r.random_range(0..3) {
+                    0 => format!("{name} moved to {city} in {y}."),
+                    1 => format!("In {y}, {name} opened a shop in {city}."),
+                    _ => format!("The {} of {city} was built in {y}.", pick(r, NOUNS)),
+                };
+                (text, y.to_string())
+            },
+        },
+        TaskSpec {
+            name: "extract_price",
+            family: "extract",
+            systems: [
+                "Reply with the price in the text, with its dollar sign.",
+                "How much did it cost? Answer with the amount as written, like $12.",
+                "Extract the dollar amount from the sentence.",
+            ],
+            make: |r| {
+                let (name, noun) = (pick(r, NAMES), pick(r, NOUNS));
+                let p: u32 = r.random_range(2..1000);
+                (format!("{name} paid ${p} for a {noun}."), format!("${p}"))
+            },
+        },
+        TaskSpec {
+            name: "extract_time",
+            family: "extract",
+            systems: [
+                "Reply with the time of day mentioned in the text, like 7:30.",
+                "At what time does it happen? Answer with the clock time only.",
+                "Extract the time from the sentence.",
+            ],
+            make: |r| {
+                let (name, city) = (pick(r, NAMES), pick(r, CITIES));
+                let (h, m): (u32, u32) = (r.random_range(1..13), 5 * r.random_range(0..12));
+                let t = format!("{h}:{m:02}");
+                let text = match r.random_range(0..2) {
+                    0 => format!("{name}'s train to {city} leaves at {t}."),
+                    _ => format!("The meeting in {city} with {name} starts at {t}."),
+                };
+                (text, t)
+            },
+        },
+        TaskSpec {
+            name: "extract_origin",
+            family: "extract",
+            systems: [
+                "Reply with the city the person travelled from.",
+                "Where did the traveller start? Answer with the city name only.",
+                "Name the city the trip departed from.",
+            ],
+            make: |r| {
+                let name = pick(r, NAMES);
+                let from = pick(r, CITIES);
+                let mut to = pick(r, CITIES);
+                while to == from {
+                    to = pick(r, CITIES);
+                }
+                (
+                    format!("{name} took a bus from {from} to {to} on the weekend."),
+                    from.into(),
+                )
+            },
+        },
+        TaskSpec {
+            name: "extract_domain",
+            family: "extract",
+            systems: [
+                "Reply with the domain of the email address in the text (the part after @).",
+                "Which domain does the email address use? Answer with it alone.",
+                "Extract the part of the email address that follows the @ sign.",
+            ],
+            make: |r| {
+                let name = pick(r, NAMES);
+                let domain = format!("{}.{}", pick(r, NOUNS), pick(r, &["com", "net", "org"]));
+                let user = format!("{}{}", name.to_lowercase(), r.random_range(1..100));
+                (format!("You can reach {name} at {user}@{domain} any time."), domain)
+            },
+        },
+        TaskSpec {
+            name: "extract_item",
+            family: "extract",
+            systems: [
+                "Reply with the thing the person bought, in the singular.",
+                "What did they buy? Answer with the object's name only.",
+                "Extract the purchased item from the sentence, singular form.",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(2..50);
+                let (name, noun, city) = (pick(r, NAMES), pick(r, NOUNS), pick(r, CITIES));
+                (format!("{name} bought {n} {noun}s in {city}."), noun.into())
+            },
+        },
+        TaskSpec {
+            name: "predecessor",
+            family: "arith",
+            systems: [
+                "Reply with the number that comes right before the given one.",
+                "What is the previous integer? Digits only.",
+                "Subtract one from the number and reply with the result.",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(100..10000);
+                (n.to_string(), (n - 1).to_string())
+            },
+        },
+        TaskSpec {
+            name: "double",
+            family: "arith",
+            systems: [
+                "Reply with twice the given number.",
+                "What is the number multiplied by two? Digits only.",
+                "Double the number and reply with the result.",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(10..2000);
+                (n.to_string(), (2 * n).to_string())
+            },
+        },
+        TaskSpec {
+            name: "smallest",
+            family: "arith",
+            systems: [
+                "Reply with the smallest of the numbers.",
+                "Which number is the lowest? Answer with it alone.",
+                "Give the minimum of the listed numbers.",
+            ],
+            make: |r| {
+                let v: Vec<u32> = (0..3).map(|_| r.random_range(0..1000)).collect();
+                let min = *v.iter().min().expect("three numbers");
+                let list: Vec<String> = v.iter().map(u32::to_string).collect();
+                (list.join(", "), min.to_string())
+            },
+        },
+        TaskSpec {
+            name: "add_three",
+            family: "arith",
+            systems: [
+                "Add the three numbers and reply with the sum.",
+                "What do the three numbers add up to? Digits only.",
+                "Reply with the total of the three numbers.",
+            ],
+            make: |r| {
+                let v: Vec<u32> = (0..3).map(|_| r.random_range(1..30)).collect();
+                let list: Vec<String> = v.iter().map(u32::to_string).collect();
+                (list.join(" + "), v.iter().sum::<u32>().to_string())
+            },
+        },
+        TaskSpec {
+            name: "half",
+            family: "arith",
+            systems: [
+                "Reply with half of the given number.",
+                "What is the number divided by two? Digits only.",
+                "Halve the number and reply with the result.",
+            ],
+            make: |r| {
+                let n: u32 = 2 * r.random_range(5..1000);
+                (n.to_string(), (n / 2).to_string())
+            },
+        },
+        TaskSpec {
+            name: "plus_ten",
+            family: "arith",
+            systems: [
+                "Add ten to the number and reply with the result.",
+                "What is the number plus 10? Digits only.",
+                "Reply with the number increased by ten.",
+            ],
+            make: |r| {
+                let n: u32 = r.random_range(10..10000);
+                (n.to_string(), (n + 10).to_string())
+            },
+        },
     ]
 }
 
@@ -591,11 +968,27 @@ pub fn examples(
     Ok((tr, te))
 }
 
-/// Writes every task's train and test files and `tasks.json` under `out`.
-pub fn write_tasks(out: &Path, train: usize, test: usize, seed: u64) -> Result<Vec<TaskEntry>> {
+/// Writes the train and test files of the first `count` tasks (every task when `None`) and
+/// `tasks.json` under `out`. A task's data depend only on the seed and its position, so the
+/// first N are the same whatever the count.
+pub fn write_tasks(
+    out: &Path,
+    train: usize,
+    test: usize,
+    seed: u64,
+    count: Option<usize>,
+) -> Result<Vec<TaskEntry>> {
+    let specs = all_tasks();
+    let count = count.unwrap_or(specs.len());
+    if count == 0 || count > specs.len() {
+        return Err(DndError::InvalidInput(format!(
+            "task count {count}: there are {} tasks",
+            specs.len()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|e| DndError::io(out, e))?;
     let mut entries = Vec::new();
-    for (i, spec) in all_tasks().iter().enumerate() {
+    for (i, spec) in specs.iter().take(count).enumerate() {
         let (tr, te) = examples(spec, i, train, test, seed)?;
         for (split, v) in [("train", &tr), ("test", &te)] {
             let path = out.join(format!("{}_{split}.json", spec.name));
@@ -630,7 +1023,7 @@ mod tests {
     #[test]
     fn every_task_makes_distinct_verifiable_examples() {
         let specs = all_tasks();
-        assert!(specs.len() >= 20);
+        assert!(specs.len() >= 48);
         let families: HashSet<&str> = specs.iter().map(|s| s.family).collect();
         assert!(families.len() >= 4, "{families:?}");
         for (i, spec) in specs.iter().enumerate() {
@@ -665,5 +1058,38 @@ mod tests {
             a.iter().map(|e| &e.prompt).collect::<Vec<_>>(),
             b.iter().map(|e| &e.prompt).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn the_first_tasks_are_the_same_whatever_the_count() {
+        let base = std::env::temp_dir().join(format!("dnd-tasks-{}", std::process::id()));
+        let (few, all) = (base.join("few"), base.join("all"));
+        let written = write_tasks(&few, 20, 5, 3, Some(2)).unwrap();
+        assert_eq!(written.len(), 2);
+        assert_eq!(
+            write_tasks(&all, 20, 5, 3, None).unwrap().len(),
+            all_tasks().len()
+        );
+        for e in &written {
+            for split in ["train", "test"] {
+                let name = format!("{}_{split}.json", e.name);
+                let a = std::fs::read(few.join(&name)).unwrap();
+                assert_eq!(a, std::fs::read(all.join(&name)).unwrap(), "{name}");
+            }
+        }
+        assert!(!few
+            .join(format!("{}_train.json", all_tasks()[2].name))
+            .exists());
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(few.join("tasks.json")).unwrap())
+                .unwrap();
+        assert_eq!(listed.len(), 2);
+        for bad in [0, all_tasks().len() + 1] {
+            assert!(
+                write_tasks(&base.join("bad"), 20, 5, 3, Some(bad)).is_err(),
+                "{bad}"
+            );
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
