@@ -289,7 +289,34 @@ fn tasks_are_written_reproducibly() {
     let list: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("a/tasks.json")).unwrap()).unwrap();
     let tasks = list.as_array().unwrap();
-    assert_eq!(tasks.len(), 24);
+    assert_eq!(tasks.len(), 48);
+    // `--count 24`: the shipped generator's first 24 tasks, their files as in the full run.
+    dnd(&[
+        "tasks",
+        "--out",
+        &s(&dir.join("c")),
+        "--train",
+        "20",
+        "--test",
+        "10",
+        "--seed",
+        "3",
+        "--count",
+        "24",
+    ]);
+    let first: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("c/tasks.json")).unwrap()).unwrap();
+    let first = first.as_array().unwrap();
+    assert_eq!(first.len(), 24);
+    for (t, full) in first.iter().zip(tasks) {
+        assert_eq!(t["name"], full["name"]);
+        let file = format!("{}_test.json", t["name"].as_str().unwrap());
+        assert_eq!(
+            std::fs::read(dir.join("c").join(&file)).unwrap(),
+            std::fs::read(dir.join("a").join(&file)).unwrap(),
+            "{file}"
+        );
+    }
     for t in tasks {
         let name = t["name"].as_str().unwrap();
         for (split, n) in [("train", 20), ("test", 10)] {
