@@ -273,37 +273,23 @@ fn collect_writes_the_last_steps_and_refuses_bad_options() {
 fn tasks_are_written_reproducibly() {
     let dir = std::env::temp_dir().join(format!("dnd-cli-tasks-{}", std::process::id()));
     let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    for sub in ["a", "b"] {
-        dnd(&[
-            "tasks",
-            "--out",
-            &s(&dir.join(sub)),
-            "--train",
-            "20",
-            "--test",
-            "10",
-            "--seed",
-            "3",
-        ]);
-    }
+    // `dnd tasks` into `sub`, 20 train and 10 test examples each, seed 3, and `extra` flags.
+    let write = |sub: &str, extra: &[&str]| {
+        let out = s(&dir.join(sub));
+        let mut args = vec![
+            "tasks", "--out", &out, "--train", "20", "--test", "10", "--seed", "3",
+        ];
+        args.extend_from_slice(extra);
+        dnd(&args);
+    };
+    write("a", &[]);
+    write("b", &[]);
     let list: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("a/tasks.json")).unwrap()).unwrap();
     let tasks = list.as_array().unwrap();
     assert_eq!(tasks.len(), 48);
     // `--count 24`: the shipped generator's first 24 tasks, their files as in the full run.
-    dnd(&[
-        "tasks",
-        "--out",
-        &s(&dir.join("c")),
-        "--train",
-        "20",
-        "--test",
-        "10",
-        "--seed",
-        "3",
-        "--count",
-        "24",
-    ]);
+    write("c", &["--count", "24"]);
     let first: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("c/tasks.json")).unwrap()).unwrap();
     let first = first.as_array().unwrap();

@@ -154,6 +154,16 @@ fn review(rng: &mut StdRng) -> (String, bool) {
     (text, good)
 }
 
+/// A sport, food or tech sentence and its label among `labels` (in that order).
+fn topic_sentence(rng: &mut StdRng, labels: [&'static str; 3]) -> (&'static str, &'static str) {
+    let (list, label) = match rng.random_range(0..3) {
+        0 => (SPORT, labels[0]),
+        1 => (FOOD, labels[1]),
+        _ => (TECH, labels[2]),
+    };
+    (pick(rng, list), label)
+}
+
 fn rng_bool(rng: &mut StdRng) -> bool {
     rng.random_bool(0.5)
 }
@@ -276,12 +286,7 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                 "Classify the sentence into [sport], [food] or [tech].",
             ],
             make: |r| {
-                let (list, label) = match r.random_range(0..3) {
-                    0 => (SPORT, "[sport]"),
-                    1 => (FOOD, "[food]"),
-                    _ => (TECH, "[tech]"),
-                };
-                let s = pick(r, list);
+                let (s, label) = topic_sentence(r, ["[sport]", "[food]", "[tech]"]);
                 let name = pick(r, NAMES);
                 let when = pick(r, &["", " yesterday", " this morning", " again"]);
                 (format!("{name} said{when}: {s}."), label.into())
@@ -649,12 +654,7 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                 "Classify the sentence: [A] for sport, [B] for food, [C] for technology.",
             ],
             make: |r| {
-                let (list, label) = match r.random_range(0..3) {
-                    0 => (SPORT, "[A]"),
-                    1 => (FOOD, "[B]"),
-                    _ => (TECH, "[C]"),
-                };
-                let s = pick(r, list);
+                let (s, label) = topic_sentence(r, ["[A]", "[B]", "[C]"]);
                 let name = pick(r, NAMES);
                 let city = pick(r, CITIES);
                 (format!("In {city}, {name} noted: {s}."), label.into())
