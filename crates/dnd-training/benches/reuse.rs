@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use dnd_core::encoder::TextEncoder;
 use dnd_core::generator::anchors::{pooled, Anchors};
 use dnd_core::generator::checkpoint;
-use dnd_training::tasks::all_tasks;
+use dnd_training::tasks::{all_tasks, SHIPPED_TASKS};
 
 /// Instructions of ordinary chat, unlike every skill task (none from the reserved BIG-bench
 /// tasks).
@@ -36,9 +36,6 @@ const CHAT: &[&str] = &[
     "What should I cook for dinner tonight?",
     "Summarise the plot of a famous novel.",
 ];
-
-/// How many of [`all_tasks`] the shipped skills generator was trained on.
-const SHIPPED_TASKS: usize = 24;
 
 fn main() {
     // Relative paths on the command line are the repository root's, as the README writes them

@@ -164,6 +164,16 @@ fn topic_sentence(rng: &mut StdRng, labels: [&'static str; 3]) -> (&'static str,
     (pick(rng, list), label)
 }
 
+/// Two different numbers below 1000 (the comparison tasks' operands).
+fn distinct_pair(rng: &mut StdRng) -> (u32, u32) {
+    let a: u32 = rng.random_range(0..1000);
+    let mut b: u32 = rng.random_range(0..1000);
+    if b == a {
+        b = (a + 1) % 1000;
+    }
+    (a, b)
+}
+
 fn rng_bool(rng: &mut StdRng) -> bool {
     rng.random_bool(0.5)
 }
@@ -178,6 +188,9 @@ fn capitalise(word: &str) -> String {
 fn yes_no(b: bool) -> String {
     if b { "[yes]" } else { "[no]" }.to_string()
 }
+
+/// How many of [`all_tasks`] (the first ones) the shipped skills generator was trained on.
+pub const SHIPPED_TASKS: usize = 24;
 
 /// Every task, in a fixed order.
 pub fn all_tasks() -> Vec<TaskSpec> {
@@ -314,11 +327,7 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                 "Compare the two numbers: [yes] if the first is greater, [no] otherwise.",
             ],
             make: |r| {
-                let a: u32 = r.random_range(0..1000);
-                let mut b: u32 = r.random_range(0..1000);
-                if b == a {
-                    b = (a + 1) % 1000;
-                }
+                let (a, b) = distinct_pair(r);
                 (format!("{a} and {b}"), yes_no(a > b))
             },
         },
@@ -719,11 +728,7 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                 "Compare the two numbers: [yes] if the first is less, [no] otherwise.",
             ],
             make: |r| {
-                let a: u32 = r.random_range(0..1000);
-                let mut b: u32 = r.random_range(0..1000);
-                if b == a {
-                    b = (a + 1) % 1000;
-                }
+                let (a, b) = distinct_pair(r);
                 (format!("{a} versus {b}"), yes_no(a < b))
             },
         },
