@@ -14,6 +14,7 @@ use common::{assert_close, golden_path, Golden};
 use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
 use mistralrs_core::Response;
 use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter};
+use mistralrs_dnd::engine::load::{load_gguf, GgufOptions};
 use mistralrs_dnd::engine::{
     set_adapter_provider, to_sequence_lora, AdapterError, AdapterProvider, AdapterRequest,
     SequenceLora,
@@ -106,42 +107,22 @@ async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLor
 /// The GGUF copy of a golden model, next to its safetensors.
 const GGUF_FILE: &str = "model-f32.gguf";
 
-/// Loads a golden model's GGUF copy with f32 activations. mistral.rs's `GgufModelBuilder`
-/// always asks for `ModelDType::Auto`, which is bf16 on CPU: its logits would then differ from
-/// the f32 goldens by about 1e-3, beyond the 1e-4 tolerance that tells the adapters' effect
-/// apart. The tokenizer comes from the folder (the GGUF copies carry none).
+/// Loads a golden model's GGUF copy with f32 activations (mistral.rs's own choice, bf16 on a
+/// CPU, would move its logits about 1e-3 from the f32 goldens, beyond the 1e-4 tolerance that
+/// tells the adapters' effect apart). The tokenizer comes from the folder (the GGUF copies
+/// carry none).
 async fn load_gguf_f32(dir: &std::path::Path) -> anyhow::Result<mistralrs::Model> {
-    use mistralrs_core::{
-        AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
-        GGUFSpecificConfig, MistralRsBuilder, ModelDType, SchedulerConfig, TokenSource,
-    };
-    let loader = GGUFLoaderBuilder::new(
-        None,
-        Some(dir.to_str().unwrap().to_string()),
-        dir.to_str().unwrap().to_string(),
-        vec![GGUF_FILE.to_string()],
-        GGUFSpecificConfig { topology: None },
-        false,
-        None,
-    )
-    .build();
-    let pipeline = loader.load_model_from_hf(
-        None,
-        TokenSource::None,
-        &ModelDType::F32,
-        &Device::Cpu,
-        true,
-        DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
-        None,
-        None,
-    )?;
-    let scheduler = SchedulerConfig::DefaultScheduler {
-        method: DefaultSchedulerMethod::Fixed(32.try_into()?),
-    };
-    let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
-        .build()
-        .await;
-    Ok(mistralrs::Model::new(runner))
+    load_gguf(&GgufOptions {
+        dir: dir.to_path_buf(),
+        files: vec![GGUF_FILE.to_string()],
+        tokenizer_dir: Some(dir.to_path_buf()),
+        chat_template: None,
+        dtype: ModelDType::F32,
+        force_cpu: true,
+        max_seqs: 32,
+        prefix_cache_n: None,
+    })
+    .await
 }
 
 async fn submit(

@@ -164,11 +164,12 @@ fn golden_adapter_continuation(adapter: &str) -> String {
     tok.decode(&ids, true).unwrap()
 }
 
-/// The golden prompt 0 (text and token ids) and, for positions 1.., each prompt token's
-/// natural-log probability under transformers (`base`) and transformers+peft with adapter1
-/// (`adapter1`): log_softmax of the golden logits at the position before it (JSON).
-fn golden_prompt_logprobs() -> String {
-    let golden = Golden::load("tiny-qwen2/expected.safetensors");
+/// The golden prompt 0 of golden model `model` (text and token ids) and, for positions 1..,
+/// each prompt token's natural-log probability under transformers (`base`) and
+/// transformers+peft with adapter1 (`adapter1`): log_softmax of the golden logits at the
+/// position before it (JSON).
+fn golden_prompt_logprobs(model: &str) -> String {
+    let golden = Golden::load(&format!("{model}/expected.safetensors"));
     let ids = token_ids(golden.get("input.seq0.ids"));
     let of = |variant: &str| -> Vec<f32> {
         let logits = golden.get(&format!("{variant}.seq0.logits"));
@@ -255,7 +256,7 @@ fn openai_client_sees_specialised_cached_and_base_answers() {
         &with_a1,
         &with_a2,
         outside.to_str().unwrap(),
-        &golden_prompt_logprobs(),
+        &golden_prompt_logprobs("tiny-qwen2"),
     ]);
 }
 
@@ -292,6 +293,39 @@ fn ordinary_chat_far_from_the_trained_conditions_gets_the_base_model() {
         Some(trained),
     );
     python(&[&server.url, "abstain", trained]);
+}
+
+/// A GGUF model served with f32 activations (`gguf -d f32`, the tokenizer from `-t`, since
+/// the golden GGUF copies carry none): the prompt's logprobs, on the base model and under a
+/// named PEFT adapter, are transformers+peft's to 1e-4. mistral.rs's own choice for GGUF
+/// (`-d auto`, bf16 on a CPU) misses that by about 1e-3.
+#[test]
+fn gguf_served_in_f32_scores_prompts_as_transformers_peft_does() {
+    let name = "tiny-qwen3";
+    let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-gguf-f32", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gen = common::tiny_generator_for(&dir, name);
+    let file = "model-f32.gguf";
+    let model: [std::ffi::OsString; 9] = [
+        "gguf".into(),
+        "-m".into(),
+        golden_path(name).into(),
+        "-f".into(),
+        file.into(),
+        "-t".into(),
+        golden_path(name).into(),
+        "-d".into(),
+        "f32".into(),
+    ];
+    let lora = format!("a1={}", golden_path(&format!("{name}/adapter1")).display());
+    let server = spawn_server(&gen, &["--lora", &lora], &model);
+    python(&[
+        &server.url,
+        "scoring",
+        file,
+        &golden_prompt_logprobs(name),
+        "1e-4",
+    ]);
 }
 
 #[test]

@@ -11,9 +11,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
-use mistralrs::{GgufModelBuilder, ModelDType, TextModelBuilder, TokenSource};
+use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
 use mistralrs_dnd::adapters::BaseModelShape;
 use mistralrs_dnd::cache::CacheLimits;
+use mistralrs_dnd::engine::load::{load_gguf, GgufOptions};
 use mistralrs_dnd::engine::set_adapter_provider;
 use mistralrs_dnd::policy::{PromptPolicy, PromptSource};
 use mistralrs_dnd::provider::{DndProvider, GenerationShare, ProviderOptions};
@@ -154,6 +155,14 @@ enum ModelArgs {
         /// The .gguf file name in that folder.
         #[arg(short = 'f', long)]
         quantized_filename: String,
+        /// A folder with tokenizer.json (and tokenizer_config.json) to use instead of the
+        /// tokenizer inside the file (for GGUF files that carry none).
+        #[arg(short = 't', long)]
+        tok_model_id: Option<PathBuf>,
+        /// Activation dtype: auto (mistral.rs's choice: bf16 on a CPU), f32, bf16, f16. The
+        /// quantized weights stay as stored.
+        #[arg(short = 'd', long, default_value = "auto")]
+        dtype: String,
     },
 }
 
@@ -188,6 +197,16 @@ fn model_dtype(s: &str) -> Result<ModelDType> {
     })
 }
 
+/// The dtype adapters are built in for a model run in `dtype` (f32 where mistral.rs chooses:
+/// the patch casts each adapter's output to the activations' dtype).
+fn adapter_dtype(dtype: &str) -> DType {
+    match dtype {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    }
+}
+
 /// mistral.rs's prefix-cache size, `None` when turned off.
 fn prefix_cache(args: &Args) -> Option<usize> {
     (args.prefix_cache_n > 0).then_some(args.prefix_cache_n)
@@ -219,35 +238,35 @@ async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, D
             let name = model_id
                 .file_name()
                 .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-            let act = match dtype.as_str() {
-                "bf16" => DType::BF16,
-                "f16" => DType::F16,
-                _ => DType::F32,
-            };
-            Ok((b.build().await?, name, model_id.clone(), act))
+            Ok((
+                b.build().await?,
+                name,
+                model_id.clone(),
+                adapter_dtype(dtype),
+            ))
         }
         ModelArgs::Gguf {
             quantized_model_id,
             quantized_filename,
+            tok_model_id,
+            dtype,
         } => {
-            let mut b = GgufModelBuilder::new(
-                str_path(quantized_model_id),
-                vec![quantized_filename.clone()],
-            )
-            .with_token_source(TokenSource::None)
-            .with_max_num_seqs(args.max_seqs)
-            .with_prefix_cache_n(prefix_cache(args));
-            if args.cpu {
-                b = b.with_force_cpu();
-            }
-            if let Some(t) = &args.chat_template {
-                b = b.with_chat_template(t);
-            }
+            let model = load_gguf(&GgufOptions {
+                dir: quantized_model_id.clone(),
+                files: vec![quantized_filename.clone()],
+                tokenizer_dir: tok_model_id.clone(),
+                chat_template: args.chat_template.clone(),
+                dtype: model_dtype(dtype)?,
+                force_cpu: args.cpu,
+                max_seqs: args.max_seqs,
+                prefix_cache_n: prefix_cache(args),
+            })
+            .await?;
             Ok((
-                b.build().await?,
+                model,
                 quantized_filename.clone(),
                 quantized_model_id.join(quantized_filename),
-                DType::F32,
+                adapter_dtype(dtype),
             ))
         }
     }

@@ -25,7 +25,7 @@ import openai
 
 BASE, MODE = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=600)
-MODEL = sys.argv[3] if MODE == "concurrent" else "tiny-qwen2"
+MODEL = sys.argv[3] if MODE in ("concurrent", "scoring") else "tiny-qwen2"
 
 
 def no_fffd(text):
@@ -341,6 +341,23 @@ def prompt_scoring(golden):
     return {"prompt_logprobs": "ok"}
 
 
+def scoring(golden, tol):
+    """Prompt logprobs (lm-eval's loglikelihood payload) on the base model and under the named
+    adapter a1: within `tol` of transformers(+peft)'s, from log_softmax of the golden logits."""
+    worst = {}
+    for model, extra, want in [(MODEL, {"dnd": {"base": True}}, golden["base"]),
+                               ("a1", {}, golden["adapter1"])]:
+        r = client.completions.create(model=model, prompt=golden["ids"], max_tokens=1,
+                                      temperature=0, logprobs=1, echo=True, extra_body=extra)
+        got = r.choices[0].logprobs.token_logprobs[:-1]
+        assert got[0] is None and len(got) == len(want) + 1, (model, got, want)
+        worst[model] = max(abs(g - w) for g, w in zip(got[1:], want))
+        assert worst[model] < tol, (model, worst[model], got, want)
+    # The adapter changes the scores: a1 is not the base model under another name.
+    assert max(abs(b - a) for b, a in zip(golden["base"], golden["adapter1"])) > 10 * tol
+    return {"worst_abs_error": worst}
+
+
 def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outside, golden):
     summary = {}
     named(base_prompt, expected_a1)
@@ -578,6 +595,8 @@ elif MODE == "load":
     print(json.dumps(load(float(sys.argv[3]))))
 elif MODE == "abstain":
     print(json.dumps(abstain(sys.argv[3])))
+elif MODE == "scoring":
+    print(json.dumps(scoring(json.loads(sys.argv[4]), float(sys.argv[5]))))
 elif MODE == "concurrent":
     print(json.dumps(concurrent()))
 else:

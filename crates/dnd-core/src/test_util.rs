@@ -115,9 +115,14 @@ pub fn token_ids(t: &Tensor) -> Vec<u32> {
 
 /// A rank-2 random generator for tiny-qwen2 (N = 4 prompts), written to `dir`.
 pub fn tiny_generator(dir: &std::path::Path) -> PathBuf {
+    tiny_generator_for(dir, "tiny-qwen2")
+}
+
+/// A rank-2 random generator for the golden model `model` (N = 4 prompts), written to `dir`.
+pub fn tiny_generator_for(dir: &std::path::Path, model: &str) -> PathBuf {
     use crate::adapters::{BaseModelShape, LoraSpec, Module};
     use crate::generator::{checkpoint, presets, ConditionDecoder, GeneratorConfig};
-    let shape = BaseModelShape::from_path(golden_path("tiny-qwen2")).unwrap();
+    let shape = BaseModelShape::from_path(golden_path(model)).unwrap();
     let spec = LoraSpec {
         rank: 2,
         alpha: 16.0,
@@ -129,7 +134,7 @@ pub fn tiny_generator(dir: &std::path::Path) -> PathBuf {
     cfg.untrained = true;
     cfg.note = Some("random weights (test)".into());
     let (_, tensors) = ConditionDecoder::random(cfg.clone(), 3, &Device::Cpu, DType::F32).unwrap();
-    let path = dir.join("tiny-generator.safetensors");
+    let path = dir.join(format!("{model}-generator.safetensors"));
     checkpoint::save(&path, &cfg, &tensors).unwrap();
     path
 }
