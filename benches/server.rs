@@ -183,6 +183,7 @@ async fn main() {
             base_model_id: FILE.into(),
             abstain_distance: None,
             reuse_distance: None,
+            host_cache_bytes: None,
             generation: Default::default(),
         },
     )

@@ -56,6 +56,7 @@ async fn main() -> Result<()> {
             base_model_id: MODEL_FILE.into(),
             abstain_distance: None,
             reuse_distance: None,
+            host_cache_bytes: None,
             generation: Default::default(),
         },
     )?;

@@ -261,22 +261,27 @@ fn openai_client_sees_specialised_cached_and_base_answers() {
 }
 
 #[test]
-fn sixty_four_concurrent_requests_over_sixteen_prompt_sets_with_room_for_four() {
-    // Room for exactly four adapters of the tiny generator (17 920 bytes each).
+fn sixty_four_concurrent_requests_over_sixteen_prompt_sets_with_room_for_four_and_six_in_host_memory(
+) {
+    // Room for exactly four adapters of the tiny generator (17 920 bytes each) on the device,
+    // and six more in the host-memory tier.
     let budget = 4 * 17_920;
-    let size = budget.to_string();
+    let host = 6 * 17_920;
+    let (size, host_size) = (budget.to_string(), host.to_string());
     let server = start_server(
         &[
             "--dnd-cache-entries",
             "16",
             "--dnd-cache-size",
             &size,
+            "--dnd-host-cache-size",
+            &host_size,
             "--dnd-cache-wait-secs",
             "600",
         ],
         "load",
     );
-    python(&[&server.url, "load", &budget.to_string()]);
+    python(&[&server.url, "load", &size, &host_size]);
 }
 
 #[test]

@@ -79,6 +79,11 @@ struct DndArgs {
     /// Seconds a request waits for cache room while every cached adapter is in use.
     #[arg(long, default_value_t = 60.0)]
     dnd_cache_wait_secs: f64,
+    /// Host memory for adapters evicted from the device (bytes, or with a KiB / MiB / GiB
+    /// suffix): a later request copies them back (source `restored`) instead of generating or
+    /// loading them again. Off when absent; on a CPU it only adds a second budget.
+    #[arg(long, value_parser = parse_size)]
+    dnd_host_cache_size: Option<usize>,
     /// Where prompts come from when a request lists none: system, user or auto.
     #[arg(long, default_value = "auto")]
     dnd_prompt_source: PromptSource,
@@ -308,6 +313,7 @@ fn build_provider(
             base_model_id: name.to_string(),
             abstain_distance: d.dnd_abstain_distance,
             reuse_distance: d.dnd_reuse_distance,
+            host_cache_bytes: d.dnd_host_cache_size,
             generation: GenerationShare {
                 threads: d.dnd_generation_threads,
                 nice: d.dnd_generation_nice,

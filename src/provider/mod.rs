@@ -24,8 +24,8 @@ use mistralrs_core::adapter_provider::{
 
 use crate::adapters::{BaseModelShape, LoraAdapter};
 use crate::cache::{
-    fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, Lease,
-    Source,
+    fingerprint, normalize_prompts, AdapterCache, AdapterKey, CacheError, CacheLimits, HostTier,
+    Lease, Source, Transfer,
 };
 use crate::error::{DndError, Result};
 use crate::generator::anchors::{Anchors, Nearest};
@@ -89,6 +89,10 @@ pub struct ProviderOptions {
     pub reuse_distance: Option<f32>,
     /// The cores and priority generations (and condition embeddings) run with.
     pub generation: GenerationShare,
+    /// Bytes of host memory for adapters evicted from the device, brought back by a copy
+    /// instead of being generated or loaded again (source `restored`). `None`: no host tier.
+    /// On a CPU device the tier holds the same tensors, so it only adds a second budget.
+    pub host_cache_bytes: Option<usize>,
 }
 
 /// Which adapter a request got.
@@ -115,6 +119,30 @@ pub struct Served {
     /// The condition's routing key ([`crate::cache::route_key`]), when prompts conditioned
     /// the request (set by the server).
     pub route: Option<String>,
+}
+
+/// The provider's cache: on the model's device, with a host-memory tier when asked for.
+fn adapter_cache(opts: &ProviderOptions) -> Arc<LoraCache> {
+    let Some(max_bytes) = opts.host_cache_bytes else {
+        return LoraCache::new(opts.limits, SequenceLora::size_in_bytes);
+    };
+    let copy = |to: Device, what: &'static str| -> Transfer<SequenceLora, GenerationError> {
+        Arc::new(move |a: &SequenceLora| {
+            a.to_device(&to).map_err(|e| {
+                tracing::warn!(adapter = a.name(), "copy {what} failed: {e}");
+                GenerationError::Failed(format!("copy {what}: {e}"))
+            })
+        })
+    };
+    LoraCache::with_host_tier(
+        opts.limits,
+        SequenceLora::size_in_bytes,
+        HostTier {
+            max_bytes,
+            offload: copy(Device::Cpu, "to host memory"),
+            restore: copy(opts.device.clone(), "from host memory"),
+        },
+    )
 }
 
 /// The request's own copy of a cached adapter (same tensors), owning its cache lease: the entry
@@ -224,7 +252,7 @@ impl DndProvider {
             batcher,
             generator,
             generator_id: generator_id.into(),
-            cache: LoraCache::new(opts.limits, SequenceLora::size_in_bytes),
+            cache: adapter_cache(&opts),
             opts,
             adapter_bytes,
             nearest: Mutex::new(HashMap::new()),
@@ -599,11 +627,18 @@ impl DndProvider {
         })
     }
 
-    /// A cached adapter by key (a client referring to an adapter it was served before).
-    pub fn by_key(&self, key: &str) -> std::result::Result<Served, ProviderError> {
+    /// A cached adapter by key (a client referring to an adapter it was served before): ready,
+    /// being made, or copied back from the host tier; never generated from nothing (the key
+    /// does not say from which prompts).
+    pub async fn by_key(&self, key: &str) -> std::result::Result<Served, ProviderError> {
         let unknown = || ProviderError::UnknownAdapter(key.to_string());
         let k = AdapterKey::parse(key).ok_or_else(unknown)?;
-        let lookup = self.cache.get(&k).ok_or_else(unknown)?;
+        let lookup = self
+            .cache
+            .get_held(&k)
+            .await
+            .ok_or_else(unknown)?
+            .map_err(cache_error)?;
         let (name, peft) = match lookup.meta.origin {
             Origin::Peft { name, .. } => (Some(name), true),
             Origin::Generated => (None, false),
@@ -611,7 +646,8 @@ impl DndProvider {
         Ok(Served {
             adapter: Some(leased(lookup.value)),
             key: Some(k),
-            source: Some(Source::Cached),
+            source: Some(lookup.source),
+            generation: lookup.generation,
             name,
             peft,
             ..Served::default()

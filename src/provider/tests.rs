@@ -1,6 +1,7 @@
 //! The provider on the golden tiny Qwen2 shape with a small random generator.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +79,7 @@ fn options(entries: usize) -> ProviderOptions {
         base_model_id: "tiny-qwen2".into(),
         abstain_distance: None,
         reuse_distance: None,
+        host_cache_bytes: None,
         generation: Default::default(),
     }
 }
@@ -149,7 +151,7 @@ async fn equal_prompt_sets_share_one_adapter_of_the_announced_size() {
         );
     }
     assert!(matches!(
-        p.by_key(key.as_str()),
+        p.by_key(key.as_str()).await,
         Ok(Served {
             source: Some(Source::Cached),
             ..
@@ -157,6 +159,7 @@ async fn equal_prompt_sets_share_one_adapter_of_the_announced_size() {
     ));
     assert_eq!(
         p.by_key("0123456789abcdef0123456789abcdef")
+            .await
             .unwrap_err()
             .code(),
         "adapter_not_found"
@@ -362,6 +365,7 @@ async fn named_adapters_are_replaced_and_removed_at_runtime() {
 async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
     let opts = |reuse| ProviderOptions {
         reuse_distance: reuse,
+        host_cache_bytes: None,
         ..options(4)
     };
     let (first, para, other) = (
@@ -461,4 +465,53 @@ async fn futures_join(
         out.push(t.await.unwrap());
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_evicted_to_the_host_tier_come_back_as_the_same_adapter() {
+    // Room for one adapter on the device and two in host memory.
+    let p = DndProvider::new(
+        generator(false),
+        "gen",
+        ProviderOptions {
+            host_cache_bytes: Some(2 * options(1).limits.max_bytes),
+            ..options(1)
+        },
+    )
+    .unwrap();
+    let sky = || prompts(&["Is the sky blue?", "Is 2 even?"]);
+    let first = p.resolve(sky()).await.unwrap();
+    assert_eq!(first.source, Some(Source::Generated));
+    let (uid, key) = (first.adapter.as_ref().unwrap().uid(), first.key.clone());
+    drop(first);
+    let other = p.resolve(prompts(&["Name a colour."])).await.unwrap();
+    assert_eq!(other.source, Some(Source::Generated));
+    drop(other);
+    assert_eq!(
+        p.cache().host_usage().1,
+        1,
+        "the first adapter went to host memory"
+    );
+    // Back by a copy: the same adapter object's weights (uid kept), not a new generation.
+    let back = p.resolve(sky()).await.unwrap();
+    assert_eq!(back.source, Some(Source::Restored));
+    assert_eq!(
+        (back.adapter.as_ref().unwrap().uid(), &back.key),
+        (uid, &key)
+    );
+    drop(back);
+    // By key too, once evicted again.
+    let other = p.resolve(prompts(&["Name a colour."])).await.unwrap();
+    assert_eq!(other.source, Some(Source::Restored));
+    let other_key = other.key.clone().unwrap();
+    drop(other);
+    let by_key = p.by_key(other_key.as_str()).await.unwrap();
+    assert_eq!(by_key.source, Some(Source::Cached));
+    drop(by_key);
+    drop(p.resolve(sky()).await.unwrap());
+    assert_eq!(
+        p.by_key(other_key.as_str()).await.unwrap().source,
+        Some(Source::Restored)
+    );
+    assert_eq!(p.cache().stats().generations.load(Ordering::SeqCst), 2);
 }

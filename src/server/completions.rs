@@ -204,7 +204,7 @@ async fn choose(
         return Ok(Served::default());
     }
     if let Some(key) = ext.adapter {
-        return Ok(provider.by_key(&key)?);
+        return Ok(provider.by_key(&key).await?);
     }
     let policy = &provider.options().policy;
     let condition = match ext.prompts {
@@ -253,8 +253,8 @@ fn dnd_info(served: &Served) -> Value {
     v
 }
 
-/// `generated`, `joined`, `cached`, `base`, `loaded` (a named PEFT folder read into the
-/// cache by this request), or `abstained` (base model: the condition was farther from every
+/// `generated`, `joined`, `cached`, `restored` (copied back from the host-memory tier), `base`,
+/// `loaded` (a named PEFT folder read into the cache by this request), or `abstained` (base model: the condition was farther from every
 /// trained one than the abstention distance), or `similar` (a cached adapter for a condition
 /// within the reuse distance).
 fn source_name(served: &Served) -> &'static str {

@@ -256,6 +256,50 @@ pub(super) async fn prometheus(State(state): State<Arc<ServerState>>) -> impl In
             "Cache entry limit.",
             limits.max_entries,
         );
+        if let Some(budget) = cache.host_budget() {
+            let (bytes, entries) = cache.host_usage();
+            let host = [
+                (
+                    "dnd_adapter_host_bytes",
+                    "gauge",
+                    "Bytes of evicted adapters held in host memory.",
+                    bytes as u64,
+                ),
+                (
+                    "dnd_adapter_host_bytes_budget",
+                    "gauge",
+                    "Host-memory tier byte budget.",
+                    budget as u64,
+                ),
+                (
+                    "dnd_adapter_host_entries",
+                    "gauge",
+                    "Evicted adapters held in host memory.",
+                    entries as u64,
+                ),
+                (
+                    "dnd_adapter_host_offloads_total",
+                    "counter",
+                    "Evicted adapters copied to host memory.",
+                    load(&s.offloads),
+                ),
+                (
+                    "dnd_adapter_host_restores_total",
+                    "counter",
+                    "Requests served an adapter copied back from host memory.",
+                    load(&s.restores),
+                ),
+                (
+                    "dnd_adapter_host_drops_total",
+                    "counter",
+                    "Adapters dropped from host memory for room (or whose copy failed).",
+                    load(&s.host_drops),
+                ),
+            ];
+            for (name, kind, help, v) in host {
+                metric(&mut out, name, kind, help, v);
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP dnd_adapter_generation_seconds Time to generate an adapter.\n\

@@ -495,7 +495,7 @@ def e2e(base_prompt, expected_base, expected_top, expected_a1, expected_a2, outs
     return summary
 
 
-def load(budget):
+def load(budget, host_budget):
     # Without --adapter-root, runtime loading is refused.
     status, _, body = http("POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "x", "lora_path": "y"}))
     assert (status, json.loads(body)["error"]["code"]) == (403, "runtime_loading_disabled"), body
@@ -508,8 +508,10 @@ def load(budget):
     def ask(i):
         r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=24,
                                       temperature=0, extra_body={"dnd": {"prompts": sets[i]}})
+        sources.append(dnd(r)["source"])
         return i, r.choices[0].text, dnd(r)["adapter"]
 
+    sources = []
     # Each prompt set alone first: its own adapter's output.
     reference = {i: ask(i)[1:] for i in range(16)}
     before = metrics()
@@ -525,10 +527,17 @@ def load(budget):
     assert after["dnd_adapter_bytes_budget"] == budget, after
     assert after["dnd_adapter_generation_failures_total"] == 0
     assert after["dnd_adapter_cache_busy_total"] == 0
+    # Evicted adapters went to host memory and came back from there (answering as their own
+    # adapter, checked above), within the tier's budget.
+    assert set(sources) <= {"generated", "joined", "cached", "restored"}, set(sources)
+    assert after["dnd_adapter_host_restores_total"] > 0 and "restored" in sources, after
+    assert after["dnd_adapter_host_bytes"] <= after["dnd_adapter_host_bytes_budget"] == host_budget
+    assert after["dnd_adapter_host_offloads_total"] > 0, after
     distinct = len({t for t, _ in reference.values()})
     # The check above only tells adapters apart when their outputs differ.
     assert distinct >= 12, f"only {distinct} distinct outputs over 16 prompt sets"
     return {"distinct_outputs": distinct, "evictions": after["dnd_adapter_cache_evictions_total"],
+            "restores": after["dnd_adapter_host_restores_total"],
             "peak_bytes": after["dnd_adapter_bytes_resident_peak"], "budget": budget}
 
 
@@ -592,7 +601,7 @@ if MODE == "e2e":
     print(json.dumps(e2e(sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), *sys.argv[6:9],
                          json.loads(sys.argv[9]))))
 elif MODE == "load":
-    print(json.dumps(load(float(sys.argv[3]))))
+    print(json.dumps(load(float(sys.argv[3]), float(sys.argv[4]))))
 elif MODE == "abstain":
     print(json.dumps(abstain(sys.argv[3])))
 elif MODE == "scoring":

@@ -8,10 +8,14 @@
 //!   budget; dropping an entry's last lease wakes it, so nothing polls.
 //! - Concurrent misses for one key share one generation, which runs in its own task: a client
 //!   that goes away does not cancel it.
+//! - Optionally a second tier in host memory with a byte budget of its own ([`HostTier`]): an
+//!   entry evicted from the device is copied there, and a later miss for its key copies it back
+//!   (source `restored`) instead of generating or loading it again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,6 +48,8 @@ pub enum Source {
     Joined,
     /// The value was ready in the cache.
     Cached,
+    /// This lookup copied the value back from the host-memory tier.
+    Restored,
 }
 
 impl Source {
@@ -53,6 +59,7 @@ impl Source {
             Self::Generated => "generated",
             Self::Joined => "joined",
             Self::Cached => "cached",
+            Self::Restored => "restored",
         }
     }
 }
@@ -119,6 +126,22 @@ impl<V> Drop for Lease<V> {
     }
 }
 
+/// Copies a value between the device and host memory.
+pub type Transfer<V, E> = Arc<dyn Fn(&V) -> Result<V, E> + Send + Sync>;
+
+/// The host-memory tier of a cache whose values live on an accelerator: where evicted entries
+/// go (least recently evicted dropped first) until a miss brings them back.
+pub struct HostTier<V, E> {
+    /// Most bytes held in host memory (each value weighed as on the device).
+    pub max_bytes: usize,
+    /// Copies an evicted value to host memory; on an error the value is dropped (counted in
+    /// [`CacheStats::host_drops`]; the function logs why). It runs on the evicting thread,
+    /// outside the cache's lock.
+    pub offload: Transfer<V, E>,
+    /// Copies a host value back onto the device (in its own task, as a generation does).
+    pub restore: Transfer<V, E>,
+}
+
 /// A value handed out by the cache.
 #[derive(Debug)]
 pub struct Lookup<V, M> {
@@ -128,7 +151,8 @@ pub struct Lookup<V, M> {
     pub meta: M,
     /// How it was served.
     pub source: Source,
-    /// Time the generation took (for `Generated` and `Joined`).
+    /// Time the generation (or the copy back from host memory) took, for `Generated`,
+    /// `Joined` and `Restored`.
     pub generation: Option<Duration>,
 }
 
@@ -201,6 +225,12 @@ pub struct CacheStats {
     pub generation_buckets: [AtomicU64; GENERATION_BUCKETS.len() + 1],
     /// Highest resident + reserved bytes ever seen.
     pub peak_bytes: AtomicU64,
+    /// Evicted entries copied to the host-memory tier.
+    pub offloads: AtomicU64,
+    /// Lookups served by copying an entry back from the host-memory tier.
+    pub restores: AtomicU64,
+    /// Entries dropped from the host-memory tier to make room there, or whose copy failed.
+    pub host_drops: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the generation-latency histogram buckets.
@@ -236,6 +266,19 @@ impl<V> Flight<V> {
     }
 }
 
+/// An entry of the host-memory tier.
+struct HostEntry<V, M> {
+    value: V,
+    meta: M,
+    bytes: usize,
+}
+
+/// An entry evicted from the device tier, on its way to the host tier.
+type Evicted<K, V, M> = (K, Arc<V>, M, usize);
+
+/// What a flight runs: a generation, or a copy back from host memory.
+type Making<V, E> = Pin<Box<dyn Future<Output = Result<V, E>> + Send>>;
+
 /// What a generation's waiters receive, and the time it took.
 type FlightResult<V, E> = Option<Result<(Arc<Flight<V>>, Duration), CacheError<E>>>;
 
@@ -244,12 +287,17 @@ struct State<K: Hash + Eq, V, M, E> {
     flights: HashMap<K, (watch::Receiver<FlightResult<V, E>>, M)>,
     resident: usize,
     reserved: usize,
+    host: LruCache<K, HostEntry<V, M>>,
+    host_bytes: usize,
 }
 
 enum Step<V, M, E> {
     Ready(Lookup<V, M>),
-    Await(watch::Receiver<FlightResult<V, E>>, Source),
+    /// Wait for a flight, whose metadata this is.
+    Await(watch::Receiver<FlightResult<V, E>>, Source, M),
     NoRoom,
+    /// Not held, and nothing to make it with.
+    Absent,
 }
 
 /// The cache. Share it as `Arc<AdapterCache<..>>`.
@@ -261,6 +309,7 @@ pub struct AdapterCache<K: Hash + Eq, V, M, E> {
     /// finished.
     changed: Arc<Notify>,
     stats: CacheStats,
+    host_tier: Option<HostTier<V, E>>,
 }
 
 impl<K, V, M, E> AdapterCache<K, V, M, E>
@@ -272,6 +321,23 @@ where
 {
     /// An empty cache whose values weigh what `weigh` says.
     pub fn new(limits: CacheLimits, weigh: Weigher<V>) -> Arc<Self> {
+        Self::build(limits, weigh, None)
+    }
+
+    /// An empty cache whose evicted entries drop to the host-memory tier `host`.
+    pub fn with_host_tier(
+        limits: CacheLimits,
+        weigh: Weigher<V>,
+        host: HostTier<V, E>,
+    ) -> Arc<Self> {
+        Self::build(limits, weigh, Some(host))
+    }
+
+    fn build(
+        limits: CacheLimits,
+        weigh: Weigher<V>,
+        host_tier: Option<HostTier<V, E>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limits,
             weigh,
@@ -280,10 +346,24 @@ where
                 flights: HashMap::new(),
                 resident: 0,
                 reserved: 0,
+                host: LruCache::unbounded(),
+                host_bytes: 0,
             }),
             changed: Arc::new(Notify::new()),
             stats: CacheStats::default(),
+            host_tier,
         })
+    }
+
+    /// The host tier's byte budget (`None`: no host tier).
+    pub fn host_budget(&self) -> Option<usize> {
+        self.host_tier.as_ref().map(|h| h.max_bytes)
+    }
+
+    /// Bytes and entries held in the host-memory tier.
+    pub fn host_usage(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.host_bytes, st.host.len())
     }
 
     /// The bounds.
@@ -332,13 +412,18 @@ where
         })
     }
 
-    /// The metadata of a ready entry, without counting a hit or refreshing its recency.
+    /// The metadata of an entry ready on the device or held in the host tier, without counting
+    /// a hit or refreshing its recency.
     pub fn peek_meta(&self, key: &K) -> Option<M> {
-        self.lock().ready.peek(key).map(|e| e.meta.clone())
+        let st = self.lock();
+        st.ready
+            .peek(key)
+            .map(|e| e.meta.clone())
+            .or_else(|| st.host.peek(key).map(|h| h.meta.clone()))
     }
 
-    /// The value for `key`: from the cache, from a generation in flight, or by running
-    /// `make` (in its own task) with `bytes` reserved for its result.
+    /// The value for `key`: from the cache, from a generation in flight, from the host tier, or
+    /// by running `make` (in its own task) with `bytes` reserved for its result.
     pub async fn get_or_generate<F, Fut>(
         self: &Arc<Self>,
         key: K,
@@ -356,35 +441,67 @@ where
                 budget: self.limits.max_bytes,
             });
         }
+        self.resolve(&key, Some((meta, bytes, make)))
+            .await
+            .expect("a lookup that may generate always finds a value")
+    }
+
+    /// The value for `key` if the cache holds it: ready, in flight, or in the host tier (copied
+    /// back, waiting for room as a miss does); `None` when it holds none (nothing is made).
+    pub async fn get_held(
+        self: &Arc<Self>,
+        key: &K,
+    ) -> Option<Result<Lookup<V, M>, CacheError<E>>> {
+        type Never<V, E> = fn() -> std::future::Ready<Result<V, E>>;
+        self.resolve::<Never<V, E>, _>(key, None).await
+    }
+
+    /// Looks `key` up until it is served, waiting for room while every entry is in use;
+    /// `make` (metadata, bytes to reserve, generation) makes a missing value, or without it
+    /// a missing value is `None`.
+    async fn resolve<F, Fut>(
+        self: &Arc<Self>,
+        key: &K,
+        mut make: Option<(M, usize, F)>,
+    ) -> Option<Result<Lookup<V, M>, CacheError<E>>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+    {
         let deadline = Instant::now() + self.limits.wait_timeout;
-        let mut make = Some(make);
         loop {
             // Registered before looking, so a release between the look and the wait is seen.
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.step(&key, &meta, bytes, &mut make) {
-                Step::Ready(lookup) => return Ok(lookup),
-                Step::Await(rx, source) => return Self::await_flight(rx, meta, source).await,
+            let mut evicted = Vec::new();
+            let step = self.step(key, &mut make, &mut evicted);
+            self.offload(evicted);
+            match step {
+                Step::Ready(lookup) => return Some(Ok(lookup)),
+                Step::Await(rx, source, meta) => {
+                    return Some(Self::await_flight(rx, meta, source).await)
+                }
+                Step::Absent => return None,
                 Step::NoRoom => {}
             }
             let now = Instant::now();
             if now >= deadline {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                return Err(CacheError::Busy(self.limits.wait_timeout));
+                return Some(Err(CacheError::Busy(self.limits.wait_timeout)));
             }
             // Woken by a released lease, a removal or a finished generation.
             let _ = tokio::time::timeout(deadline - now, notified).await;
         }
     }
 
-    /// One look under the lock (a plain function, so no guard lives across an await).
+    /// One look under the lock (a plain function, so no guard lives across an await); entries
+    /// it evicts are handed back in `evicted`, for the host tier.
     fn step<F, Fut>(
         self: &Arc<Self>,
         key: &K,
-        meta: &M,
-        bytes: usize,
-        make: &mut Option<F>,
+        make: &mut Option<(M, usize, F)>,
+        evicted: &mut Vec<Evicted<K, V, M>>,
     ) -> Step<V, M, E>
     where
         F: FnOnce() -> Fut + Send + 'static,
@@ -401,31 +518,108 @@ where
                 generation: None,
             });
         }
-        if let Some((rx, _)) = st.flights.get(key) {
+        if let Some((rx, meta)) = st.flights.get(key) {
             self.stats.joins.fetch_add(1, Ordering::Relaxed);
-            return Step::Await(rx.clone(), Source::Joined);
+            return Step::Await(rx.clone(), Source::Joined, meta.clone());
         }
-        if !self.make_room(&mut st, bytes) {
+        if let (Some(tier), Some(held)) = (&self.host_tier, st.host.peek(key)) {
+            // Back from host memory: room for the device copy, then the copy in a flight of its
+            // own, so concurrent lookups join it as they would a generation.
+            let need = held.bytes;
+            if !self.make_room(&mut st, need, evicted) {
+                return Step::NoRoom;
+            }
+            let held = st.host.pop(key).expect("peeked");
+            st.host_bytes -= held.bytes;
+            let restore = tier.restore.clone();
+            let making: Making<V, E> = Box::pin(async move {
+                match tokio::task::spawn_blocking(move || restore(&held.value)).await {
+                    Ok(r) => r,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            });
+            let meta = held.meta.clone();
+            self.stats.restores.fetch_add(1, Ordering::Relaxed);
+            let rx = self.launch(&mut st, key, &meta, need, making, false);
+            return Step::Await(rx, Source::Restored, meta);
+        }
+        let Some((_, bytes, _)) = make.as_ref() else {
+            return Step::Absent;
+        };
+        if !self.make_room(&mut st, *bytes, evicted) {
             return Step::NoRoom;
         }
+        let (meta, bytes, make) = make.take().expect("checked above");
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let making: Making<V, E> = Box::pin(async move { make().await });
+        let rx = self.launch(&mut st, key, &meta, bytes, making, true);
+        Step::Await(rx, Source::Generated, meta)
+    }
+
+    /// Starts a flight for `key` with `bytes` reserved: `making` runs in its own task, and its
+    /// result enters the cache (`generation`: counted as a generation, not a restore).
+    fn launch(
+        self: &Arc<Self>,
+        st: &mut State<K, V, M, E>,
+        key: &K,
+        meta: &M,
+        bytes: usize,
+        making: Making<V, E>,
+        generation: bool,
+    ) -> watch::Receiver<FlightResult<V, E>> {
         let (tx, rx) = watch::channel(None);
         st.flights.insert(key.clone(), (rx.clone(), meta.clone()));
         st.reserved += bytes;
-        self.note_peak(&st);
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let make = make.take().expect("a lookup starts at most one generation");
+        self.note_peak(st);
         let cache = self.clone();
         let (key, meta) = (key.clone(), meta.clone());
         tokio::spawn(async move {
             let t0 = Instant::now();
-            // Its own task, so that a panic in `make` is caught and reported.
-            let result = match tokio::spawn(make()).await {
+            // Its own task, so that a panic in `making` is caught and reported.
+            let result = match tokio::spawn(making).await {
                 Ok(r) => r.map_err(CacheError::Generation),
                 Err(e) => Err(CacheError::Panicked(e.to_string())),
             };
-            cache.finish(key, meta, bytes, result, t0.elapsed(), tx);
+            let evicted = cache.finish(key, meta, bytes, result, t0.elapsed(), generation, tx);
+            cache.offload(evicted);
         });
-        Step::Await(rx, Source::Generated)
+        rx
+    }
+
+    /// Moves entries evicted from the device into the host tier (outside the lock: the copy
+    /// takes time), dropping the host tier's least recently evicted entries to make room.
+    fn offload(&self, evicted: Vec<Evicted<K, V, M>>) {
+        let Some(tier) = &self.host_tier else {
+            return;
+        };
+        for (key, value, meta, bytes) in evicted {
+            if bytes > tier.max_bytes {
+                self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let value = match (tier.offload)(&value) {
+                Ok(v) => v,
+                Err(_) => {
+                    self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            let mut st = self.lock();
+            // Made again while it was being copied: the device copy is the one to keep.
+            if st.ready.contains(&key) || st.flights.contains_key(&key) {
+                continue;
+            }
+            while st.host_bytes + bytes > tier.max_bytes {
+                let (_, old) = st.host.pop_lru().expect("host bytes imply host entries");
+                st.host_bytes -= old.bytes;
+                self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some((_, old)) = st.host.push(key, HostEntry { value, meta, bytes }) {
+                st.host_bytes -= old.bytes;
+            }
+            st.host_bytes += bytes;
+            self.stats.offloads.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     async fn await_flight(
@@ -450,8 +644,14 @@ where
 
     /// Makes room for one more entry of `bytes`: evicts unpinned entries, least recently used
     /// first, but only when evicting them is enough. When it is not, nothing is evicted (the
-    /// caller waits for a release, and the entries it would have dropped stay useful).
-    fn make_room(&self, st: &mut State<K, V, M, E>, bytes: usize) -> bool {
+    /// caller waits for a release, and the entries it would have dropped stay useful). Evicted
+    /// entries are added to `evicted` (for the host tier).
+    fn make_room(
+        &self,
+        st: &mut State<K, V, M, E>,
+        bytes: usize,
+        evicted: &mut Vec<Evicted<K, V, M>>,
+    ) -> bool {
         let entries = st.ready.len() + st.flights.len();
         let mut excess_entries = (entries + 1).saturating_sub(self.limits.max_entries);
         let mut excess_bytes =
@@ -475,10 +675,15 @@ where
             let e = st.ready.pop(&k).expect("victim is present");
             st.resident -= e.bytes;
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            if self.host_tier.is_some() {
+                evicted.push((k, e.value, e.meta, e.bytes));
+            }
         }
         true
     }
 
+    /// Enters a flight's result; returns the entries evicted to make room for it.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         key: K,
@@ -486,8 +691,10 @@ where
         reserved: usize,
         result: Result<V, CacheError<E>>,
         took: Duration,
+        generation: bool,
         tx: watch::Sender<FlightResult<V, E>>,
-    ) {
+    ) -> Vec<Evicted<K, V, M>> {
+        let mut evicted = Vec::new();
         let mut st = self.lock();
         st.flights.remove(&key);
         st.reserved -= reserved;
@@ -500,7 +707,7 @@ where
                 // The reservation is released above, so room is made for the whole value: an
                 // estimate that fell short is covered, and if no room can be made the value is
                 // given out uncached rather than exceed the budget.
-                if bytes <= self.limits.max_bytes && self.make_room(&mut st, bytes) {
+                if bytes <= self.limits.max_bytes && self.make_room(&mut st, bytes, &mut evicted) {
                     st.resident += bytes;
                     st.ready.push(
                         key,
@@ -515,7 +722,9 @@ where
                     );
                     self.note_peak(&st);
                 }
-                self.record_generation(took);
+                if generation {
+                    self.record_generation(took);
+                }
                 // Waiters that leave before reading keep the flight's lease until the channel
                 // goes (the entry is in use a little longer, never freed too early).
                 let flight = Flight {
@@ -532,6 +741,7 @@ where
         drop(st);
         let _ = tx.send(Some(outcome));
         self.changed.notify_waiters();
+        evicted
     }
 
     fn note_peak(&self, st: &State<K, V, M, E>) {
@@ -578,9 +788,16 @@ where
             .collect()
     }
 
-    /// Removes a ready entry that no request holds.
+    /// Removes a ready entry that no request holds, and its host-tier copy.
     pub fn remove(&self, key: &K) -> Result<(), RemoveError> {
         let mut st = self.lock();
+        if let Some(held) = st.host.pop(key) {
+            st.host_bytes -= held.bytes;
+            if !st.ready.contains(key) {
+                self.stats.removals.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         match st.ready.peek(key) {
             None => return Err(RemoveError::NotFound),
             Some(e) if e.holds.in_use() => return Err(RemoveError::InUse),

@@ -297,3 +297,165 @@ async fn a_new_entry_stays_in_use_until_its_waiters_have_their_leases() {
     // The flight's own lease went with the last waiter's: nothing left holds the entry.
     assert!(!c.entries()[0].in_use);
 }
+
+/// A value that knows where it is: `Blob` sizes tagged by tier, so a test sees that a restored
+/// value went through `restore` (host to device) and not through the generator.
+#[derive(Debug, Clone, PartialEq)]
+struct Placed {
+    bytes: usize,
+    on_host: bool,
+    made: usize,
+}
+
+type TieredCache = AdapterCache<String, Placed, (), String>;
+
+/// A cache holding `entries` on the device and `host_bytes` in host memory; `fail_restore`
+/// makes every copy back fail.
+fn tiered(entries: usize, host_bytes: usize, fail_restore: bool) -> Arc<TieredCache> {
+    AdapterCache::with_host_tier(
+        CacheLimits {
+            max_entries: entries,
+            max_bytes: 1000,
+            wait_timeout: Duration::from_millis(100),
+        },
+        |p: &Placed| p.bytes,
+        HostTier {
+            max_bytes: host_bytes,
+            offload: Arc::new(|p: &Placed| {
+                assert!(!p.on_host, "only device values are offloaded");
+                Ok(Placed {
+                    on_host: true,
+                    ..p.clone()
+                })
+            }),
+            restore: Arc::new(move |p: &Placed| {
+                assert!(p.on_host, "only host values are restored");
+                if fail_restore {
+                    return Err("device out of memory".to_string());
+                }
+                Ok(Placed {
+                    on_host: false,
+                    ..p.clone()
+                })
+            }),
+        },
+    )
+}
+
+/// Looks `key` up; a generation makes a value stamped with the running count `made`.
+async fn tiered_fetch(
+    c: &Arc<TieredCache>,
+    key: &str,
+    bytes: usize,
+    made: &Arc<AtomicUsize>,
+) -> Result<Lookup<Placed, ()>, CacheError<String>> {
+    let made = made.clone();
+    c.get_or_generate(key.to_string(), (), bytes, move || async move {
+        Ok(Placed {
+            bytes,
+            on_host: false,
+            made: made.fetch_add(1, Ordering::SeqCst) + 1,
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn evicted_entries_come_back_from_the_host_tier_without_being_made_again() {
+    let c = tiered(1, 100, false);
+    let made = Arc::new(AtomicUsize::new(0));
+    let a = tiered_fetch(&c, "a", 30, &made).await.unwrap();
+    assert_eq!((a.source, a.value.made), (Source::Generated, 1));
+    drop(a);
+    // One device entry: b evicts a, which drops to host memory.
+    drop(tiered_fetch(&c, "b", 20, &made).await.unwrap());
+    assert_eq!(keys_of(&c), ["b"]);
+    assert_eq!(c.host_usage(), (30, 1));
+    assert_eq!(c.peek_meta(&"a".to_string()), Some(()));
+    // a comes back by a copy (the same value, on the device again), and b goes down.
+    let back = tiered_fetch(&c, "a", 30, &made).await.unwrap();
+    assert_eq!(back.source, Source::Restored);
+    assert_eq!(
+        *back.value.value().as_ref(),
+        Placed {
+            bytes: 30,
+            on_host: false,
+            made: 1
+        }
+    );
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        2,
+        "nothing was generated for the restore"
+    );
+    assert_eq!(c.host_usage(), (20, 1));
+    assert_eq!(c.resident_bytes(), 30);
+    drop(back);
+    assert_eq!(
+        tiered_fetch(&c, "a", 30, &made).await.unwrap().source,
+        Source::Cached
+    );
+    let s = c.stats();
+    assert_eq!(
+        (
+            s.offloads.load(Ordering::SeqCst),
+            s.restores.load(Ordering::SeqCst)
+        ),
+        (2, 1)
+    );
+    // Restores are not generations.
+    assert_eq!(s.generations.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn the_host_tier_keeps_to_its_own_budget_dropping_the_oldest() {
+    let c = tiered(1, 50, false);
+    let made = Arc::new(AtomicUsize::new(0));
+    for k in ["a", "b", "c", "d"] {
+        drop(tiered_fetch(&c, k, 20, &made).await.unwrap());
+    }
+    // d on the device; c and b in host memory (40 of 50 bytes); a was dropped for c.
+    assert_eq!(c.host_usage(), (40, 2));
+    assert_eq!(c.stats().host_drops.load(Ordering::SeqCst), 1);
+    assert!(c.peek_meta(&"a".to_string()).is_none());
+    // A lookup by key alone (no way to make it) finds c in host memory, and not a.
+    let held = c.get_held(&"c".to_string()).await.unwrap().unwrap();
+    assert_eq!((held.source, held.value.made), (Source::Restored, 3));
+    drop(held);
+    assert!(c.get_held(&"a".to_string()).await.is_none());
+    let a = tiered_fetch(&c, "a", 20, &made).await.unwrap();
+    assert_eq!((a.source, a.value.made), (Source::Generated, 5));
+    assert_eq!(made.load(Ordering::SeqCst), 5);
+    drop(a);
+    // Larger than the whole host budget: dropped on eviction, never held.
+    drop(tiered_fetch(&c, "big", 60, &made).await.unwrap());
+    drop(tiered_fetch(&c, "e", 10, &made).await.unwrap());
+    assert!(c.host_usage().0 <= 50, "{:?}", c.host_usage());
+    assert!(c.peek_meta(&"big".to_string()).is_none());
+}
+
+#[tokio::test]
+async fn a_failed_restore_reaches_the_lookup_and_removal_clears_the_host_tier() {
+    let c = tiered(1, 100, true);
+    let made = Arc::new(AtomicUsize::new(0));
+    drop(tiered_fetch(&c, "a", 30, &made).await.unwrap());
+    drop(tiered_fetch(&c, "b", 30, &made).await.unwrap());
+    let err = tiered_fetch(&c, "a", 30, &made).await.unwrap_err();
+    assert_eq!(
+        err,
+        CacheError::Generation("device out of memory".to_string())
+    );
+    // The host copy was used up; the next lookup generates.
+    let again = tiered_fetch(&c, "a", 30, &made).await.unwrap();
+    assert_eq!(again.source, Source::Generated);
+    drop(again);
+    // b (now in host memory) is removed from there on request.
+    assert_eq!(c.host_usage(), (30, 1));
+    assert_eq!(c.remove(&"b".to_string()), Ok(()));
+    assert_eq!(c.host_usage(), (0, 0));
+    assert_eq!(c.remove(&"b".to_string()), Err(RemoveError::NotFound));
+}
+
+fn keys_of(c: &TieredCache) -> Vec<String> {
+    c.entries().into_iter().map(|e| e.key).collect()
+}
