@@ -24,8 +24,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
-from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, MistralConfig,
-                          Phi3Config, Qwen3Config, SmolLM3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig,
+                          MistralConfig, Phi3Config, Qwen3Config, SmolLM3Config)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests/fixtures/golden"
 PROMPTS = ["The quick brown fox", "Hello, world! 123"]
@@ -63,9 +63,23 @@ FAMILIES = {
                                    rope_theta=10000.0, sliding_window=64,
                                    query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
                                    final_logit_softcapping=30.0, attention_bias=False),
+    # Gemma 3, text-only (Gemma3ForCausalLM, as gemma-3-1b-it): q/k norms, a sliding layer then
+    # a global one, each with its own rope base (1e4 local, 1e6 global), no soft-capping.
+    "gemma3": lambda: Gemma3TextConfig(**SHAPE, hidden_activation="gelu_pytorch_tanh",
+                                       tie_word_embeddings=True, sliding_window=64,
+                                       query_pre_attn_scalar=16, attention_bias=False,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       rope_parameters={
+                                           "sliding_attention": {"rope_type": "default",
+                                                                 "rope_theta": 10000.0},
+                                           "full_attention": {"rope_type": "default",
+                                                              "rope_theta": 1000000.0}}),
 }
 # Fields mistral.rs 0.8.1 reads at the top level, which transformers 5 nests or leaves out.
 FLAT = {"rope_theta": 10000.0}
+# Gemma 3's: the global rope base, the local one, and the layer pattern (every 2nd is global).
+FLAT_GEMMA3 = {"rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+               "sliding_window_pattern": 2}
 
 
 def spread(model, gemma_norms):
@@ -97,7 +111,7 @@ def greedy(model, ids):
 
 def make(family):
     torch.manual_seed({"qwen3": 3, "mistral": 7, "gemma2": 11, "gemma": 13, "smollm3": 17,
-                       "phi3": 19}[family])
+                       "phi3": 19, "gemma3": 23}[family])
     cfg = FAMILIES[family]()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     spread(model, family.startswith("gemma"))
@@ -112,7 +126,8 @@ def make(family):
         shutil.rmtree(out)
     copy.deepcopy(model).half().save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
-    config.update({k: v for k, v in FLAT.items() if k not in config})
+    flat = FLAT_GEMMA3 if family == "gemma3" else FLAT
+    config.update({k: v for k, v in flat.items() if k not in config})
     if family == "gemma2":
         config.setdefault("hidden_act", "gelu_pytorch_tanh")
     if family == "gemma":

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden_path, Golden};
-use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
+use mistralrs::{
+    ModelDType, MultimodalLoaderType, MultimodalModelBuilder, TextModelBuilder, TokenSource,
+};
 use mistralrs_core::Response;
 use mistralrs_dnd::adapters::{BaseModelShape, LoraAdapter};
 use mistralrs_dnd::engine::load::{load_gguf, GgufOptions};
@@ -58,11 +60,13 @@ impl AdapterProvider for TestProvider {
 
 /// How a golden model is loaded: its safetensors folder, or its GGUF copy
 /// (`model-f32.gguf`, scripts/make_tiny_gguf.py) through mistral.rs's GGUF loader for the
-/// family.
+/// family, or its safetensors folder through the multimodal loader (Gemma 3, whose text-only
+/// checkpoints mistral.rs 0.8.1 loads only there).
 #[derive(Clone, Copy)]
 enum Format {
     Safetensors,
     Gguf,
+    Gemma3,
 }
 
 /// Loads golden model `name` and registers the test provider for it; the provider's two
@@ -72,6 +76,16 @@ async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLor
     let (model, shape) = match format {
         Format::Safetensors => (
             TextModelBuilder::new(dir.to_str().unwrap())
+                .with_token_source(TokenSource::None)
+                .with_dtype(ModelDType::F32)
+                .with_force_cpu()
+                .build()
+                .await,
+            BaseModelShape::from_path(&dir),
+        ),
+        Format::Gemma3 => (
+            MultimodalModelBuilder::new(dir.to_str().unwrap())
+                .with_loader_type(MultimodalLoaderType::Gemma3)
                 .with_token_source(TokenSource::None)
                 .with_dtype(ModelDType::F32)
                 .with_force_cpu()
@@ -317,6 +331,13 @@ async fn tiny_smollm3_mixed_adapters_match_peft() {
 }
 
 /// Gemma 2: tied and scaled embeddings, soft-capped attention and logits, sliding layers.
+/// Gemma 3 (text-only, `Gemma3ForCausalLM`): q/k norms, a sliding and a global layer with
+/// rope bases of their own; through mistral.rs's multimodal pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_gemma3_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-gemma3", Format::Gemma3).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_gemma2_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-gemma2", Format::Safetensors).await;

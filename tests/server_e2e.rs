@@ -307,27 +307,51 @@ fn ordinary_chat_far_from_the_trained_conditions_gets_the_base_model() {
 #[test]
 fn gguf_served_in_f32_scores_prompts_as_transformers_peft_does() {
     let name = "tiny-qwen3";
-    let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-gguf-f32", std::process::id()));
+    let file = "model-f32.gguf";
+    serve_and_score(
+        name,
+        file,
+        &[
+            "gguf",
+            "-m",
+            golden_path(name).to_str().unwrap(),
+            "-f",
+            file,
+            "-t",
+            golden_path(name).to_str().unwrap(),
+            "-d",
+            "f32",
+        ],
+    );
+}
+
+/// A text-only Gemma 3 checkpoint (`Gemma3ForCausalLM`) given to `plain`, which mistral.rs
+/// 0.8.1 loads only through its multimodal pipeline: served, and scored as transformers+peft
+/// scores it, base and under a named PEFT adapter.
+#[test]
+fn text_only_gemma3_served_through_plain_scores_prompts_as_transformers_peft_does() {
+    let name = "tiny-gemma3";
+    let dir = golden_path(name);
+    serve_and_score(
+        name,
+        name,
+        &["plain", "-m", dir.to_str().unwrap(), "-d", "f32"],
+    );
+}
+
+/// Serves golden model `name` (model subcommand `model`, served as `served`) with its
+/// adapter1 as the named adapter `a1`, and checks prompt logprobs against the golden logits.
+fn serve_and_score(name: &str, served: &str, model: &[&str]) {
+    let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-score-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let gen = common::tiny_generator_for(&dir, name);
-    let file = "model-f32.gguf";
-    let model: [std::ffi::OsString; 9] = [
-        "gguf".into(),
-        "-m".into(),
-        golden_path(name).into(),
-        "-f".into(),
-        file.into(),
-        "-t".into(),
-        golden_path(name).into(),
-        "-d".into(),
-        "f32".into(),
-    ];
+    let model: Vec<std::ffi::OsString> = model.iter().map(|a| a.into()).collect();
     let lora = format!("a1={}", golden_path(&format!("{name}/adapter1")).display());
     let server = spawn_server(&gen, &["--lora", &lora], &model);
     python(&[
         &server.url,
         "scoring",
-        file,
+        served,
         &golden_prompt_logprobs(name),
         "1e-4",
     ]);

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
-use mistralrs::{ModelDType, TextModelBuilder, TokenSource};
+use mistralrs::{
+    ModelDType, MultimodalLoaderType, MultimodalModelBuilder, TextModelBuilder, TokenSource,
+};
 use mistralrs_dnd::adapters::BaseModelShape;
 use mistralrs_dnd::cache::CacheLimits;
 use mistralrs_dnd::engine::load::{load_gguf, GgufOptions};
@@ -212,6 +214,21 @@ fn adapter_dtype(dtype: &str) -> DType {
     }
 }
 
+/// Whether `model_dir` holds a text-only Gemma 3 (`Gemma3ForCausalLM`, e.g. gemma-3-1b-it),
+/// which mistral.rs 0.8.1 loads only through its multimodal pipeline.
+fn text_only_gemma3(model_dir: &Path) -> Result<bool> {
+    let path = model_dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        // No config.json: mistral.rs's loader reports it.
+        return Ok(false);
+    };
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(cfg["architectures"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == "Gemma3ForCausalLM")))
+}
+
 /// mistral.rs's prefix-cache size, `None` when turned off.
 fn prefix_cache(args: &Args) -> Option<usize> {
     (args.prefix_cache_n > 0).then_some(args.prefix_cache_n)
@@ -226,6 +243,29 @@ async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, D
             arch,
             dtype,
         } => {
+            let name = model_id
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+            if arch.is_none() && text_only_gemma3(model_id)? {
+                let mut b = MultimodalModelBuilder::new(str_path(model_id))
+                    .with_loader_type(MultimodalLoaderType::Gemma3)
+                    .with_token_source(TokenSource::None)
+                    .with_dtype(model_dtype(dtype)?)
+                    .with_max_num_seqs(args.max_seqs)
+                    .with_prefix_cache_n(prefix_cache(args));
+                if args.cpu {
+                    b = b.with_force_cpu();
+                }
+                if let Some(t) = &args.chat_template {
+                    b = b.with_chat_template(t);
+                }
+                return Ok((
+                    b.build().await?,
+                    name,
+                    model_id.clone(),
+                    adapter_dtype(dtype),
+                ));
+            }
             let mut b = TextModelBuilder::new(str_path(model_id))
                 .with_token_source(TokenSource::None)
                 .with_dtype(model_dtype(dtype)?)
@@ -240,9 +280,6 @@ async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, D
             if let Some(t) = &args.chat_template {
                 b = b.with_chat_template(t);
             }
-            let name = model_id
-                .file_name()
-                .map_or("model".into(), |n| n.to_string_lossy().into_owned());
             Ok((
                 b.build().await?,
                 name,
