@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use dnd_training::tasks::write_tasks;
+use dnd_training::tasks::{write_tasks, Suite};
 
 /// Write the seeded skill tasks (format, classification, extraction, arithmetic): for each,
 /// NAME_train.json and NAME_test.json (an unseen system-prompt paraphrase), and tasks.json.
@@ -25,11 +25,29 @@ pub struct Args {
     /// their data are the same as in a full run.
     #[arg(long)]
     count: Option<usize>,
+    /// Which tasks: `skills` (four families of distinct tasks) or `params` (templates
+    /// instantiated with many parameter values their instructions state: add_K, times_K,
+    /// word_K, wrap_NAME, label_A_B).
+    #[arg(long, value_enum, default_value = "skills")]
+    suite: SuiteArg,
+}
+
+/// `--suite`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SuiteArg {
+    Skills,
+    Params,
 }
 
 /// Writes the task files and says how many.
 pub fn run(args: Args) -> Result<()> {
-    let entries = write_tasks(&args.out, args.train, args.test, args.seed, args.count)?;
+    let suite = match args.suite {
+        SuiteArg::Skills => Suite::Skills,
+        SuiteArg::Params => Suite::Params,
+    };
+    let entries = write_tasks(
+        &args.out, suite, args.train, args.test, args.seed, args.count,
+    )?;
     eprintln!(
         "{} tasks ({} train / {} test examples each) in {}",
         entries.len(),

@@ -303,6 +303,25 @@ fn tasks_are_written_reproducibly() {
             "{file}"
         );
     }
+    // `--suite params`: the parametric tasks, their instructions naming their parameter.
+    write("p", &["--suite", "params"]);
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("p/tasks.json")).unwrap()).unwrap();
+    let params = params.as_array().unwrap();
+    assert_eq!(params.len(), 66);
+    let add7 = params.iter().find(|t| t["name"] == "add_7").unwrap();
+    assert!(add7["systems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s.as_str().unwrap().contains('7')));
+    let items: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("p/add_7_test.json")).unwrap())
+            .unwrap();
+    for e in &items {
+        let n: u32 = e["prompt"].as_str().unwrap().parse().unwrap();
+        assert_eq!(e["response"].as_str().unwrap(), (n + 7).to_string());
+    }
     for t in tasks {
         let name = t["name"].as_str().unwrap();
         for (split, n) in [("train", 20), ("test", 10)] {

@@ -68,7 +68,12 @@ fn main() {
     let cached = Anchors::new(names, Tensor::stack(&rows, 0).unwrap()).unwrap();
     let paraphrases: Vec<_> = tasks
         .iter()
-        .map(|t| (t.name, cached.nearest(&embed(t.systems[2])).unwrap()))
+        .map(|t| {
+            (
+                t.name.as_str(),
+                cached.nearest(&embed(&t.systems[2])).unwrap(),
+            )
+        })
         .collect();
     let chat: Vec<_> = CHAT
         .iter()

@@ -21,6 +21,29 @@ use serde::Serialize;
 use super::data::Example;
 use dnd_core::error::{DndError, Result};
 
+mod params;
+pub use params::param_tasks;
+
+/// A set of tasks `dnd tasks` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Suite {
+    /// The skill tasks of four families ([`all_tasks`]).
+    #[default]
+    Skills,
+    /// Templates instantiated with many parameter values ([`param_tasks`]).
+    Params,
+}
+
+impl Suite {
+    /// The suite's tasks, in their fixed order.
+    pub fn tasks(self) -> Vec<TaskSpec> {
+        match self {
+            Self::Skills => all_tasks(),
+            Self::Params => param_tasks(),
+        }
+    }
+}
+
 const NOUNS: &[&str] = &[
     "apple", "river", "garden", "window", "teacher", "bicycle", "candle", "mountain", "letter",
     "pencil", "kitchen", "forest", "doctor", "bottle", "market", "camera", "violin", "island",
@@ -103,15 +126,18 @@ const TECH: &[&str] = &[
     "The app stores its data in the cloud",
 ];
 
+/// Draws one `(prompt, response)` of a task.
+pub type MakeExample = Box<dyn Fn(&mut StdRng) -> (String, String) + Send + Sync>;
+
 /// One task: its name, family, three paraphrased system prompts and example generator.
 pub struct TaskSpec {
     /// File-name stem.
-    pub name: &'static str,
+    pub name: String,
     /// Family (format, classify, extract, arith).
     pub family: &'static str,
     /// Paraphrased system prompts: the first two train, the third tests.
-    pub systems: [&'static str; 3],
-    make: fn(&mut StdRng) -> (String, String),
+    pub systems: [String; 3],
+    make: MakeExample,
 }
 
 impl TaskSpec {
@@ -196,167 +222,167 @@ pub const SHIPPED_TASKS: usize = 24;
 pub fn all_tasks() -> Vec<TaskSpec> {
     vec![
         TaskSpec {
-            name: "upper_case",
+            name: "upper_case".into(),
             family: "format",
             systems: [
-                "Rewrite the user's text in capital letters only.",
-                "Answer with the same text, written entirely in upper case.",
-                "Convert the text you are given to uppercase and reply with nothing else.",
+                "Rewrite the user's text in capital letters only.".into(),
+                "Answer with the same text, written entirely in upper case.".into(),
+                "Convert the text you are given to uppercase and reply with nothing else.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 (p.clone(), p.to_uppercase())
-            },
+            }),
         },
         TaskSpec {
-            name: "reverse_words",
+            name: "reverse_words".into(),
             family: "format",
             systems: [
-                "Reply with the user's words in reverse order.",
-                "Say the same words back, last word first.",
-                "Reverse the order of the words you are given.",
+                "Reply with the user's words in reverse order.".into(),
+                "Say the same words back, last word first.".into(),
+                "Reverse the order of the words you are given.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 let rev = p.split(' ').rev().collect::<Vec<_>>().join(" ");
                 (p, rev)
-            },
+            }),
         },
         TaskSpec {
-            name: "json_word",
+            name: "json_word".into(),
             family: "format",
             systems: [
-                "Return the given word as a JSON object with the key \"word\".",
-                "Answer in JSON: an object whose only key, \"word\", holds the word.",
-                "Wrap the word in a JSON object under the key \"word\".",
+                "Return the given word as a JSON object with the key \"word\".".into(),
+                "Answer in JSON: an object whose only key, \"word\", holds the word.".into(),
+                "Wrap the word in a JSON object under the key \"word\".".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let w = pick(r, NOUNS);
                 let n = r.random_range(1..100);
                 (format!("{w}{n}"), format!("{{\"word\": \"{w}{n}\"}}"))
-            },
+            }),
         },
         TaskSpec {
-            name: "first_letters",
+            name: "first_letters".into(),
             family: "format",
             systems: [
-                "Reply with the first letter of each word, joined together.",
-                "Give the initials of the words, with no spaces.",
-                "Write only the first letters of the words, one after another.",
+                "Reply with the first letter of each word, joined together.".into(),
+                "Give the initials of the words, with no spaces.".into(),
+                "Write only the first letters of the words, one after another.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 let s: String = p.split(' ').filter_map(|w| w.chars().next()).collect();
                 (p, s)
-            },
+            }),
         },
         TaskSpec {
-            name: "count_words",
+            name: "count_words".into(),
             family: "format",
             systems: [
-                "Count the words in the user's text and reply with the number.",
-                "How many words does the text have? Answer with digits only.",
-                "Reply with the number of words in the message.",
+                "Count the words in the user's text and reply with the number.".into(),
+                "How many words does the text have? Answer with digits only.".into(),
+                "Reply with the number of words in the message.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 let n = p.split(' ').count();
                 (p, n.to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "sentiment",
+            name: "sentiment".into(),
             family: "classify",
             systems: [
-                "Classify the review as [positive] or [negative].",
-                "Is this review [positive] or [negative]? Answer with the bracketed label.",
-                "Label the sentiment of the text: [positive] or [negative].",
+                "Classify the review as [positive] or [negative].".into(),
+                "Is this review [positive] or [negative]? Answer with the bracketed label.".into(),
+                "Label the sentiment of the text: [positive] or [negative].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (t, good) = review(r);
                 (t, if good { "[positive]" } else { "[negative]" }.into())
-            },
+            }),
         },
         TaskSpec {
-            name: "sentiment_good_bad",
+            name: "sentiment_good_bad".into(),
             family: "classify",
             systems: [
-                "Say whether the opinion is [good] or [bad].",
-                "Answer [good] if the speaker liked it and [bad] if not.",
-                "Rate the text as [good] or [bad].",
+                "Say whether the opinion is [good] or [bad].".into(),
+                "Answer [good] if the speaker liked it and [bad] if not.".into(),
+                "Rate the text as [good] or [bad].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (t, good) = review(r);
                 (t, if good { "[good]" } else { "[bad]" }.into())
-            },
+            }),
         },
         TaskSpec {
-            name: "topic",
+            name: "topic".into(),
             family: "classify",
             systems: [
-                "Name the topic of the sentence: [sport], [food] or [tech].",
-                "Which topic is this, [sport], [food] or [tech]?",
-                "Classify the sentence into [sport], [food] or [tech].",
+                "Name the topic of the sentence: [sport], [food] or [tech].".into(),
+                "Which topic is this, [sport], [food] or [tech]?".into(),
+                "Classify the sentence into [sport], [food] or [tech].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (s, label) = topic_sentence(r, ["[sport]", "[food]", "[tech]"]);
                 let name = pick(r, NAMES);
                 let when = pick(r, &["", " yesterday", " this morning", " again"]);
                 (format!("{name} said{when}: {s}."), label.into())
-            },
+            }),
         },
         TaskSpec {
-            name: "parity",
+            name: "parity".into(),
             family: "classify",
             systems: [
-                "Answer [yes] if the number is even and [no] if it is odd.",
-                "Is the number even? Reply [yes] or [no].",
-                "Tell whether the given number is even: [yes] or [no].",
+                "Answer [yes] if the number is even and [no] if it is odd.".into(),
+                "Is the number even? Reply [yes] or [no].".into(),
+                "Tell whether the given number is even: [yes] or [no].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(0..1000);
                 (n.to_string(), yes_no(n % 2 == 0))
-            },
+            }),
         },
         TaskSpec {
-            name: "greater",
+            name: "greater".into(),
             family: "classify",
             systems: [
-                "Is the first number larger than the second? Answer [yes] or [no].",
-                "Reply [yes] when the first number is the bigger one, else [no].",
-                "Compare the two numbers: [yes] if the first is greater, [no] otherwise.",
+                "Is the first number larger than the second? Answer [yes] or [no].".into(),
+                "Reply [yes] when the first number is the bigger one, else [no].".into(),
+                "Compare the two numbers: [yes] if the first is greater, [no] otherwise.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (a, b) = distinct_pair(r);
                 (format!("{a} and {b}"), yes_no(a > b))
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_number",
+            name: "extract_number".into(),
             family: "extract",
             systems: [
-                "Reply with the number mentioned in the text.",
-                "Which number appears in the sentence? Answer with digits only.",
-                "Extract the quantity from the text and reply with it alone.",
+                "Reply with the number mentioned in the text.".into(),
+                "Which number appears in the sentence? Answer with digits only.".into(),
+                "Extract the quantity from the text and reply with it alone.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(2..500);
                 let (name, noun) = (pick(r, NAMES), pick(r, NOUNS));
                 (
                     format!("{name} bought {n} {noun}s at the market."),
                     n.to_string(),
                 )
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_destination",
+            name: "extract_destination".into(),
             family: "extract",
             systems: [
-                "Reply with the city the person travelled to.",
-                "Where did the traveller go? Answer with the city name only.",
-                "Name the destination city of the trip.",
+                "Reply with the city the person travelled to.".into(),
+                "Where did the traveller go? Answer with the city name only.".into(),
+                "Name the destination city of the trip.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let name = pick(r, NAMES);
                 let from = pick(r, CITIES);
                 let mut to = pick(r, CITIES);
@@ -367,49 +393,49 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     format!("{name} flew from {from} to {to} last week."),
                     to.into(),
                 )
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_name",
+            name: "extract_name".into(),
             family: "extract",
             systems: [
-                "Reply with the name of the person in the text.",
-                "Who is mentioned? Answer with the name only.",
-                "Extract the person's name from the sentence.",
+                "Reply with the name of the person in the text.".into(),
+                "Who is mentioned? Answer with the name only.".into(),
+                "Extract the person's name from the sentence.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, adj, noun) = (pick(r, NAMES), pick(r, ADJECTIVES), pick(r, NOUNS));
                 (
                     format!("Yesterday a {adj} {noun} was found by {name} near the station."),
                     name.into(),
                 )
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_color",
+            name: "extract_color".into(),
             family: "extract",
             systems: [
-                "Reply with the colour named in the text.",
-                "Which colour is mentioned? Answer with that word only.",
-                "Extract the colour word from the sentence.",
+                "Reply with the colour named in the text.".into(),
+                "Which colour is mentioned? Answer with that word only.".into(),
+                "Extract the colour word from the sentence.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (noun, color, adj) = (pick(r, NOUNS), pick(r, COLORS), pick(r, ADJECTIVES));
                 (
                     format!("The {adj} {noun} was painted {color}."),
                     color.into(),
                 )
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_email",
+            name: "extract_email".into(),
             family: "extract",
             systems: [
-                "Reply with the email address in the text.",
-                "What is the email address? Answer with it alone.",
-                "Extract the contact email from the message.",
+                "Reply with the email address in the text.".into(),
+                "What is the email address? Answer with it alone.".into(),
+                "Extract the contact email from the message.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let name = pick(r, NAMES);
                 let email = format!(
                     "{}.{}@{}.org",
@@ -421,89 +447,89 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     format!("For details, write to {name} at {email} before Friday."),
                     email,
                 )
-            },
+            }),
         },
         TaskSpec {
-            name: "add",
+            name: "add".into(),
             family: "arith",
             systems: [
-                "Add the two numbers and reply with the sum.",
-                "What is the total of the two numbers? Digits only.",
-                "Reply with the sum of the numbers given.",
+                "Add the two numbers and reply with the sum.".into(),
+                "What is the total of the two numbers? Digits only.".into(),
+                "Reply with the sum of the numbers given.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (a, b): (u32, u32) = (r.random_range(10..100), r.random_range(10..100));
                 (format!("{a} + {b}"), (a + b).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "subtract",
+            name: "subtract".into(),
             family: "arith",
             systems: [
-                "Subtract the second number from the first and reply with the result.",
-                "What is the difference of the two numbers? Digits only.",
-                "Reply with the first number minus the second.",
+                "Subtract the second number from the first and reply with the result.".into(),
+                "What is the difference of the two numbers? Digits only.".into(),
+                "Reply with the first number minus the second.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let a: u32 = r.random_range(20..100);
                 let b: u32 = r.random_range(1..a);
                 (format!("{a} - {b}"), (a - b).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "multiply",
+            name: "multiply".into(),
             family: "arith",
             systems: [
-                "Multiply the numbers and reply with the product.",
-                "What is the product of the two numbers? Digits only.",
-                "Reply with the result of the multiplication.",
+                "Multiply the numbers and reply with the product.".into(),
+                "What is the product of the two numbers? Digits only.".into(),
+                "Reply with the result of the multiplication.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (a, b): (u32, u32) = (r.random_range(11..100), r.random_range(2..13));
                 (format!("{a} * {b}"), (a * b).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "successor",
+            name: "successor".into(),
             family: "arith",
             systems: [
-                "Reply with the number that comes right after the given one.",
-                "What is the next integer? Digits only.",
-                "Add one to the number and reply with the result.",
+                "Reply with the number that comes right after the given one.".into(),
+                "What is the next integer? Digits only.".into(),
+                "Add one to the number and reply with the result.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(100..10000);
                 (n.to_string(), (n + 1).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "largest",
+            name: "largest".into(),
             family: "arith",
             systems: [
-                "Reply with the largest of the numbers.",
-                "Which number is the biggest? Answer with it alone.",
-                "Give the maximum of the listed numbers.",
+                "Reply with the largest of the numbers.".into(),
+                "Which number is the biggest? Answer with it alone.".into(),
+                "Give the maximum of the listed numbers.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let v: Vec<u32> = (0..3).map(|_| r.random_range(0..1000)).collect();
                 let max = *v.iter().max().expect("three numbers");
                 let list: Vec<String> = v.iter().map(u32::to_string).collect();
                 (list.join(", "), max.to_string())
-            },
+            }),
         },
         // Bracketed answers outside the classify family (added after the held-out classify
         // family scored 0%: its bracketed labels were the only brackets the generator saw),
         // so that an answer format is not the mark of a single family. Listed last, so the
         // earlier tasks' seeded data are unchanged.
         TaskSpec {
-            name: "extract_day",
+            name: "extract_day".into(),
             family: "extract",
             systems: [
-                "Reply with the weekday mentioned in the text, in square brackets, like [Monday].",
-                "Which day of the week does the sentence name? Answer with it inside brackets.",
-                "Find the day of the week in the text and give it between square brackets.",
+                "Reply with the weekday mentioned in the text, in square brackets, like [Monday].".into(),
+                "Which day of the week does the sentence name? Answer with it inside brackets.".into(),
+                "Find the day of the week in the text and give it between square brackets.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, day, city) = (pick(r, NAMES), pick(r, WEEKDAYS), pick(r, CITIES));
                 let text = match r.random_range(0..3) {
                     0 => format!("{name} is meeting friends in {city} on {day}."),
@@ -511,17 +537,17 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     _ => format!("The {} in {city} opens again on {day}.", pick(r, NOUNS)),
                 };
                 (text, format!("[{day}]"))
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_animal",
+            name: "extract_animal".into(),
             family: "extract",
             systems: [
-                "Reply with the animal mentioned in the text, in square brackets, like [cat].",
-                "Which animal does the sentence talk about? Answer with it inside brackets.",
-                "Find the animal in the text and give its name between square brackets.",
+                "Reply with the animal mentioned in the text, in square brackets, like [cat].".into(),
+                "Which animal does the sentence talk about? Answer with it inside brackets.".into(),
+                "Find the animal in the text and give its name between square brackets.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, animal, adj) = (pick(r, NAMES), pick(r, ANIMALS), pick(r, ADJECTIVES));
                 let text = match r.random_range(0..3) {
                     0 => format!("{name} saw a {adj} {animal} near the {}.", pick(r, NOUNS)),
@@ -529,155 +555,155 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     _ => format!("The {adj} {animal} slept beside the {}.", pick(r, NOUNS)),
                 };
                 (text, format!("[{animal}]"))
-            },
+            }),
         },
         TaskSpec {
-            name: "last_digit",
+            name: "last_digit".into(),
             family: "arith",
             systems: [
-                "Add the two numbers and reply with the last digit of the sum in square brackets, like [7].",
-                "What is the final digit of the sum of the numbers? Answer inside brackets.",
-                "Give the units digit of the total of the two numbers, between square brackets.",
+                "Add the two numbers and reply with the last digit of the sum in square brackets, like [7].".into(),
+                "What is the final digit of the sum of the numbers? Answer inside brackets.".into(),
+                "Give the units digit of the total of the two numbers, between square brackets.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (a, b): (u32, u32) = (r.random_range(10..100), r.random_range(10..100));
                 (format!("{a} + {b}"), format!("[{}]", (a + b) % 10))
-            },
+            }),
         },
         TaskSpec {
-            name: "first_word",
+            name: "first_word".into(),
             family: "format",
             systems: [
-                "Reply with the first word of the text in square brackets, like [quiet].",
-                "Which word does the text start with? Answer with it inside brackets.",
-                "Give the opening word of the text between square brackets.",
+                "Reply with the first word of the text in square brackets, like [quiet].".into(),
+                "Which word does the text start with? Answer with it inside brackets.".into(),
+                "Give the opening word of the text between square brackets.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 let first = p.split(' ').next().unwrap_or_default().to_string();
                 (p, format!("[{first}]"))
-            },
+            }),
         },
         // Six more tasks per family (session 13), to measure whether more neighbours in a
         // family help a held-out task of it. Written after the first held-out results were
         // known; listed last, so the earlier tasks' seeded data are unchanged.
         TaskSpec {
-            name: "lower_case",
+            name: "lower_case".into(),
             family: "format",
             systems: [
-                "Rewrite the user's text in small letters only.",
-                "Answer with the same text, written entirely in lower case.",
-                "Convert the text you are given to lowercase and reply with nothing else.",
+                "Rewrite the user's text in small letters only.".into(),
+                "Answer with the same text, written entirely in lower case.".into(),
+                "Convert the text you are given to lowercase and reply with nothing else.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 (p.to_uppercase(), p)
-            },
+            }),
         },
         TaskSpec {
-            name: "last_word",
+            name: "last_word".into(),
             family: "format",
             systems: [
-                "Reply with the last word of the user's text.",
-                "Which word does the text end with? Answer with that word alone.",
-                "Give only the final word of the text.",
+                "Reply with the last word of the user's text.".into(),
+                "Which word does the text end with? Answer with that word alone.".into(),
+                "Give only the final word of the text.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 let last = p.split(' ').next_back().unwrap_or_default().to_string();
                 (p, last)
-            },
+            }),
         },
         TaskSpec {
-            name: "title_case",
+            name: "title_case".into(),
             family: "format",
             systems: [
-                "Rewrite the text with every word capitalised.",
-                "Answer with the same words, each starting with a capital letter.",
-                "Put the text in title case: a capital letter at the start of each word.",
+                "Rewrite the text with every word capitalised.".into(),
+                "Answer with the same words, each starting with a capital letter.".into(),
+                "Put the text in title case: a capital letter at the start of each word.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 let t = p.split(' ').map(capitalise).collect::<Vec<_>>().join(" ");
                 (p, t)
-            },
+            }),
         },
         TaskSpec {
-            name: "hyphen_join",
+            name: "hyphen_join".into(),
             family: "format",
             systems: [
-                "Join the user's words with hyphens instead of spaces.",
-                "Answer with the same words linked by dashes, no spaces.",
-                "Replace every space in the text with a hyphen.",
+                "Join the user's words with hyphens instead of spaces.".into(),
+                "Answer with the same words linked by dashes, no spaces.".into(),
+                "Replace every space in the text with a hyphen.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 (p.clone(), p.replace(' ', "-"))
-            },
+            }),
         },
         TaskSpec {
-            name: "quote_text",
+            name: "quote_text".into(),
             family: "format",
             systems: [
-                "Reply with the user's text inside double quotes.",
-                "Repeat the text, wrapped in quotation marks.",
-                "Give the text back between a pair of double quotes.",
+                "Reply with the user's text inside double quotes.".into(),
+                "Repeat the text, wrapped in quotation marks.".into(),
+                "Give the text back between a pair of double quotes.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 (p.clone(), format!("\"{p}\""))
-            },
+            }),
         },
         TaskSpec {
-            name: "answer_prefix",
+            name: "answer_prefix".into(),
             family: "format",
             systems: [
-                "Repeat the user's text after the prefix \"Answer: \".",
-                "Start your reply with \"Answer: \" followed by the text you were given.",
-                "Reply with the text, preceded by the words \"Answer: \".",
+                "Repeat the user's text after the prefix \"Answer: \".".into(),
+                "Start your reply with \"Answer: \" followed by the text you were given.".into(),
+                "Reply with the text, preceded by the words \"Answer: \".".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let p = phrase(r);
                 (p.clone(), format!("Answer: {p}"))
-            },
+            }),
         },
         TaskSpec {
-            name: "review_stars",
+            name: "review_stars".into(),
             family: "classify",
             systems: [
-                "Rate the review [5] if it is positive and [1] if it is negative.",
-                "Give the review a score: [5] for praise, [1] for a complaint.",
-                "Answer [5] when the reviewer was pleased and [1] when not.",
+                "Rate the review [5] if it is positive and [1] if it is negative.".into(),
+                "Give the review a score: [5] for praise, [1] for a complaint.".into(),
+                "Answer [5] when the reviewer was pleased and [1] when not.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (t, good) = review(r);
                 (t, if good { "[5]" } else { "[1]" }.into())
-            },
+            }),
         },
         TaskSpec {
-            name: "topic_letter",
+            name: "topic_letter".into(),
             family: "classify",
             systems: [
-                "Is the sentence about (A) sport, (B) food or (C) technology? Reply [A], [B] or [C].",
-                "Pick the topic: [A] sport, [B] food, [C] tech. Answer with the bracketed letter.",
-                "Classify the sentence: [A] for sport, [B] for food, [C] for technology.",
+                "Is the sentence about (A) sport, (B) food or (C) technology? Reply [A], [B] or [C].".into(),
+                "Pick the topic: [A] sport, [B] food, [C] tech. Answer with the bracketed letter.".into(),
+                "Classify the sentence: [A] for sport, [B] for food, [C] for technology.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (s, label) = topic_sentence(r, ["[A]", "[B]", "[C]"]);
                 let name = pick(r, NAMES);
                 let city = pick(r, CITIES);
                 (format!("In {city}, {name} noted: {s}."), label.into())
-            },
+            }),
         },
         TaskSpec {
-            name: "is_question",
+            name: "is_question".into(),
             family: "classify",
             systems: [
-                "Answer [yes] if the text is a question and [no] if it is a statement.",
-                "Is the user's sentence a question? Reply [yes] or [no].",
-                "Tell whether the text asks something: [yes] or [no].",
+                "Answer [yes] if the text is a question and [no] if it is a statement.".into(),
+                "Is the user's sentence a question? Reply [yes] or [no].".into(),
+                "Tell whether the text asks something: [yes] or [no].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, noun, city) = (pick(r, NAMES), pick(r, NOUNS), pick(r, CITIES));
                 let q = rng_bool(r);
                 let text = match (q, r.random_range(0..3)) {
@@ -689,58 +715,58 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     (false, _) => format!("{name} can bring the {noun} to {city}."),
                 };
                 (text, yes_no(q))
-            },
+            }),
         },
         TaskSpec {
-            name: "is_animal",
+            name: "is_animal".into(),
             family: "classify",
             systems: [
-                "Answer [yes] if the thing named is an animal and [no] otherwise.",
-                "Is the word an animal? Reply [yes] or [no].",
-                "Say [yes] when the text names an animal, else [no].",
+                "Answer [yes] if the thing named is an animal and [no] otherwise.".into(),
+                "Is the word an animal? Reply [yes] or [no].".into(),
+                "Say [yes] when the text names an animal, else [no].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let animal = rng_bool(r);
                 let thing = pick(r, if animal { ANIMALS } else { NOUNS });
                 let (adj, name) = (pick(r, ADJECTIVES), pick(r, NAMES));
                 (format!("{name}'s {adj} {thing}"), yes_no(animal))
-            },
+            }),
         },
         TaskSpec {
-            name: "odd",
+            name: "odd".into(),
             family: "classify",
             systems: [
-                "Answer [yes] if the number is odd and [no] if it is even.",
-                "Is the number odd? Reply [yes] or [no].",
-                "Tell whether the given number is odd: [yes] or [no].",
+                "Answer [yes] if the number is odd and [no] if it is even.".into(),
+                "Is the number odd? Reply [yes] or [no].".into(),
+                "Tell whether the given number is odd: [yes] or [no].".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(0..1000);
                 (n.to_string(), yes_no(n % 2 == 1))
-            },
+            }),
         },
         TaskSpec {
-            name: "smaller",
+            name: "smaller".into(),
             family: "classify",
             systems: [
-                "Is the first number smaller than the second? Answer [yes] or [no].",
-                "Reply [yes] when the first number is the lower one, else [no].",
-                "Compare the two numbers: [yes] if the first is less, [no] otherwise.",
+                "Is the first number smaller than the second? Answer [yes] or [no].".into(),
+                "Reply [yes] when the first number is the lower one, else [no].".into(),
+                "Compare the two numbers: [yes] if the first is less, [no] otherwise.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (a, b) = distinct_pair(r);
                 (format!("{a} versus {b}"), yes_no(a < b))
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_year",
+            name: "extract_year".into(),
             family: "extract",
             systems: [
-                "Reply with the year mentioned in the text.",
-                "In which year did it happen? Answer with the four digits only.",
-                "Extract the year from the sentence.",
+                "Reply with the year mentioned in the text.".into(),
+                "In which year did it happen? Answer with the four digits only.".into(),
+                "Extract the year from the sentence.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, city) = (pick(r, NAMES), pick(r, CITIES));
                 let y: u32 = r.random_range(1900..2030);
                 let text = match r.random_range(0..3) {
@@ -749,31 +775,31 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     _ => format!("The {} of {city} was built in {y}.", pick(r, NOUNS)),
                 };
                 (text, y.to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_price",
+            name: "extract_price".into(),
             family: "extract",
             systems: [
-                "Reply with the price in the text, with its dollar sign.",
-                "How much did it cost? Answer with the amount as written, like $12.",
-                "Extract the dollar amount from the sentence.",
+                "Reply with the price in the text, with its dollar sign.".into(),
+                "How much did it cost? Answer with the amount as written, like $12.".into(),
+                "Extract the dollar amount from the sentence.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, noun) = (pick(r, NAMES), pick(r, NOUNS));
                 let p: u32 = r.random_range(2..1000);
                 (format!("{name} paid ${p} for a {noun}."), format!("${p}"))
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_time",
+            name: "extract_time".into(),
             family: "extract",
             systems: [
-                "Reply with the time of day mentioned in the text, like 7:30.",
-                "At what time does it happen? Answer with the clock time only.",
-                "Extract the time from the sentence.",
+                "Reply with the time of day mentioned in the text, like 7:30.".into(),
+                "At what time does it happen? Answer with the clock time only.".into(),
+                "Extract the time from the sentence.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let (name, city) = (pick(r, NAMES), pick(r, CITIES));
                 let (h, m): (u32, u32) = (r.random_range(1..13), 5 * r.random_range(0..12));
                 let t = format!("{h}:{m:02}");
@@ -782,17 +808,17 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     _ => format!("The meeting in {city} with {name} starts at {t}."),
                 };
                 (text, t)
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_origin",
+            name: "extract_origin".into(),
             family: "extract",
             systems: [
-                "Reply with the city the person travelled from.",
-                "Where did the traveller start? Answer with the city name only.",
-                "Name the city the trip departed from.",
+                "Reply with the city the person travelled from.".into(),
+                "Where did the traveller start? Answer with the city name only.".into(),
+                "Name the city the trip departed from.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let name = pick(r, NAMES);
                 let from = pick(r, CITIES);
                 let mut to = pick(r, CITIES);
@@ -803,117 +829,117 @@ pub fn all_tasks() -> Vec<TaskSpec> {
                     format!("{name} took a bus from {from} to {to} on the weekend."),
                     from.into(),
                 )
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_domain",
+            name: "extract_domain".into(),
             family: "extract",
             systems: [
-                "Reply with the domain of the email address in the text (the part after @).",
-                "Which domain does the email address use? Answer with it alone.",
-                "Extract the part of the email address that follows the @ sign.",
+                "Reply with the domain of the email address in the text (the part after @).".into(),
+                "Which domain does the email address use? Answer with it alone.".into(),
+                "Extract the part of the email address that follows the @ sign.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let name = pick(r, NAMES);
                 let domain = format!("{}.{}", pick(r, NOUNS), pick(r, &["com", "net", "org"]));
                 let user = format!("{}{}", name.to_lowercase(), r.random_range(1..100));
                 (format!("You can reach {name} at {user}@{domain} any time."), domain)
-            },
+            }),
         },
         TaskSpec {
-            name: "extract_item",
+            name: "extract_item".into(),
             family: "extract",
             systems: [
-                "Reply with the thing the person bought, in the singular.",
-                "What did they buy? Answer with the object's name only.",
-                "Extract the purchased item from the sentence, singular form.",
+                "Reply with the thing the person bought, in the singular.".into(),
+                "What did they buy? Answer with the object's name only.".into(),
+                "Extract the purchased item from the sentence, singular form.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(2..50);
                 let (name, noun, city) = (pick(r, NAMES), pick(r, NOUNS), pick(r, CITIES));
                 (format!("{name} bought {n} {noun}s in {city}."), noun.into())
-            },
+            }),
         },
         TaskSpec {
-            name: "predecessor",
+            name: "predecessor".into(),
             family: "arith",
             systems: [
-                "Reply with the number that comes right before the given one.",
-                "What is the previous integer? Digits only.",
-                "Subtract one from the number and reply with the result.",
+                "Reply with the number that comes right before the given one.".into(),
+                "What is the previous integer? Digits only.".into(),
+                "Subtract one from the number and reply with the result.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(100..10000);
                 (n.to_string(), (n - 1).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "double",
+            name: "double".into(),
             family: "arith",
             systems: [
-                "Reply with twice the given number.",
-                "What is the number multiplied by two? Digits only.",
-                "Double the number and reply with the result.",
+                "Reply with twice the given number.".into(),
+                "What is the number multiplied by two? Digits only.".into(),
+                "Double the number and reply with the result.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(10..2000);
                 (n.to_string(), (2 * n).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "smallest",
+            name: "smallest".into(),
             family: "arith",
             systems: [
-                "Reply with the smallest of the numbers.",
-                "Which number is the lowest? Answer with it alone.",
-                "Give the minimum of the listed numbers.",
+                "Reply with the smallest of the numbers.".into(),
+                "Which number is the lowest? Answer with it alone.".into(),
+                "Give the minimum of the listed numbers.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let v: Vec<u32> = (0..3).map(|_| r.random_range(0..1000)).collect();
                 let min = *v.iter().min().expect("three numbers");
                 let list: Vec<String> = v.iter().map(u32::to_string).collect();
                 (list.join(", "), min.to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "add_three",
+            name: "add_three".into(),
             family: "arith",
             systems: [
-                "Add the three numbers and reply with the sum.",
-                "What do the three numbers add up to? Digits only.",
-                "Reply with the total of the three numbers.",
+                "Add the three numbers and reply with the sum.".into(),
+                "What do the three numbers add up to? Digits only.".into(),
+                "Reply with the total of the three numbers.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let v: Vec<u32> = (0..3).map(|_| r.random_range(1..30)).collect();
                 let list: Vec<String> = v.iter().map(u32::to_string).collect();
                 (list.join(" + "), v.iter().sum::<u32>().to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "half",
+            name: "half".into(),
             family: "arith",
             systems: [
-                "Reply with half of the given number.",
-                "What is the number divided by two? Digits only.",
-                "Halve the number and reply with the result.",
+                "Reply with half of the given number.".into(),
+                "What is the number divided by two? Digits only.".into(),
+                "Halve the number and reply with the result.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = 2 * r.random_range(5..1000);
                 (n.to_string(), (n / 2).to_string())
-            },
+            }),
         },
         TaskSpec {
-            name: "plus_ten",
+            name: "plus_ten".into(),
             family: "arith",
             systems: [
-                "Add ten to the number and reply with the result.",
-                "What is the number plus 10? Digits only.",
-                "Reply with the number increased by ten.",
+                "Add ten to the number and reply with the result.".into(),
+                "What is the number plus 10? Digits only.".into(),
+                "Reply with the number increased by ten.".into(),
             ],
-            make: |r| {
+            make: Box::new(|r| {
                 let n: u32 = r.random_range(10..10000);
                 (n.to_string(), (n + 10).to_string())
-            },
+            }),
         },
     ]
 }
@@ -944,7 +970,7 @@ pub fn examples(
 ) -> Result<(Vec<Example>, Vec<Example>)> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
     let mut seen = HashSet::new();
-    let mut draw = |k: usize, systems: &[&str]| -> Result<Vec<Example>> {
+    let mut draw = |k: usize, systems: &[String]| -> Result<Vec<Example>> {
         let mut out = Vec::with_capacity(k);
         let mut tries = 0;
         while out.len() < k {
@@ -958,7 +984,7 @@ pub fn examples(
             }
             let (prompt, response) = spec.example(&mut rng);
             if seen.insert(prompt.clone()) {
-                let system = systems[out.len() % systems.len()].to_string();
+                let system = systems[out.len() % systems.len()].clone();
                 out.push(Example {
                     prompt,
                     response,
@@ -973,17 +999,18 @@ pub fn examples(
     Ok((tr, te))
 }
 
-/// Writes the train and test files of the first `count` tasks (every task when `None`) and
-/// `tasks.json` under `out`. A task's data depend only on the seed and its position, so the
-/// first N are the same whatever the count.
+/// Writes the train and test files of the first `count` tasks of `suite` (every task when
+/// `None`) and `tasks.json` under `out`. A task's data depend only on the seed and its
+/// position, so the first N are the same whatever the count.
 pub fn write_tasks(
     out: &Path,
+    suite: Suite,
     train: usize,
     test: usize,
     seed: u64,
     count: Option<usize>,
 ) -> Result<Vec<TaskEntry>> {
-    let specs = all_tasks();
+    let specs = suite.tasks();
     let count = count.unwrap_or(specs.len());
     if count == 0 || count > specs.len() {
         return Err(DndError::InvalidInput(format!(
@@ -1007,9 +1034,9 @@ pub fn write_tasks(
             std::fs::write(&path, text).map_err(|e| DndError::io(&path, e))?;
         }
         entries.push(TaskEntry {
-            name: spec.name.into(),
+            name: spec.name.clone(),
             family: spec.family.into(),
-            systems: spec.systems.iter().map(|s| s.to_string()).collect(),
+            systems: spec.systems.to_vec(),
             train: tr.len(),
             test: te.len(),
         });
@@ -1029,8 +1056,50 @@ mod tests {
     fn every_task_makes_distinct_verifiable_examples() {
         let specs = all_tasks();
         assert!(specs.len() >= 48);
+        check_suite(&specs);
+    }
+
+    #[test]
+    fn parametric_tasks_state_their_parameter_and_answer_by_it() {
+        let specs = param_tasks();
+        assert_eq!(specs.len(), 29 + 8 + 5 + 12 + 12);
+        check_suite(&specs);
+        let by_name = |n: &str| specs.iter().find(|s| s.name == n).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..20 {
+            let (p, r) = by_name("add_17").example(&mut rng);
+            assert_eq!(r.parse::<u32>().unwrap(), p.parse::<u32>().unwrap() + 17);
+            let (p, r) = by_name("times_6").example(&mut rng);
+            assert_eq!(r.parse::<u32>().unwrap(), p.parse::<u32>().unwrap() * 6);
+            let (p, r) = by_name("word_3").example(&mut rng);
+            assert_eq!(p.split(' ').nth(2).unwrap(), r);
+            let (p, r) = by_name("wrap_angle").example(&mut rng);
+            assert_eq!(r, format!("<{p}>"));
+            let (_, r) = by_name("label_win_lose").example(&mut rng);
+            assert!(r == "[win]" || r == "[lose]", "{r}");
+        }
+        // Each instruction names its parameter, in all three paraphrases.
+        for (name, said) in [
+            ("add_17", "17"),
+            ("times_6", "6"),
+            ("word_3", "third"),
+            ("wrap_angle", "<"),
+            ("label_win_lose", "[win]"),
+        ] {
+            assert!(
+                by_name(name).systems.iter().all(|s| s.contains(said)),
+                "{name}"
+            );
+        }
+    }
+
+    /// Distinct, verifiable, seeded examples; the test split only under the unseen paraphrase;
+    /// choice tasks not dominated by one label; families and names as the suite promises.
+    fn check_suite(specs: &[TaskSpec]) {
         let families: HashSet<&str> = specs.iter().map(|s| s.family).collect();
         assert!(families.len() >= 4, "{families:?}");
+        let names: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), specs.len(), "task names are unique");
         for (i, spec) in specs.iter().enumerate() {
             let (tr, te) = examples(spec, i, 300, 200, 0).unwrap();
             assert_eq!((tr.len(), te.len()), (300, 200));
@@ -1041,10 +1110,10 @@ mod tests {
             // The test split uses the unseen paraphrase only.
             assert!(te
                 .iter()
-                .all(|e| e.system.as_deref() == Some(spec.systems[2])));
+                .all(|e| e.system.as_deref() == Some(spec.systems[2].as_str())));
             assert!(tr
                 .iter()
-                .all(|e| e.system.as_deref() != Some(spec.systems[2])));
+                .all(|e| e.system.as_deref() != Some(spec.systems[2].as_str())));
             for e in tr.iter().chain(&te) {
                 assert!(is_correct(&e.response, &e.response), "{}: {e:?}", spec.name);
             }
@@ -1069,10 +1138,12 @@ mod tests {
     fn the_first_tasks_are_the_same_whatever_the_count() {
         let base = std::env::temp_dir().join(format!("dnd-tasks-{}", std::process::id()));
         let (few, all) = (base.join("few"), base.join("all"));
-        let written = write_tasks(&few, 20, 5, 3, Some(2)).unwrap();
+        let written = write_tasks(&few, Suite::Skills, 20, 5, 3, Some(2)).unwrap();
         assert_eq!(written.len(), 2);
         assert_eq!(
-            write_tasks(&all, 20, 5, 3, None).unwrap().len(),
+            write_tasks(&all, Suite::Skills, 20, 5, 3, None)
+                .unwrap()
+                .len(),
             all_tasks().len()
         );
         for e in &written {
@@ -1091,7 +1162,7 @@ mod tests {
         assert_eq!(listed.len(), 2);
         for bad in [0, all_tasks().len() + 1] {
             assert!(
-                write_tasks(&base.join("bad"), 20, 5, 3, Some(bad)).is_err(),
+                write_tasks(&base.join("bad"), Suite::Skills, 20, 5, 3, Some(bad)).is_err(),
                 "{bad}"
             );
         }
