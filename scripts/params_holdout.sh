@@ -22,7 +22,12 @@ OUT="${OUT:-$root/runs/params/$which}" LEARN="${LEARN:-$root/runs/learnability/$
 # shellcheck source=scripts/lib/skill-common.sh
 . "$root/scripts/lib/skill-common.sh"
 SFT_STEPS="${SFT_STEPS:-600}" SFT_LR="${SFT_LR:-3e-4}"
-INIT="${INIT:-$root/generators/smollm2-135m-skills.safetensors}"
+if [ -z "${INIT:-}" ]; then
+  case "$which" in
+    smollm2) INIT="$root/generators/smollm2-135m-skills.safetensors" ;;
+    *) echo "no shipped skills generator for $which: set INIT" >&2; exit 2 ;;
+  esac
+fi
 HELD="${HELD:-add_7:add_8 add_23:add_22 times_6:times_7 word_3:word_4 wrap_angle:wrap_braces wrap_tildes:wrap_hashes label_win_lose:label_pass_fail label_hot_cold:label_light_dark}"
 "$root/scripts/fetch-assets.sh" encoder >/dev/null
 
@@ -30,7 +35,10 @@ HELD="${HELD:-add_7:add_8 add_23:add_22 times_6:times_7 word_3:word_4 wrap_angle
 #    (learnability.sh keeps data/ when it is there).
 [ -f "$data/tasks.json" ] || "$dnd" tasks --suite params --out "$data" --seed "$SEED"
 held=() neighbour=()
-for pair in $HELD; do held+=("${pair%%:*}") neighbour+=("${pair#*:}"); done
+for pair in $HELD; do
+  [[ "$pair" == *:* ]] || { echo "HELD entry '$pair' is not TASK:NEIGHBOUR" >&2; exit 2; }
+  held+=("${pair%%:*}") neighbour+=("${pair#*:}")
+done
 held_csv="$(IFS=,; echo "${held[*]}")"
 STEPS="$COLLECT_STEPS" OUT="$learn" DND="$dnd" TASKS="${held[*]}" "$root/scripts/learnability.sh" "$which" >/dev/null
 
@@ -71,8 +79,9 @@ for g in sft init; do
     if [ "$g" = sft ] && [ ! -f "$res" ]; then
       test_system "$n" >"$out/adapters/$g/$t.other-system.txt"
       "$dnd" generate --checkpoint "$path" --prompts "$out/adapters/$g/$t.other-system.txt" --out "$out/adapters/$g/$t-other"
-      score "$t" "$res" "dnd-other-task=$out/adapters/$g/$t-other"
+      # Before the score, whose JSON marks the step done (the summary reads both).
       echo "$n" >"$results/$t.control.condition"
+      score "$t" "$res" "dnd-other-task=$out/adapters/$g/$t-other"
       rm -rf "$out/adapters/$g/$t-other"
     fi
   done

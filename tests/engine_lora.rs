@@ -330,7 +330,6 @@ async fn tiny_smollm3_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-smollm3", Format::Safetensors).await;
 }
 
-/// Gemma 2: tied and scaled embeddings, soft-capped attention and logits, sliding layers.
 /// Gemma 3 (text-only, `Gemma3ForCausalLM`): q/k norms, a sliding and a global layer with
 /// rope bases of their own; through mistral.rs's multimodal pipeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,6 +337,7 @@ async fn tiny_gemma3_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-gemma3", Format::Gemma3).await;
 }
 
+/// Gemma 2: tied and scaled embeddings, soft-capped attention and logits, sliding layers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_gemma2_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-gemma2", Format::Safetensors).await;

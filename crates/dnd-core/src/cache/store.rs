@@ -9,8 +9,9 @@
 //! - Concurrent misses for one key share one generation, which runs in its own task: a client
 //!   that goes away does not cancel it.
 //! - Optionally a second tier in host memory with a byte budget of its own ([`HostTier`]): an
-//!   entry evicted from the device is copied there, and a later miss for its key copies it back
-//!   (source `restored`) instead of generating or loading it again.
+//!   entry evicted from the device is copied there (under the lock, so it is always in exactly
+//!   one tier), and a later miss for its key copies it back (source `restored`) instead of
+//!   generating or loading it again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -135,10 +136,12 @@ pub struct HostTier<V, E> {
     /// Most bytes held in host memory (each value weighed as on the device).
     pub max_bytes: usize,
     /// Copies an evicted value to host memory; on an error the value is dropped (counted in
-    /// [`CacheStats::host_drops`]; the function logs why). It runs on the evicting thread,
-    /// outside the cache's lock.
+    /// [`CacheStats::host_drops`]; the function logs why). It runs under the cache's lock, so
+    /// that an entry is always in exactly one tier and its device memory is freed before the
+    /// room it leaves is reused: one adapter's copy (milliseconds) delays other lookups by that.
     pub offload: Transfer<V, E>,
-    /// Copies a host value back onto the device (in its own task, as a generation does).
+    /// Copies a host value back onto the device (in its own task, as a generation does); on an
+    /// error the host copy stays, and the lookups waiting for it get the error.
     pub restore: Transfer<V, E>,
 }
 
@@ -268,13 +271,10 @@ impl<V> Flight<V> {
 
 /// An entry of the host-memory tier.
 struct HostEntry<V, M> {
-    value: V,
+    value: Arc<V>,
     meta: M,
     bytes: usize,
 }
-
-/// An entry evicted from the device tier, on its way to the host tier.
-type Evicted<K, V, M> = (K, Arc<V>, M, usize);
 
 /// What a flight runs: a generation, or a copy back from host memory.
 type Making<V, E> = Pin<Box<dyn Future<Output = Result<V, E>> + Send>>;
@@ -474,10 +474,7 @@ where
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut evicted = Vec::new();
-            let step = self.step(key, &mut make, &mut evicted);
-            self.offload(evicted);
-            match step {
+            match self.step(key, &mut make) {
                 Step::Ready(lookup) => return Some(Ok(lookup)),
                 Step::Await(rx, source, meta) => {
                     return Some(Self::await_flight(rx, meta, source).await)
@@ -495,14 +492,8 @@ where
         }
     }
 
-    /// One look under the lock (a plain function, so no guard lives across an await); entries
-    /// it evicts are handed back in `evicted`, for the host tier.
-    fn step<F, Fut>(
-        self: &Arc<Self>,
-        key: &K,
-        make: &mut Option<(M, usize, F)>,
-        evicted: &mut Vec<Evicted<K, V, M>>,
-    ) -> Step<V, M, E>
+    /// One look under the lock (a plain function, so no guard lives across an await).
+    fn step<F, Fut>(self: &Arc<Self>, key: &K, make: &mut Option<(M, usize, F)>) -> Step<V, M, E>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
@@ -526,27 +517,37 @@ where
             // Back from host memory: room for the device copy, then the copy in a flight of its
             // own, so concurrent lookups join it as they would a generation.
             let need = held.bytes;
-            if !self.make_room(&mut st, need, evicted) {
+            if !self.make_room(&mut st, need) {
                 return Step::NoRoom;
             }
             let held = st.host.pop(key).expect("peeked");
             st.host_bytes -= held.bytes;
             let restore = tier.restore.clone();
+            let (cache, k) = (self.clone(), key.clone());
+            let meta = held.meta.clone();
             let making: Making<V, E> = Box::pin(async move {
-                match tokio::task::spawn_blocking(move || restore(&held.value)).await {
-                    Ok(r) => r,
+                let value = held.value.clone();
+                let copied = tokio::task::spawn_blocking(move || restore(&value)).await;
+                match copied {
+                    Ok(Ok(v)) => {
+                        cache.stats.restores.fetch_add(1, Ordering::Relaxed);
+                        Ok(v)
+                    }
+                    Ok(Err(e)) => {
+                        // The copy back failed (device memory, say): the host copy stays.
+                        cache.keep_on_host(&mut cache.lock(), k, held);
+                        Err(e)
+                    }
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 }
             });
-            let meta = held.meta.clone();
-            self.stats.restores.fetch_add(1, Ordering::Relaxed);
             let rx = self.launch(&mut st, key, &meta, need, making, false);
             return Step::Await(rx, Source::Restored, meta);
         }
         let Some((_, bytes, _)) = make.as_ref() else {
             return Step::Absent;
         };
-        if !self.make_room(&mut st, *bytes, evicted) {
+        if !self.make_room(&mut st, *bytes) {
             return Step::NoRoom;
         }
         let (meta, bytes, make) = make.take().expect("checked above");
@@ -580,45 +581,56 @@ where
                 Ok(r) => r.map_err(CacheError::Generation),
                 Err(e) => Err(CacheError::Panicked(e.to_string())),
             };
-            let evicted = cache.finish(key, meta, bytes, result, t0.elapsed(), generation, tx);
-            cache.offload(evicted);
+            cache.finish(key, meta, bytes, result, t0.elapsed(), generation, tx);
         });
         rx
     }
 
-    /// Moves entries evicted from the device into the host tier (outside the lock: the copy
-    /// takes time), dropping the host tier's least recently evicted entries to make room.
-    fn offload(&self, evicted: Vec<Evicted<K, V, M>>) {
+    /// Puts `held` in the host tier under `key`, dropping the least recently evicted entries
+    /// there to make room (or `held` itself when it is larger than the whole tier).
+    fn keep_on_host(&self, st: &mut State<K, V, M, E>, key: K, held: HostEntry<V, M>) {
         let Some(tier) = &self.host_tier else {
             return;
         };
-        for (key, value, meta, bytes) in evicted {
-            if bytes > tier.max_bytes {
+        if held.bytes > tier.max_bytes {
+            self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(old) = st.host.pop(&key) {
+            st.host_bytes -= old.bytes;
+        }
+        while st.host_bytes + held.bytes > tier.max_bytes {
+            let (_, old) = st.host.pop_lru().expect("host bytes imply host entries");
+            st.host_bytes -= old.bytes;
+            self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        st.host_bytes += held.bytes;
+        st.host.push(key, held);
+    }
+
+    /// Copies an entry evicted from the device into the host tier (dropped when there is no
+    /// tier, when it is larger than the tier, or when the copy fails).
+    fn offload(&self, st: &mut State<K, V, M, E>, key: K, value: &V, meta: M, bytes: usize) {
+        let Some(tier) = &self.host_tier else {
+            return;
+        };
+        if bytes > tier.max_bytes {
+            self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match (tier.offload)(value) {
+            Ok(v) => {
+                self.stats.offloads.fetch_add(1, Ordering::Relaxed);
+                let held = HostEntry {
+                    value: Arc::new(v),
+                    meta,
+                    bytes,
+                };
+                self.keep_on_host(st, key, held);
+            }
+            Err(_) => {
                 self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
-                continue;
             }
-            let value = match (tier.offload)(&value) {
-                Ok(v) => v,
-                Err(_) => {
-                    self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            };
-            let mut st = self.lock();
-            // Made again while it was being copied: the device copy is the one to keep.
-            if st.ready.contains(&key) || st.flights.contains_key(&key) {
-                continue;
-            }
-            while st.host_bytes + bytes > tier.max_bytes {
-                let (_, old) = st.host.pop_lru().expect("host bytes imply host entries");
-                st.host_bytes -= old.bytes;
-                self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some((_, old)) = st.host.push(key, HostEntry { value, meta, bytes }) {
-                st.host_bytes -= old.bytes;
-            }
-            st.host_bytes += bytes;
-            self.stats.offloads.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -645,13 +657,8 @@ where
     /// Makes room for one more entry of `bytes`: evicts unpinned entries, least recently used
     /// first, but only when evicting them is enough. When it is not, nothing is evicted (the
     /// caller waits for a release, and the entries it would have dropped stay useful). Evicted
-    /// entries are added to `evicted` (for the host tier).
-    fn make_room(
-        &self,
-        st: &mut State<K, V, M, E>,
-        bytes: usize,
-        evicted: &mut Vec<Evicted<K, V, M>>,
-    ) -> bool {
+    /// entries drop to the host tier when there is one.
+    fn make_room(&self, st: &mut State<K, V, M, E>, bytes: usize) -> bool {
         let entries = st.ready.len() + st.flights.len();
         let mut excess_entries = (entries + 1).saturating_sub(self.limits.max_entries);
         let mut excess_bytes =
@@ -675,14 +682,12 @@ where
             let e = st.ready.pop(&k).expect("victim is present");
             st.resident -= e.bytes;
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            if self.host_tier.is_some() {
-                evicted.push((k, e.value, e.meta, e.bytes));
-            }
+            self.offload(st, k, &e.value, e.meta, e.bytes);
         }
         true
     }
 
-    /// Enters a flight's result; returns the entries evicted to make room for it.
+    /// Enters a flight's result.
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
@@ -693,8 +698,7 @@ where
         took: Duration,
         generation: bool,
         tx: watch::Sender<FlightResult<V, E>>,
-    ) -> Vec<Evicted<K, V, M>> {
-        let mut evicted = Vec::new();
+    ) {
         let mut st = self.lock();
         st.flights.remove(&key);
         st.reserved -= reserved;
@@ -707,7 +711,7 @@ where
                 // The reservation is released above, so room is made for the whole value: an
                 // estimate that fell short is covered, and if no room can be made the value is
                 // given out uncached rather than exceed the budget.
-                if bytes <= self.limits.max_bytes && self.make_room(&mut st, bytes, &mut evicted) {
+                if bytes <= self.limits.max_bytes && self.make_room(&mut st, bytes) {
                     st.resident += bytes;
                     st.ready.push(
                         key,
@@ -734,14 +738,15 @@ where
                 Ok((Arc::new(flight), took))
             }
             Err(e) => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if generation {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e)
             }
         };
         drop(st);
         let _ = tx.send(Some(outcome));
         self.changed.notify_waiters();
-        evicted
     }
 
     fn note_peak(&self, st: &State<K, V, M, E>) {
@@ -788,12 +793,12 @@ where
             .collect()
     }
 
-    /// Removes a ready entry that no request holds, and its host-tier copy.
+    /// Removes an entry that no request holds, from whichever tier holds it.
     pub fn remove(&self, key: &K) -> Result<(), RemoveError> {
         let mut st = self.lock();
-        if let Some(held) = st.host.pop(key) {
-            st.host_bytes -= held.bytes;
-            if !st.ready.contains(key) {
+        if !st.ready.contains(key) {
+            if let Some(held) = st.host.pop(key) {
+                st.host_bytes -= held.bytes;
                 self.stats.removals.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }

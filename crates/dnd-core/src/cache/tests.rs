@@ -312,6 +312,16 @@ type TieredCache = AdapterCache<String, Placed, (), String>;
 /// A cache holding `entries` on the device and `host_bytes` in host memory; `fail_restore`
 /// makes every copy back fail.
 fn tiered(entries: usize, host_bytes: usize, fail_restore: bool) -> Arc<TieredCache> {
+    tiered_counting(entries, host_bytes, fail_restore, Arc::default())
+}
+
+/// [`tiered`], counting the copies back in `restores` (each taking 50 ms).
+fn tiered_counting(
+    entries: usize,
+    host_bytes: usize,
+    fail_restore: bool,
+    restores: Arc<AtomicUsize>,
+) -> Arc<TieredCache> {
     AdapterCache::with_host_tier(
         CacheLimits {
             max_entries: entries,
@@ -330,6 +340,8 @@ fn tiered(entries: usize, host_bytes: usize, fail_restore: bool) -> Arc<TieredCa
             }),
             restore: Arc::new(move |p: &Placed| {
                 assert!(p.on_host, "only host values are restored");
+                restores.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
                 if fail_restore {
                     return Err("device out of memory".to_string());
                 }
@@ -440,22 +452,51 @@ async fn a_failed_restore_reaches_the_lookup_and_removal_clears_the_host_tier() 
     let made = Arc::new(AtomicUsize::new(0));
     drop(tiered_fetch(&c, "a", 30, &made).await.unwrap());
     drop(tiered_fetch(&c, "b", 30, &made).await.unwrap());
-    let err = tiered_fetch(&c, "a", 30, &made).await.unwrap_err();
-    assert_eq!(
-        err,
-        CacheError::Generation("device out of memory".to_string())
-    );
-    // The host copy was used up; the next lookup generates.
-    let again = tiered_fetch(&c, "a", 30, &made).await.unwrap();
-    assert_eq!(again.source, Source::Generated);
-    drop(again);
-    // b (now in host memory) is removed from there on request.
+    let oom = CacheError::Generation("device out of memory".to_string());
+    assert_eq!(tiered_fetch(&c, "a", 30, &made).await.unwrap_err(), oom);
+    // The host copy stays for a later try (it fails again here), and nothing was generated;
+    // b went down to make room for the copy that failed.
+    assert_eq!(c.host_usage(), (60, 2));
+    assert_eq!(tiered_fetch(&c, "a", 30, &made).await.unwrap_err(), oom);
+    assert_eq!(made.load(Ordering::SeqCst), 2);
+    assert_eq!(c.stats().restores.load(Ordering::SeqCst), 0, "none succeeded");
+    assert!(keys_of(&c).is_empty());
+    // Removed from host memory on request, one key at a time.
+    assert_eq!(c.remove(&"a".to_string()), Ok(()));
     assert_eq!(c.host_usage(), (30, 1));
-    assert_eq!(c.remove(&"b".to_string()), Ok(()));
-    assert_eq!(c.host_usage(), (0, 0));
-    assert_eq!(c.remove(&"b".to_string()), Err(RemoveError::NotFound));
+    assert_eq!(c.remove(&"a".to_string()), Err(RemoveError::NotFound));
+    assert!(c.peek_meta(&"b".to_string()).is_some());
 }
 
 fn keys_of(c: &TieredCache) -> Vec<String> {
     c.entries().into_iter().map(|e| e.key).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_of_a_host_entry_share_one_copy_back() {
+    let restores = Arc::new(AtomicUsize::new(0));
+    let c = tiered_counting(1, 100, false, restores.clone());
+    let made = Arc::new(AtomicUsize::new(0));
+    drop(tiered_fetch(&c, "a", 30, &made).await.unwrap());
+    drop(tiered_fetch(&c, "b", 30, &made).await.unwrap());
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (c, made) = (c.clone(), made.clone());
+        tasks.push(tokio::spawn(async move {
+            tiered_fetch(&c, "a", 30, &made).await.unwrap().source
+        }));
+    }
+    let mut sources = Vec::new();
+    for t in tasks {
+        sources.push(t.await.unwrap());
+    }
+    assert_eq!(restores.load(Ordering::SeqCst), 1, "{sources:?}");
+    assert_eq!(
+        sources.iter().filter(|s| **s == Source::Restored).count(),
+        1
+    );
+    assert!(sources
+        .iter()
+        .all(|s| matches!(s, Source::Restored | Source::Joined | Source::Cached)));
+    assert_eq!(made.load(Ordering::SeqCst), 2);
 }
