@@ -459,7 +459,11 @@ async fn a_failed_restore_reaches_the_lookup_and_removal_clears_the_host_tier() 
     assert_eq!(c.host_usage(), (60, 2));
     assert_eq!(tiered_fetch(&c, "a", 30, &made).await.unwrap_err(), oom);
     assert_eq!(made.load(Ordering::SeqCst), 2);
-    assert_eq!(c.stats().restores.load(Ordering::SeqCst), 0, "none succeeded");
+    assert_eq!(
+        c.stats().restores.load(Ordering::SeqCst),
+        0,
+        "none succeeded"
+    );
     assert!(keys_of(&c).is_empty());
     // Removed from host memory on request, one key at a time.
     assert_eq!(c.remove(&"a".to_string()), Ok(()));

@@ -53,38 +53,50 @@ fn six_words(rng: &mut StdRng) -> Vec<&'static str> {
         .collect()
 }
 
+/// An arithmetic task answering a number `n` drawn from `range` with `f(n)`.
+fn number_task(
+    name: String,
+    systems: [String; 3],
+    range: std::ops::Range<u32>,
+    f: impl Fn(u32) -> u32 + Send + Sync + 'static,
+) -> TaskSpec {
+    TaskSpec {
+        name,
+        family: "arith",
+        systems,
+        make: Box::new(move |r| {
+            let n = r.random_range(range.clone());
+            (n.to_string(), f(n).to_string())
+        }),
+    }
+}
+
 /// Every task of the suite, in a fixed order: add_K, times_K, word_K, wrap_NAME, label_A_B.
 pub fn param_tasks() -> Vec<TaskSpec> {
     let mut tasks = Vec::new();
     for k in ADD {
-        tasks.push(TaskSpec {
-            name: format!("add_{k}"),
-            family: "arith",
-            systems: [
+        tasks.push(number_task(
+            format!("add_{k}"),
+            [
                 format!("Add {k} to the number and reply with the result."),
                 format!("Reply with the number plus {k}, in digits only."),
                 format!("Increase the given number by {k} and answer with the sum alone."),
             ],
-            make: Box::new(move |r| {
-                let n: u32 = r.random_range(0..1000);
-                (n.to_string(), (n + k).to_string())
-            }),
-        });
+            0..1000,
+            move |n| n + k,
+        ));
     }
     for k in TIMES {
-        tasks.push(TaskSpec {
-            name: format!("times_{k}"),
-            family: "arith",
-            systems: [
+        tasks.push(number_task(
+            format!("times_{k}"),
+            [
                 format!("Multiply the number by {k} and reply with the product."),
                 format!("Reply with {k} times the number, in digits only."),
                 format!("What is the given number times {k}? Answer with digits only."),
             ],
-            make: Box::new(move |r| {
-                let n: u32 = r.random_range(1..1000);
-                (n.to_string(), (n * k).to_string())
-            }),
-        });
+            1..1000,
+            move |n| n * k,
+        ));
     }
     for (i, ord) in ORDINALS.iter().enumerate() {
         tasks.push(TaskSpec {
