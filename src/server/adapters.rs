@@ -14,10 +14,18 @@ use super::ServerState;
 use crate::cache::{AdapterKey, EntryInfo, RemoveError};
 use crate::provider::{AdapterMeta, Origin, ProviderError};
 
-fn describe(e: &EntryInfo<AdapterKey, AdapterMeta>, with_prompts: bool) -> Value {
+/// Where an entry is: on the model's device, or in the host-memory tier.
+#[derive(Clone, Copy)]
+enum Tier {
+    Device,
+    Host,
+}
+
+fn describe(e: &EntryInfo<AdapterKey, AdapterMeta>, tier: Tier, with_prompts: bool) -> Value {
     let mut v = json!({
         "id": e.key.as_str(),
         "object": "adapter",
+        "tier": match tier { Tier::Device => "device", Tier::Host => "host" },
         "bytes": e.bytes,
         "hits": e.hits,
         "age_seconds": e.age.as_secs_f64(),
@@ -37,9 +45,15 @@ fn describe(e: &EntryInfo<AdapterKey, AdapterMeta>, with_prompts: bool) -> Value
 pub(super) async fn list(State(state): State<Arc<ServerState>>) -> Result<Json<Value>, ApiError> {
     let p = state.provider()?;
     let cache = p.cache();
-    let data: Vec<Value> = cache.entries().iter().map(|e| describe(e, false)).collect();
+    let device = cache.entries();
+    let host = cache.host_entries();
+    let data: Vec<Value> = device
+        .iter()
+        .map(|e| describe(e, Tier::Device, false))
+        .chain(host.iter().map(|e| describe(e, Tier::Host, false)))
+        .collect();
     let limits = cache.limits();
-    Ok(Json(json!({
+    let mut body = json!({
         "object": "list",
         "data": data,
         "resident_bytes": cache.resident_bytes(),
@@ -49,15 +63,26 @@ pub(super) async fn list(State(state): State<Arc<ServerState>>) -> Result<Json<V
             "id": p.generator_id(),
             "note": p.generator().config().note,
         },
-    })))
+    });
+    if let Some(budget) = cache.host_budget() {
+        body["host_bytes"] = json!(cache.host_usage().0);
+        body["host_budget_bytes"] = json!(budget);
+    }
+    Ok(Json(body))
 }
 
-fn find(state: &ServerState, key: &str) -> Result<EntryInfo<AdapterKey, AdapterMeta>, ApiError> {
+/// The entry with `key` in either tier (the device first).
+fn find(
+    state: &ServerState,
+    key: &str,
+) -> Result<(EntryInfo<AdapterKey, AdapterMeta>, Tier), ApiError> {
     let p = state.provider()?;
-    p.cache()
-        .entries()
-        .into_iter()
-        .find(|e| e.key.as_str() == key)
+    let cache = p.cache();
+    let device = cache.entries().into_iter().map(|e| (e, Tier::Device));
+    let host = cache.host_entries().into_iter().map(|e| (e, Tier::Host));
+    device
+        .chain(host)
+        .find(|(e, _)| e.key.as_str() == key)
         .ok_or_else(|| ProviderError::UnknownAdapter(key.to_string()).into())
 }
 
@@ -65,7 +90,8 @@ pub(super) async fn show(
     State(state): State<Arc<ServerState>>,
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(describe(&find(&state, &key)?, true)))
+    let (entry, tier) = find(&state, &key)?;
+    Ok(Json(describe(&entry, tier, true)))
 }
 
 pub(super) async fn remove(

@@ -533,6 +533,15 @@ def load(budget, host_budget):
     assert after["dnd_adapter_host_restores_total"] > 0 and "restored" in sources, after
     assert after["dnd_adapter_host_bytes"] <= after["dnd_adapter_host_bytes_budget"] == host_budget
     assert after["dnd_adapter_host_offloads_total"] > 0, after
+    # The adapter list shows both tiers: the host entries after the device ones.
+    status, _, body = http("GET", "/v1/adapters")
+    listed = json.loads(body)
+    tiers = [a["tier"] for a in listed["data"]]
+    assert status == 200 and "host" in tiers and tiers == sorted(tiers), tiers
+    assert tiers.count("device") <= 4 and listed["host_bytes"] <= listed["host_budget_bytes"], listed
+    host_key = next(a["id"] for a in listed["data"] if a["tier"] == "host")
+    status, _, body = http("GET", f"/v1/adapters/{host_key}")
+    assert status == 200 and json.loads(body)["tier"] == "host", body
     distinct = len({t for t, _ in reference.values()})
     # The check above only tells adapters apart when their outputs differ.
     assert distinct >= 12, f"only {distinct} distinct outputs over 16 prompt sets"

@@ -269,11 +269,13 @@ impl<V> Flight<V> {
     }
 }
 
-/// An entry of the host-memory tier.
+/// An entry of the host-memory tier (hits and creation time carried over from the device).
 struct HostEntry<V, M> {
     value: Arc<V>,
     meta: M,
     bytes: usize,
+    hits: u64,
+    created: Instant,
 }
 
 /// What a flight runs: a generation, or a copy back from host memory.
@@ -610,21 +612,23 @@ where
 
     /// Copies an entry evicted from the device into the host tier (dropped when there is no
     /// tier, when it is larger than the tier, or when the copy fails).
-    fn offload(&self, st: &mut State<K, V, M, E>, key: K, value: &V, meta: M, bytes: usize) {
+    fn offload(&self, st: &mut State<K, V, M, E>, key: K, e: Entry<V, M>) {
         let Some(tier) = &self.host_tier else {
             return;
         };
-        if bytes > tier.max_bytes {
+        if e.bytes > tier.max_bytes {
             self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match (tier.offload)(value) {
+        match (tier.offload)(&e.value) {
             Ok(v) => {
                 self.stats.offloads.fetch_add(1, Ordering::Relaxed);
                 let held = HostEntry {
                     value: Arc::new(v),
-                    meta,
-                    bytes,
+                    meta: e.meta,
+                    bytes: e.bytes,
+                    hits: e.hits,
+                    created: e.created,
                 };
                 self.keep_on_host(st, key, held);
             }
@@ -682,7 +686,7 @@ where
             let e = st.ready.pop(&k).expect("victim is present");
             st.resident -= e.bytes;
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            self.offload(st, k, &e.value, e.meta, e.bytes);
+            self.offload(st, k, e);
         }
         true
     }
@@ -789,6 +793,22 @@ where
                 age: e.created.elapsed(),
                 in_use: e.holds.in_use(),
                 meta: e.meta.clone(),
+            })
+            .collect()
+    }
+
+    /// Entries of the host-memory tier, most recently evicted first (never in use).
+    pub fn host_entries(&self) -> Vec<EntryInfo<K, M>> {
+        let st = self.lock();
+        st.host
+            .iter()
+            .map(|(k, h)| EntryInfo {
+                key: k.clone(),
+                bytes: h.bytes,
+                hits: h.hits,
+                age: h.created.elapsed(),
+                in_use: false,
+                meta: h.meta.clone(),
             })
             .collect()
     }

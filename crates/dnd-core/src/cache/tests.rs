@@ -384,6 +384,12 @@ async fn evicted_entries_come_back_from_the_host_tier_without_being_made_again()
     assert_eq!(keys_of(&c), ["b"]);
     assert_eq!(c.host_usage(), (30, 1));
     assert_eq!(c.peek_meta(&"a".to_string()), Some(()));
+    let held = c.host_entries();
+    assert_eq!(
+        (held.len(), held[0].key.as_str(), held[0].bytes),
+        (1, "a", 30)
+    );
+    assert!(!held[0].in_use);
     // a comes back by a copy (the same value, on the device again), and b goes down.
     let back = tiered_fetch(&c, "a", 30, &made).await.unwrap();
     assert_eq!(back.source, Source::Restored);
