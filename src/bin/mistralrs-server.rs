@@ -246,46 +246,36 @@ async fn load_model(args: &Args) -> Result<(mistralrs::Model, String, PathBuf, D
             let name = model_id
                 .file_name()
                 .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-            if arch.is_none() && text_only_gemma3(model_id)? {
-                let mut b = MultimodalModelBuilder::new(str_path(model_id))
-                    .with_loader_type(MultimodalLoaderType::Gemma3)
-                    .with_token_source(TokenSource::None)
-                    .with_dtype(model_dtype(dtype)?)
-                    .with_max_num_seqs(args.max_seqs)
-                    .with_prefix_cache_n(prefix_cache(args));
-                if args.cpu {
-                    b = b.with_force_cpu();
+            // mistral.rs's builders share these methods through one macro, not a trait.
+            macro_rules! configured {
+                ($b:expr) => {{
+                    let mut b = $b
+                        .with_token_source(TokenSource::None)
+                        .with_dtype(model_dtype(dtype)?)
+                        .with_max_num_seqs(args.max_seqs)
+                        .with_prefix_cache_n(prefix_cache(args));
+                    if args.cpu {
+                        b = b.with_force_cpu();
+                    }
+                    if let Some(t) = &args.chat_template {
+                        b = b.with_chat_template(t);
+                    }
+                    b
+                }};
+            }
+            let model = if arch.is_none() && text_only_gemma3(model_id)? {
+                configured!(MultimodalModelBuilder::new(str_path(model_id))
+                    .with_loader_type(MultimodalLoaderType::Gemma3))
+                .build()
+                .await?
+            } else {
+                let mut b = configured!(TextModelBuilder::new(str_path(model_id)));
+                if let Some(a) = arch {
+                    b = b.with_loader_type(a.parse().map_err(anyhow::Error::msg)?);
                 }
-                if let Some(t) = &args.chat_template {
-                    b = b.with_chat_template(t);
-                }
-                return Ok((
-                    b.build().await?,
-                    name,
-                    model_id.clone(),
-                    adapter_dtype(dtype),
-                ));
-            }
-            let mut b = TextModelBuilder::new(str_path(model_id))
-                .with_token_source(TokenSource::None)
-                .with_dtype(model_dtype(dtype)?)
-                .with_max_num_seqs(args.max_seqs)
-                .with_prefix_cache_n(prefix_cache(args));
-            if let Some(a) = arch {
-                b = b.with_loader_type(a.parse().map_err(anyhow::Error::msg)?);
-            }
-            if args.cpu {
-                b = b.with_force_cpu();
-            }
-            if let Some(t) = &args.chat_template {
-                b = b.with_chat_template(t);
-            }
-            Ok((
-                b.build().await?,
-                name,
-                model_id.clone(),
-                adapter_dtype(dtype),
-            ))
+                b.build().await?
+            };
+            Ok((model, name, model_id.clone(), adapter_dtype(dtype)))
         }
         ModelArgs::Gguf {
             quantized_model_id,

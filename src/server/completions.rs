@@ -254,9 +254,9 @@ fn dnd_info(served: &Served) -> Value {
 }
 
 /// `generated`, `joined`, `cached`, `restored` (copied back from the host-memory tier), `base`,
-/// `loaded` (a named PEFT folder read into the cache by this request), or `abstained` (base model: the condition was farther from every
-/// trained one than the abstention distance), or `similar` (a cached adapter for a condition
-/// within the reuse distance).
+/// `loaded` (a named PEFT folder read into the cache by this request), or `abstained` (base
+/// model: the condition was farther from every trained one than the abstention distance), or
+/// `similar` (a cached adapter for a condition within the reuse distance).
 fn source_name(served: &Served) -> &'static str {
     match (&served.abstained, served.source) {
         (Some(_), _) => "abstained",

@@ -252,6 +252,20 @@ def langchain(a, expected_base_chat):
     return {"langchain": r.content}
 
 
+def scored_variants(golden):
+    """(model, extra_body, expected prompt logprobs) of the base model and the named adapter a1."""
+    return [(MODEL, {"dnd": {"base": True}}, golden["base"]), ("a1", {}, golden["adapter1"])]
+
+
+def prompt_error(got, want, what, tol):
+    """Echoed prompt logprobs `got` (None first) against `want` (positions 1..): the largest
+    absolute difference, which must be below `tol`."""
+    assert got[0] is None and len(got) == len(want) + 1, (what, got, want)
+    worst = max(abs(g - w) for g, w in zip(got[1:], want))
+    assert worst < tol, (what, worst, got, want)
+    return worst
+
+
 def prompt_scoring(golden):
     """What lm-evaluation-harness does to score a continuation: the tokenizer endpoints, then
     `echo` with `logprobs` on a token prompt. The prompt's logprobs must be transformers' (and
@@ -274,12 +288,9 @@ def prompt_scoring(golden):
         assert now.get(key, 0) - counted.get(key, 0) == n, (key, counted, now)
 
     def close(got, want, what):
-        assert got[0] is None and len(got) == len(want) + 1, (what, got, want)
-        worst = max(abs(g - w) for g, w in zip(got[1:], want))
-        assert worst < 1e-3, (what, worst, got, want)
+        prompt_error(got, want, what, 1e-3)
 
-    for model, extra, want in [(MODEL, {"dnd": {"base": True}}, golden["base"]),
-                               ("a1", {}, golden["adapter1"])]:
+    for model, extra, want in scored_variants(golden):
         # lm-eval's payload: max_tokens 1, logprobs 1, echo, the prompt as token ids.
         r = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0,
                                       logprobs=1, echo=True, extra_body=extra)
@@ -345,14 +356,10 @@ def scoring(golden, tol):
     """Prompt logprobs (lm-eval's loglikelihood payload) on the base model and under the named
     adapter a1: within `tol` of transformers(+peft)'s, from log_softmax of the golden logits."""
     worst = {}
-    for model, extra, want in [(MODEL, {"dnd": {"base": True}}, golden["base"]),
-                               ("a1", {}, golden["adapter1"])]:
+    for model, extra, want in scored_variants(golden):
         r = client.completions.create(model=model, prompt=golden["ids"], max_tokens=1,
                                       temperature=0, logprobs=1, echo=True, extra_body=extra)
-        got = r.choices[0].logprobs.token_logprobs[:-1]
-        assert got[0] is None and len(got) == len(want) + 1, (model, got, want)
-        worst[model] = max(abs(g - w) for g, w in zip(got[1:], want))
-        assert worst[model] < tol, (model, worst[model], got, want)
+        worst[model] = prompt_error(r.choices[0].logprobs.token_logprobs[:-1], want, model, tol)
     # The adapter changes the scores: a1 is not the base model under another name.
     assert max(abs(b - a) for b, a in zip(golden["base"], golden["adapter1"])) > 10 * tol
     return {"worst_abs_error": worst}

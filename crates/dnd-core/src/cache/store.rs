@@ -293,6 +293,15 @@ struct State<K: Hash + Eq, V, M, E> {
     host_bytes: usize,
 }
 
+impl<K: Hash + Eq, V, M, E> State<K, V, M, E> {
+    /// Takes `key`'s entry out of the host tier, releasing its bytes there.
+    fn take_host(&mut self, key: &K) -> Option<HostEntry<V, M>> {
+        let held = self.host.pop(key)?;
+        self.host_bytes -= held.bytes;
+        Some(held)
+    }
+}
+
 enum Step<V, M, E> {
     Ready(Lookup<V, M>),
     /// Wait for a flight, whose metadata this is.
@@ -522,8 +531,7 @@ where
             if !self.make_room(&mut st, need) {
                 return Step::NoRoom;
             }
-            let held = st.host.pop(key).expect("peeked");
-            st.host_bytes -= held.bytes;
+            let held = st.take_host(key).expect("peeked");
             let restore = tier.restore.clone();
             let (cache, k) = (self.clone(), key.clone());
             let meta = held.meta.clone();
@@ -598,9 +606,7 @@ where
             self.stats.host_drops.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(old) = st.host.pop(&key) {
-            st.host_bytes -= old.bytes;
-        }
+        st.take_host(&key);
         while st.host_bytes + held.bytes > tier.max_bytes {
             let (_, old) = st.host.pop_lru().expect("host bytes imply host entries");
             st.host_bytes -= old.bytes;
@@ -816,12 +822,9 @@ where
     /// Removes an entry that no request holds, from whichever tier holds it.
     pub fn remove(&self, key: &K) -> Result<(), RemoveError> {
         let mut st = self.lock();
-        if !st.ready.contains(key) {
-            if let Some(held) = st.host.pop(key) {
-                st.host_bytes -= held.bytes;
-                self.stats.removals.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
+        if !st.ready.contains(key) && st.take_host(key).is_some() {
+            self.stats.removals.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         }
         match st.ready.peek(key) {
             None => return Err(RemoveError::NotFound),
