@@ -524,35 +524,10 @@ where
             self.stats.joins.fetch_add(1, Ordering::Relaxed);
             return Step::Await(rx.clone(), Source::Joined, meta.clone());
         }
-        if let (Some(tier), Some(held)) = (&self.host_tier, st.host.peek(key)) {
-            // Back from host memory: room for the device copy, then the copy in a flight of its
-            // own, so concurrent lookups join it as they would a generation.
-            let need = held.bytes;
-            if !self.make_room(&mut st, need) {
-                return Step::NoRoom;
+        if let Some(tier) = &self.host_tier {
+            if let Some(held) = st.take_host(key) {
+                return self.restore(&mut st, key, held, tier.restore.clone());
             }
-            let held = st.take_host(key).expect("peeked");
-            let restore = tier.restore.clone();
-            let (cache, k) = (self.clone(), key.clone());
-            let meta = held.meta.clone();
-            let making: Making<V, E> = Box::pin(async move {
-                let value = held.value.clone();
-                let copied = tokio::task::spawn_blocking(move || restore(&value)).await;
-                match copied {
-                    Ok(Ok(v)) => {
-                        cache.stats.restores.fetch_add(1, Ordering::Relaxed);
-                        Ok(v)
-                    }
-                    Ok(Err(e)) => {
-                        // The copy back failed (device memory, say): the host copy stays.
-                        cache.keep_on_host(&mut cache.lock(), k, held);
-                        Err(e)
-                    }
-                    Err(e) => std::panic::resume_unwind(e.into_panic()),
-                }
-            });
-            let rx = self.launch(&mut st, key, &meta, need, making, false);
-            return Step::Await(rx, Source::Restored, meta);
         }
         let Some((_, bytes, _)) = make.as_ref() else {
             return Step::Absent;
@@ -565,6 +540,45 @@ where
         let making: Making<V, E> = Box::pin(async move { make().await });
         let rx = self.launch(&mut st, key, &meta, bytes, making, true);
         Step::Await(rx, Source::Generated, meta)
+    }
+
+    /// Brings `held`, just taken out of the host tier, back to the device: room for the device
+    /// copy, then the copy in a flight of its own, so concurrent lookups join it as they would a
+    /// generation. Taken out first, so that the evictions that make room (which drop to the host
+    /// tier, possibly pushing its oldest entries out) cannot push out the entry being restored.
+    fn restore(
+        self: &Arc<Self>,
+        st: &mut State<K, V, M, E>,
+        key: &K,
+        held: HostEntry<V, M>,
+        restore: Transfer<V, E>,
+    ) -> Step<V, M, E> {
+        let need = held.bytes;
+        if !self.make_room(st, need) {
+            // Nothing was evicted, so the host tier has the room it had.
+            self.keep_on_host(st, key.clone(), held);
+            return Step::NoRoom;
+        }
+        let (cache, k) = (self.clone(), key.clone());
+        let meta = held.meta.clone();
+        let making: Making<V, E> = Box::pin(async move {
+            let value = held.value.clone();
+            let copied = tokio::task::spawn_blocking(move || restore(&value)).await;
+            match copied {
+                Ok(Ok(v)) => {
+                    cache.stats.restores.fetch_add(1, Ordering::Relaxed);
+                    Ok(v)
+                }
+                Ok(Err(e)) => {
+                    // The copy back failed (device memory, say): the host copy stays.
+                    cache.keep_on_host(&mut cache.lock(), k, held);
+                    Err(e)
+                }
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        });
+        let rx = self.launch(st, key, &meta, need, making, false);
+        Step::Await(rx, Source::Restored, meta)
     }
 
     /// Starts a flight for `key` with `bytes` reserved: `making` runs in its own task, and its

@@ -510,3 +510,18 @@ async fn concurrent_lookups_of_a_host_entry_share_one_copy_back() {
         .all(|s| matches!(s, Source::Restored | Source::Joined | Source::Cached)));
     assert_eq!(made.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_restore_whose_evictions_fill_the_host_tier_keeps_what_it_restores() {
+    // One entry on the device, room for one in host memory: restoring a evicts b, whose copy
+    // needs all of the host tier, where a was until this lookup took it out.
+    let c = tiered(1, 30, false);
+    let made = Arc::new(AtomicUsize::new(0));
+    drop(tiered_fetch(&c, "a", 30, &made).await.unwrap());
+    drop(tiered_fetch(&c, "b", 30, &made).await.unwrap());
+    let back = tiered_fetch(&c, "a", 30, &made).await.unwrap();
+    assert_eq!((back.source, back.value.made), (Source::Restored, 1));
+    assert_eq!(keys_of(&c), ["a"]);
+    assert_eq!(c.host_entries()[0].key, "b");
+    assert_eq!(c.host_usage(), (30, 1));
+}
