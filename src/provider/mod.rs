@@ -342,7 +342,7 @@ impl DndProvider {
             }
         }
         if let (Some(limit), Some(e)) = (reuse, &embedding) {
-            if let Some(served) = self.similar(e, limit) {
+            if let Some(served) = self.similar(e, limit).await {
                 return Ok(served);
             }
         }
@@ -588,12 +588,14 @@ impl DndProvider {
     }
 
     /// The cached generated adapter whose condition is nearest to `embedding`, when within
-    /// `limit`, served as a hit on it.
-    fn similar(&self, embedding: &Tensor, limit: f32) -> Option<Served> {
+    /// `limit`: ready on the device (served as a hit on it) or held in the host tier (copied
+    /// back, as a request naming its key would be).
+    async fn similar(&self, embedding: &Tensor, limit: f32) -> Option<Served> {
         let (keys, rows): (Vec<String>, Vec<Tensor>) = self
             .cache
             .entries()
             .into_iter()
+            .chain(self.cache.host_entries())
             .filter_map(|e| Some((e.key.as_str().to_string(), e.meta.embedding?)))
             .unzip();
         if keys.is_empty() {
@@ -615,13 +617,19 @@ impl DndProvider {
             return None;
         }
         let key = AdapterKey::parse(&near.name)?;
-        // Evicted since the scan: generate instead.
-        let lookup = self.cache.get(&key)?;
+        // Dropped since the scan, or no room to copy it back: generate instead.
+        let lookup = match self.cache.get_held(&key).await? {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(adapter = %key, "similar adapter not reused: {e:?}");
+                return None;
+            }
+        };
         tracing::debug!(adapter = %key, distance = near.distance, "similar condition reused");
         Some(Served {
             adapter: Some(leased(lookup.value)),
             key: Some(key),
-            source: Some(Source::Cached),
+            source: Some(lookup.source),
             similar: Some(near.distance),
             ..Served::default()
         })

@@ -361,6 +361,14 @@ async fn named_adapters_are_replaced_and_removed_at_runtime() {
     assert_eq!(p.remove_named("x"), None);
 }
 
+/// The reuse distance of two one-prompt conditions, computed here from the encoder alone.
+fn distance(a: &str, b: &str) -> f32 {
+    let g = generator(false);
+    let (x, y) = (g.pooled(&[a]).unwrap(), g.pooled(&[b]).unwrap());
+    let cos = (x * y).unwrap().sum_all().unwrap().to_scalar::<f32>();
+    1.0 - cos.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
     let opts = |reuse| ProviderOptions {
@@ -373,18 +381,7 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
         "Add both numbers and answer with their sum.",
         "Translate the sentence into French.",
     );
-    // The distance, computed here from the encoder alone.
-    let g = generator(false);
-    let cos = |a: &str, b: &str| {
-        let (x, y) = (g.pooled(&[a]).unwrap(), g.pooled(&[b]).unwrap());
-        (x * y)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let (d_para, d_other) = (1.0 - cos(first, para), 1.0 - cos(first, other));
+    let (d_para, d_other) = (distance(first, para), distance(first, other));
     assert!(d_para < d_other, "{d_para} {d_other}");
     let limit = (d_para + d_other) / 2.0;
 
@@ -412,6 +409,41 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
         (again.source, again.similar),
         (Some(Source::Generated), None)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_similar_condition_reuses_an_adapter_from_the_host_tier() {
+    let (first, para, other) = (
+        "Add the two numbers and reply with the sum.",
+        "Add both numbers and answer with their sum.",
+        "Translate the sentence into French.",
+    );
+    let (d_para, d_other) = (distance(first, para), distance(first, other));
+    assert!(d_para < d_other, "{d_para} {d_other}");
+    // Room for one adapter on the device and two in host memory.
+    let p = DndProvider::new(
+        generator(false),
+        "gen",
+        ProviderOptions {
+            reuse_distance: Some((d_para + d_other) / 2.0),
+            host_cache_bytes: Some(2 * options(1).limits.max_bytes),
+            ..options(1)
+        },
+    )
+    .unwrap();
+    let made = p.resolve(prompts(&[first])).await.unwrap();
+    let uid = made.adapter.as_ref().unwrap().uid();
+    drop(made);
+    // The other task's adapter pushes the first one out to host memory.
+    drop(p.resolve(prompts(&[other])).await.unwrap());
+    assert_eq!(p.cache().host_usage().1, 1);
+    // The paraphrase finds it there and gets it copied back, not a new generation.
+    let reused = p.resolve(prompts(&[para])).await.unwrap();
+    assert_eq!(reused.source, Some(Source::Restored));
+    assert_eq!(reused.adapter.as_ref().unwrap().uid(), uid);
+    let d = reused.similar.expect("reused");
+    assert!((d - d_para).abs() < 1e-4, "{d} vs {d_para}");
+    assert_eq!(p.cache().stats().generations.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

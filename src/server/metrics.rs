@@ -183,7 +183,7 @@ pub(super) async fn prometheus(State(state): State<Arc<ServerState>>) -> impl In
         let counters = [
             (
                 "dnd_adapter_cache_hits_total",
-                "Requests served a cached adapter.",
+                "Requests served an adapter ready on the device (copies back from host memory count in dnd_adapter_host_restores_total).",
                 &s.hits,
             ),
             (
