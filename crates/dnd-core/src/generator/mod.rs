@@ -11,6 +11,7 @@ mod fftconv;
 pub mod hyperconv;
 pub mod init;
 pub mod presets;
+mod winograd;
 
 use std::collections::HashMap;
 use std::path::Path;
