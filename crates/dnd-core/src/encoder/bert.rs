@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -82,6 +83,9 @@ struct Layer {
     out_norm: LayerNorm,
     heads: usize,
     exact_gelu: bool,
+    /// `[Wq | Wk | Wv]ᵀ` (hidden, 3 hidden) and `[bq | bk | bv]`, for the CPU f32 attention.
+    qkv_t: Tensor,
+    qkv_bias: Tensor,
 }
 
 impl Layer {
@@ -93,10 +97,24 @@ impl Layer {
             "gelu_new" | "gelu_pytorch_tanh" => false,
             other => candle_core::bail!("unsupported BERT activation {other}"),
         };
+        let (query, key, value) = (
+            linear(h, h, att.pp("self.query"))?,
+            linear(h, h, att.pp("self.key"))?,
+            linear(h, h, att.pp("self.value"))?,
+        );
+        let parts = [&query, &key, &value];
+        let qkv_t = Tensor::cat(&parts.map(|l| l.weight()), 0)?
+            .t()?
+            .contiguous()?;
+        let biases = parts.map(|l| l.bias().cloned());
+        let qkv_bias = match biases {
+            [Some(q), Some(k), Some(v)] => Tensor::cat(&[q, k, v], 0)?,
+            _ => Tensor::zeros(3 * h, qkv_t.dtype(), qkv_t.device())?,
+        };
         Ok(Self {
-            query: linear(h, h, att.pp("self.query"))?,
-            key: linear(h, h, att.pp("self.key"))?,
-            value: linear(h, h, att.pp("self.value"))?,
+            query,
+            key,
+            value,
             attn_out: linear(h, h, att.pp("output.dense"))?,
             attn_norm: layer_norm(h, cfg.layer_norm_eps, att.pp("output.LayerNorm"))?,
             intermediate: linear(h, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
@@ -104,6 +122,8 @@ impl Layer {
             out_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             heads: cfg.num_attention_heads,
             exact_gelu,
+            qkv_t,
+            qkv_bias,
         })
     }
 
@@ -115,6 +135,14 @@ impl Layer {
     /// padding positions are still computed: their outputs are part of the condition. A row with
     /// no valid key gets a zero context, as PyTorch's attention returns for fully masked rows.
     fn attention(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.qkv_t.dtype() == DType::F32 {
+            return self.attention_cpu(x, valid);
+        }
+        self.attention_tensors(x, valid)
+    }
+
+    /// [`Self::attention`] with candle's tensor ops (any device and dtype).
+    fn attention_tensors(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let hd = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -143,6 +171,135 @@ impl Layer {
             rows.push(ctx.transpose(0, 1)?.reshape((1, len, h))?);
         }
         Tensor::cat(&rows, 0)
+    }
+
+    /// [`Self::attention`] on the CPU in f32, without the per-head copies: q, k and v come
+    /// from one product with the stacked weights, and every (row, head) pair's scores and
+    /// context are two small products reading q, k, v and writing the context in place
+    /// (strided), one pair per job.
+    fn attention_cpu(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
+        let (b, len, h) = x.dims3()?;
+        let (heads, hd) = (self.heads, h / self.heads);
+        let tokens = b * len;
+        // qkv (tokens, 3h) = bias rows + x (tokens, h) @ [Wq|Wk|Wv]ᵀ.
+        let mut qkv = self
+            .qkv_bias
+            .unsqueeze(0)?
+            .broadcast_as((tokens, 3 * h))?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (w_store, w_layout) = self.qkv_t.storage_and_layout();
+        let w = match (&*w_store, w_layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(c), Some((start, end))) => &c.as_slice::<f32>()?[start..end],
+            _ => candle_core::bail!("qkv weights are not a contiguous CPU tensor"),
+        };
+        // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
+        unsafe {
+            gemm::gemm(
+                tokens,
+                3 * h,
+                h,
+                qkv.as_mut_ptr(),
+                1,
+                (3 * h) as isize,
+                true,
+                xs.as_ptr(),
+                1,
+                h as isize,
+                w.as_ptr(),
+                1,
+                (3 * h) as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                crate::generator::conv::gemm_parallelism(),
+            );
+        }
+        drop(w_store);
+        let mut ctx = vec![0f32; tokens * h];
+        let out = crate::generator::conv::SyncPtr(ctx.as_mut_ptr());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = &qkv;
+        (0..b * heads).into_par_iter().for_each(|job| {
+            let (i, head) = (job / heads, job % heads);
+            let n = valid[i];
+            if n == 0 {
+                // No valid key: a zero context, as PyTorch returns for fully masked rows.
+                return;
+            }
+            let row = 3 * h;
+            // q, k, v of this row and head: (len, hd) blocks with row stride 3h.
+            let q = qkv[i * len * row + head * hd..].as_ptr();
+            let k = qkv[i * len * row + h + head * hd..].as_ptr();
+            let v = qkv[i * len * row + 2 * h + head * hd..].as_ptr();
+            let mut scores = vec![0f32; len * n];
+            // SAFETY: scores (len, n); q (len, hd) with row stride 3h; kᵀ (hd, n) read as k's
+            // columns (element (d, j) at j*3h + d): all inside qkv.
+            unsafe {
+                gemm::gemm(
+                    len,
+                    n,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q,
+                    1,
+                    row as isize,
+                    k,
+                    row as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for s in scores.chunks_exact_mut(n) {
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for e in s.iter_mut() {
+                    *e = (*e - max).exp();
+                    sum += *e;
+                }
+                let inv = 1.0 / sum;
+                s.iter_mut().for_each(|e| *e *= inv);
+            }
+            // SAFETY: the context block of row i, head `head` is (len, hd) at row i*len,
+            // column head*hd of ctx (row stride h), written by this job only; v (n, hd) with
+            // row stride 3h inside qkv.
+            unsafe {
+                gemm::gemm(
+                    len,
+                    hd,
+                    n,
+                    out.at(i * len * h + head * hd),
+                    1,
+                    h as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    n as isize,
+                    v,
+                    1,
+                    row as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        Tensor::from_vec(ctx, (b, len, h), x.device())
     }
 
     fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
@@ -214,5 +371,55 @@ impl BertModel {
             x = layer.forward(&x, valid)?;
         }
         Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn cpu_attention_matches_the_tensor_path_with_padding_and_empty_rows() {
+        let cfg: BertConfig = serde_json::from_str(
+            r#"{"vocab_size": 10, "hidden_size": 12, "num_hidden_layers": 1,
+                "num_attention_heads": 3, "intermediate_size": 16, "max_position_embeddings": 8}"#,
+        )
+        .unwrap();
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        // The first load creates the variables; biases start at zero, so give them values
+        // (their stacking is checked too) and load again.
+        Layer::load(&cfg, vb.clone()).unwrap();
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.ends_with("bias") {
+                let r = Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu).unwrap();
+                var.set(&r).unwrap();
+            }
+        }
+        let layer = Layer::load(&cfg, vb).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 12), &Device::Cpu).unwrap();
+        // A full row, a padded one and one without any valid key.
+        let valid = [5, 2, 0];
+        let fast = layer.attention_cpu(&x, &valid).unwrap();
+        let slow = layer.attention_tensors(&x, &valid).unwrap();
+        let diff = (fast - &slow)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "max difference {diff}");
+        let empty = slow
+            .narrow(0, 2, 1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(empty.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
