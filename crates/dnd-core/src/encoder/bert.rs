@@ -191,10 +191,7 @@ impl Layer {
             .to_vec1::<f32>()?;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let (w_store, w_layout) = self.qkv_t.storage_and_layout();
-        let w = match (&*w_store, w_layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(c), Some((start, end))) => &c.as_slice::<f32>()?[start..end],
-            _ => candle_core::bail!("qkv weights are not a contiguous CPU tensor"),
-        };
+        let w = cpu_f32(&w_store, w_layout)?;
         // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
         unsafe {
             gemm::gemm(
@@ -302,9 +299,109 @@ impl Layer {
         Tensor::from_vec(ctx, (b, len, h), x.device())
     }
 
+    /// `x + out(gelu(intermediate(x)))` on the CPU in f32 (exact GELU): both products write
+    /// into buffers that start as their bias rows (and, for the second, the residual), the
+    /// GELU runs in place, and the inner activations reuse one buffer per thread: no
+    /// intermediate tensors, no separate bias, residual or activation passes.
+    fn feed_forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, len, h) = x.dims3()?;
+        let tokens = b * len;
+        let (wi, wo) = (self.intermediate.weight(), self.out.weight());
+        let inner_dim = wi.dim(0)?;
+        let rows = |bias: Option<&Tensor>, width: usize| -> Result<Vec<f32>> {
+            match bias {
+                Some(bias) => bias
+                    .unsqueeze(0)?
+                    .broadcast_as((tokens, width))?
+                    .flatten_all()?
+                    .to_vec1::<f32>(),
+                None => Ok(vec![0f32; tokens * width]),
+            }
+        };
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // out starts as bias + x (the residual).
+        let mut out = rows(self.out.bias(), h)?;
+        out.iter_mut().zip(&xs).for_each(|(o, v)| *o += v);
+        let (wi_c, wo_c) = (wi.contiguous()?, wo.contiguous()?);
+        let (wi_store, wi_layout) = wi_c.storage_and_layout();
+        let (wo_store, wo_layout) = wo_c.storage_and_layout();
+        let (wi_s, wo_s) = (
+            cpu_f32(&wi_store, wi_layout)?,
+            cpu_f32(&wo_store, wo_layout)?,
+        );
+        let bias_i = rows(self.intermediate.bias(), inner_dim)?;
+        FF_SCRATCH.with(|cell| -> Result<()> {
+            let mut own = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let inner = match held.as_deref_mut() {
+                Ok(v) => v,
+                Err(_) => &mut own,
+            };
+            inner.clear();
+            inner.extend_from_slice(&bias_i);
+            let par = crate::generator::conv::gemm_parallelism();
+            // SAFETY: inner (tokens, I) row-major, xs (tokens, h), the weights (I, h) read as
+            // their transpose (element (k, n) at n*h + k); all in bounds.
+            unsafe {
+                gemm::gemm(
+                    tokens,
+                    inner_dim,
+                    h,
+                    inner.as_mut_ptr(),
+                    1,
+                    inner_dim as isize,
+                    true,
+                    xs.as_ptr(),
+                    1,
+                    h as isize,
+                    wi_s.as_ptr(),
+                    h as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            super::gelu::gelu_erf_in_place(inner);
+            // SAFETY: out (tokens, h), inner (tokens, I), the weights (h, I) read as their
+            // transpose (element (k, n) at n*I + k); all in bounds.
+            unsafe {
+                gemm::gemm(
+                    tokens,
+                    h,
+                    inner_dim,
+                    out.as_mut_ptr(),
+                    1,
+                    h as isize,
+                    true,
+                    inner.as_ptr(),
+                    1,
+                    inner_dim as isize,
+                    wo_s.as_ptr(),
+                    inner_dim as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            Ok(())
+        })?;
+        Tensor::from_vec(out, (b, len, h), x.device())
+    }
+
     fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
         let ctx = self.attention(x, valid)?;
         let x = self.attn_norm.forward(&(lin(&self.attn_out, &ctx)? + x)?)?;
+        if self.exact_gelu && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.out_norm.forward(&self.feed_forward_cpu(&x)?);
+        }
         let inner = lin(&self.intermediate, &x)?;
         let inner = if self.exact_gelu {
             super::gelu::gelu_erf(&inner)?
@@ -313,6 +410,20 @@ impl Layer {
         };
         self.out_norm.forward(&(lin(&self.out, &inner)? + x)?)
     }
+}
+
+/// The f32 elements of a contiguous CPU tensor's storage.
+fn cpu_f32<'a>(store: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
+    match (store, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(c), Some((start, end))) => Ok(&c.as_slice::<f32>()?[start..end]),
+        _ => candle_core::bail!("expected a contiguous CPU tensor"),
+    }
+}
+
+thread_local! {
+    /// The feed-forward's inner activations, kept between calls: a fresh buffer of this size
+    /// costs page faults on every layer.
+    static FF_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A BERT encoder without pooler.
@@ -380,8 +491,8 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    #[test]
-    fn cpu_attention_matches_the_tensor_path_with_padding_and_empty_rows() {
+    /// A one-layer config and a layer with random weights and biases.
+    fn random_layer() -> Layer {
         let cfg: BertConfig = serde_json::from_str(
             r#"{"vocab_size": 10, "hidden_size": 12, "num_hidden_layers": 1,
                 "num_attention_heads": 3, "intermediate_size": 16, "max_position_embeddings": 8}"#,
@@ -398,20 +509,42 @@ mod tests {
                 var.set(&r).unwrap();
             }
         }
-        let layer = Layer::load(&cfg, vb).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, 5, 12), &Device::Cpu).unwrap();
-        // A full row, a padded one and one without any valid key.
-        let valid = [5, 2, 0];
-        let fast = layer.attention_cpu(&x, &valid).unwrap();
-        let slow = layer.attention_tensors(&x, &valid).unwrap();
-        let diff = (fast - &slow)
+        Layer::load(&cfg, vb).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn cpu_feed_forward_matches_the_tensor_path() {
+        let layer = random_layer();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
+        let inner = super::super::gelu::gelu_erf(&lin(&layer.intermediate, &x).unwrap()).unwrap();
+        let want = (lin(&layer.out, &inner).unwrap() + &x).unwrap();
+        // Twice: the second call reuses the thread's buffer.
+        for _ in 0..2 {
+            let got = layer.feed_forward_cpu(&x).unwrap();
+            assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        }
+    }
+
+    #[test]
+    fn cpu_attention_matches_the_tensor_path_with_padding_and_empty_rows() {
+        let layer = random_layer();
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 12), &Device::Cpu).unwrap();
+        // A full row, a padded one and one without any valid key.
+        let valid = [5, 2, 0];
+        let fast = layer.attention_cpu(&x, &valid).unwrap();
+        let slow = layer.attention_tensors(&x, &valid).unwrap();
+        let diff = max_diff(&fast, &slow);
         assert!(diff < 1e-5, "max difference {diff}");
         let empty = slow
             .narrow(0, 2, 1)

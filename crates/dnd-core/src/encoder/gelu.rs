@@ -62,6 +62,12 @@ impl CustomOp1 for GeluErf {
     }
 }
 
+/// GELU (erf form) of every element, in place, in parallel chunks.
+pub(crate) fn gelu_erf_in_place(xs: &mut [f32]) {
+    xs.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
+}
+
 /// GELU (erf form) of `x`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
