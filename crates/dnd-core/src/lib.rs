@@ -9,6 +9,7 @@
 //! - [`policy`]: which prompts of a request condition its adapter.
 //! - [`cache`]: content keys and the bounded single-flight adapter LRU.
 //! - [`prompts`]: prompt files and seeded sampling.
+//! - [`matmul`]: the strided f32 matrix product of the CPU fast paths.
 //!
 //! Training lives in `dnd-training`, the engine hook and the server in `mistralrs-dnd`.
 
@@ -20,6 +21,7 @@ pub mod convert;
 pub mod encoder;
 pub mod error;
 pub mod generator;
+pub mod matmul;
 pub mod policy;
 pub mod prompts;
 #[cfg(any(test, feature = "test-util"))]

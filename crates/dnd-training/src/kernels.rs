@@ -308,25 +308,16 @@ impl Accumulator {
                 // SAFETY: the shapes are checked above, every stride comes from the tensors'
                 // own layouts, and the destination rows of `cols` elements hold `col + n`.
                 unsafe {
-                    gemm::gemm(
+                    dnd_core::matmul::gemm_f32(
                         m,
                         n,
                         k,
                         dst,
-                        1,
-                        cols,
+                        cols as usize,
                         read,
-                        l.as_ptr(),
-                        lcs,
-                        lrs,
-                        r.as_ptr(),
-                        rcs,
-                        rrs,
+                        dnd_core::matmul::Operand::new(l.as_ptr(), lrs, lcs),
+                        dnd_core::matmul::Operand::new(r.as_ptr(), rrs, rcs),
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         par,
                     )
                 }

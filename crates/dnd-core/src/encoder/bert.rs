@@ -194,25 +194,16 @@ impl Layer {
         let w = cpu_f32(&w_store, w_layout)?;
         // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
         unsafe {
-            gemm::gemm(
+            crate::matmul::gemm_f32(
                 tokens,
                 3 * h,
                 h,
                 qkv.as_mut_ptr(),
-                1,
-                (3 * h) as isize,
+                3 * h,
                 true,
-                xs.as_ptr(),
-                1,
-                h as isize,
-                w.as_ptr(),
-                1,
-                (3 * h) as isize,
+                crate::matmul::Operand::rows(xs.as_ptr(), h),
+                crate::matmul::Operand::rows(w.as_ptr(), 3 * h),
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 crate::generator::conv::gemm_parallelism(),
             );
         }
@@ -237,25 +228,16 @@ impl Layer {
             // SAFETY: scores (len, n); q (len, hd) with row stride 3h; kᵀ (hd, n) read as k's
             // columns (element (d, j) at j*3h + d): all inside qkv.
             unsafe {
-                gemm::gemm(
+                crate::matmul::gemm_f32(
                     len,
                     n,
                     hd,
                     scores.as_mut_ptr(),
-                    1,
-                    n as isize,
+                    n,
                     false,
-                    q,
-                    1,
-                    row as isize,
-                    k,
-                    row as isize,
-                    1,
-                    0.0,
+                    crate::matmul::Operand::rows(q, row),
+                    crate::matmul::Operand::transposed(k, row),
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -273,25 +255,16 @@ impl Layer {
             // column head*hd of ctx (row stride h), written by this job only; v (n, hd) with
             // row stride 3h inside qkv.
             unsafe {
-                gemm::gemm(
+                crate::matmul::gemm_f32(
                     len,
                     hd,
                     n,
                     out.at(i * len * h + head * hd),
-                    1,
-                    h as isize,
+                    h,
                     false,
-                    scores.as_ptr(),
-                    1,
-                    n as isize,
-                    v,
-                    1,
-                    row as isize,
-                    0.0,
+                    crate::matmul::Operand::rows(scores.as_ptr(), n),
+                    crate::matmul::Operand::rows(v, row),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -343,25 +316,16 @@ impl Layer {
             // SAFETY: inner (tokens, I) row-major, xs (tokens, h), the weights (I, h) read as
             // their transpose (element (k, n) at n*h + k); all in bounds.
             unsafe {
-                gemm::gemm(
+                crate::matmul::gemm_f32(
                     tokens,
                     inner_dim,
                     h,
                     inner.as_mut_ptr(),
-                    1,
-                    inner_dim as isize,
+                    inner_dim,
                     true,
-                    xs.as_ptr(),
-                    1,
-                    h as isize,
-                    wi_s.as_ptr(),
-                    h as isize,
-                    1,
+                    crate::matmul::Operand::rows(xs.as_ptr(), h),
+                    crate::matmul::Operand::transposed(wi_s.as_ptr(), h),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     par,
                 );
             }
@@ -369,25 +333,16 @@ impl Layer {
             // SAFETY: out (tokens, h), inner (tokens, I), the weights (h, I) read as their
             // transpose (element (k, n) at n*I + k); all in bounds.
             unsafe {
-                gemm::gemm(
+                crate::matmul::gemm_f32(
                     tokens,
                     h,
                     inner_dim,
                     out.as_mut_ptr(),
-                    1,
-                    h as isize,
+                    h,
                     true,
-                    inner.as_ptr(),
-                    1,
-                    inner_dim as isize,
-                    wo_s.as_ptr(),
-                    inner_dim as isize,
-                    1,
+                    crate::matmul::Operand::rows(inner.as_ptr(), inner_dim),
+                    crate::matmul::Operand::transposed(wo_s.as_ptr(), inner_dim),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     par,
                 );
             }

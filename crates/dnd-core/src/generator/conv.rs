@@ -130,25 +130,20 @@ fn conv2d_same_taps(
                 // with j < n = h*wp, and rhs_off + (ci-1)*plane + n - 1 stays below
                 // b*per_batch + wp, the buffer's length.
                 unsafe {
-                    gemm::gemm(
+                    crate::matmul::gemm_f32(
                         co,
                         n,
                         ci,
                         dst,
-                        1,
-                        n as isize,
+                        n,
                         tap > 0,
-                        wts.as_ptr().add(tap),
-                        kk as isize,
-                        (ci * kk) as isize,
-                        padded.as_ptr().add(rhs_off),
-                        1,
-                        plane as isize,
+                        crate::matmul::Operand::new(
+                            wts.as_ptr().add(tap),
+                            (ci * kk) as isize,
+                            kk as isize,
+                        ),
+                        crate::matmul::Operand::rows(padded.as_ptr().add(rhs_off), plane),
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         par,
                     );
                 }

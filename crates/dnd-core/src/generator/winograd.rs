@@ -136,25 +136,19 @@ pub fn conv2d_same_winograd(
                         // SAFETY: m[pos], u[pos] and v[pos] are row-major blocks of their
                         // buffers of the shapes above, all in bounds.
                         unsafe {
-                            gemm::gemm(
+                            crate::matmul::gemm_f32(
                                 n,
                                 tiles,
                                 ci,
                                 m.as_mut_ptr().add(pos * n * tiles),
-                                1,
-                                tiles as isize,
+                                tiles,
                                 false,
-                                u.as_ptr().add(pos * n * ci),
-                                1,
-                                ci as isize,
-                                v.as_ptr().add(pos * ci * tiles),
-                                1,
-                                tiles as isize,
-                                0.0,
+                                crate::matmul::Operand::rows(u.as_ptr().add(pos * n * ci), ci),
+                                crate::matmul::Operand::rows(
+                                    v.as_ptr().add(pos * ci * tiles),
+                                    tiles,
+                                ),
                                 1.0,
-                                false,
-                                false,
-                                false,
                                 par,
                             );
                         }
