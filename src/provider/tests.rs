@@ -361,6 +361,19 @@ async fn named_adapters_are_replaced_and_removed_at_runtime() {
     assert_eq!(p.remove_named("x"), None);
 }
 
+/// A condition, its paraphrase and another task's, with the paraphrase's and the other
+/// task's distances to the first (the paraphrase nearer).
+fn reuse_conditions() -> ([&'static str; 3], f32, f32) {
+    let (first, para, other) = (
+        "Add the two numbers and reply with the sum.",
+        "Add both numbers and answer with their sum.",
+        "Translate the sentence into French.",
+    );
+    let (d_para, d_other) = (distance(first, para), distance(first, other));
+    assert!(d_para < d_other, "{d_para} {d_other}");
+    ([first, para, other], d_para, d_other)
+}
+
 /// The reuse distance of two one-prompt conditions, computed here from the encoder alone.
 fn distance(a: &str, b: &str) -> f32 {
     let g = generator(false);
@@ -376,13 +389,7 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
         host_cache_bytes: None,
         ..options(4)
     };
-    let (first, para, other) = (
-        "Add the two numbers and reply with the sum.",
-        "Add both numbers and answer with their sum.",
-        "Translate the sentence into French.",
-    );
-    let (d_para, d_other) = (distance(first, para), distance(first, other));
-    assert!(d_para < d_other, "{d_para} {d_other}");
+    let ([first, para, other], d_para, d_other) = reuse_conditions();
     let limit = (d_para + d_other) / 2.0;
 
     let p = DndProvider::new(generator(false), "gen", opts(Some(limit))).unwrap();
@@ -413,13 +420,7 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_similar_condition_reuses_an_adapter_from_the_host_tier() {
-    let (first, para, other) = (
-        "Add the two numbers and reply with the sum.",
-        "Add both numbers and answer with their sum.",
-        "Translate the sentence into French.",
-    );
-    let (d_para, d_other) = (distance(first, para), distance(first, other));
-    assert!(d_para < d_other, "{d_para} {d_other}");
+    let ([first, para, other], d_para, d_other) = reuse_conditions();
     // Room for one adapter on the device and two in host memory.
     let p = DndProvider::new(
         generator(false),
