@@ -3,6 +3,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use rayon::prelude::*;
+
+use crate::generator::conv::{with_cpu_f32, with_scratch};
 use serde::Deserialize;
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -182,32 +184,25 @@ impl Layer {
         let (heads, hd) = (self.heads, h / self.heads);
         let tokens = b * len;
         // qkv (tokens, 3h) = bias rows + x (tokens, h) @ [Wq|Wk|Wv]ᵀ.
-        let mut qkv = self
-            .qkv_bias
-            .unsqueeze(0)?
-            .broadcast_as((tokens, 3 * h))?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut qkv = bias_rows(Some(&self.qkv_bias), tokens, 3 * h)?;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (w_store, w_layout) = self.qkv_t.storage_and_layout();
-        let w = cpu_f32(&w_store, w_layout)?;
-        // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
-        unsafe {
-            crate::matmul::gemm_f32(
-                tokens,
-                3 * h,
-                h,
-                qkv.as_mut_ptr(),
-                3 * h,
-                true,
-                crate::matmul::Operand::rows(xs.as_ptr(), h),
-                crate::matmul::Operand::rows(w.as_ptr(), 3 * h),
-                1.0,
-                crate::generator::conv::gemm_parallelism(),
-            );
-        }
-        drop(w_store);
+        with_cpu_f32(&self.qkv_t, |w| {
+            // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
+            unsafe {
+                crate::matmul::gemm_f32(
+                    tokens,
+                    3 * h,
+                    h,
+                    qkv.as_mut_ptr(),
+                    3 * h,
+                    true,
+                    crate::matmul::Operand::rows(xs.as_ptr(), h),
+                    crate::matmul::Operand::rows(w.as_ptr(), 3 * h),
+                    1.0,
+                    crate::generator::conv::gemm_parallelism(),
+                );
+            }
+        })?;
         let mut ctx = vec![0f32; tokens * h];
         let out = crate::generator::conv::SyncPtr(ctx.as_mut_ptr());
         let scale = 1.0 / (hd as f32).sqrt();
@@ -274,80 +269,63 @@ impl Layer {
 
     /// `x + out(gelu(intermediate(x)))` on the CPU in f32 (exact GELU): both products write
     /// into buffers that start as their bias rows (and, for the second, the residual), the
-    /// GELU runs in place, and the inner activations reuse one buffer per thread: no
+    /// GELU runs in place, and the inner activations use the thread's scratch buffer: no
     /// intermediate tensors, no separate bias, residual or activation passes.
     fn feed_forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let tokens = b * len;
-        let (wi, wo) = (self.intermediate.weight(), self.out.weight());
+        let (wi, wo) = (
+            self.intermediate.weight().contiguous()?,
+            self.out.weight().contiguous()?,
+        );
         let inner_dim = wi.dim(0)?;
-        let rows = |bias: Option<&Tensor>, width: usize| -> Result<Vec<f32>> {
-            match bias {
-                Some(bias) => bias
-                    .unsqueeze(0)?
-                    .broadcast_as((tokens, width))?
-                    .flatten_all()?
-                    .to_vec1::<f32>(),
-                None => Ok(vec![0f32; tokens * width]),
-            }
-        };
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         // out starts as bias + x (the residual).
-        let mut out = rows(self.out.bias(), h)?;
+        let mut out = bias_rows(self.out.bias(), tokens, h)?;
         out.iter_mut().zip(&xs).for_each(|(o, v)| *o += v);
-        let (wi_c, wo_c) = (wi.contiguous()?, wo.contiguous()?);
-        let (wi_store, wi_layout) = wi_c.storage_and_layout();
-        let (wo_store, wo_layout) = wo_c.storage_and_layout();
-        let (wi_s, wo_s) = (
-            cpu_f32(&wi_store, wi_layout)?,
-            cpu_f32(&wo_store, wo_layout)?,
-        );
-        let bias_i = rows(self.intermediate.bias(), inner_dim)?;
-        FF_SCRATCH.with(|cell| -> Result<()> {
-            let mut own = Vec::new();
-            let mut held = cell.try_borrow_mut();
-            let inner = match held.as_deref_mut() {
-                Ok(v) => v,
-                Err(_) => &mut own,
-            };
-            inner.clear();
-            inner.extend_from_slice(&bias_i);
-            let par = crate::generator::conv::gemm_parallelism();
-            // SAFETY: inner (tokens, I) row-major, xs (tokens, h), the weights (I, h) read as
-            // their transpose (element (k, n) at n*h + k); all in bounds.
-            unsafe {
-                crate::matmul::gemm_f32(
-                    tokens,
-                    inner_dim,
-                    h,
-                    inner.as_mut_ptr(),
-                    inner_dim,
-                    true,
-                    crate::matmul::Operand::rows(xs.as_ptr(), h),
-                    crate::matmul::Operand::transposed(wi_s.as_ptr(), h),
-                    1.0,
-                    par,
-                );
-            }
-            super::gelu::gelu_erf_in_place(inner);
-            // SAFETY: out (tokens, h), inner (tokens, I), the weights (h, I) read as their
-            // transpose (element (k, n) at n*I + k); all in bounds.
-            unsafe {
-                crate::matmul::gemm_f32(
-                    tokens,
-                    h,
-                    inner_dim,
-                    out.as_mut_ptr(),
-                    h,
-                    true,
-                    crate::matmul::Operand::rows(inner.as_ptr(), inner_dim),
-                    crate::matmul::Operand::transposed(wo_s.as_ptr(), inner_dim),
-                    1.0,
-                    par,
-                );
-            }
-            Ok(())
-        })?;
+        let bias_i = bias_rows(self.intermediate.bias(), tokens, inner_dim)?;
+        with_cpu_f32(&wi, |wi_s| {
+            with_cpu_f32(&wo, |wo_s| {
+                with_scratch(|inner| {
+                    inner.clear();
+                    inner.extend_from_slice(&bias_i);
+                    let par = crate::generator::conv::gemm_parallelism();
+                    // SAFETY: inner (tokens, I) row-major, xs (tokens, h), the weights (I, h)
+                    // read as their transpose (element (k, n) at n*h + k); all in bounds.
+                    unsafe {
+                        crate::matmul::gemm_f32(
+                            tokens,
+                            inner_dim,
+                            h,
+                            inner.as_mut_ptr(),
+                            inner_dim,
+                            true,
+                            crate::matmul::Operand::rows(xs.as_ptr(), h),
+                            crate::matmul::Operand::transposed(wi_s.as_ptr(), h),
+                            1.0,
+                            par,
+                        );
+                    }
+                    super::gelu::gelu_erf_in_place(inner);
+                    // SAFETY: out (tokens, h), inner (tokens, I), the weights (h, I) read as
+                    // their transpose (element (k, n) at n*I + k); all in bounds.
+                    unsafe {
+                        crate::matmul::gemm_f32(
+                            tokens,
+                            h,
+                            inner_dim,
+                            out.as_mut_ptr(),
+                            h,
+                            true,
+                            crate::matmul::Operand::rows(inner.as_ptr(), inner_dim),
+                            crate::matmul::Operand::transposed(wo_s.as_ptr(), inner_dim),
+                            1.0,
+                            par,
+                        );
+                    }
+                })
+            })
+        })??;
         Tensor::from_vec(out, (b, len, h), x.device())
     }
 
@@ -367,18 +345,16 @@ impl Layer {
     }
 }
 
-/// The f32 elements of a contiguous CPU tensor's storage.
-fn cpu_f32<'a>(store: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
-    match (store, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(c), Some((start, end))) => Ok(&c.as_slice::<f32>()?[start..end]),
-        _ => candle_core::bail!("expected a contiguous CPU tensor"),
+/// `bias` (width) repeated for `tokens` rows, row-major; zeros without a bias.
+fn bias_rows(bias: Option<&Tensor>, tokens: usize, width: usize) -> Result<Vec<f32>> {
+    match bias {
+        Some(bias) => bias
+            .unsqueeze(0)?
+            .broadcast_as((tokens, width))?
+            .flatten_all()?
+            .to_vec1::<f32>(),
+        None => Ok(vec![0f32; tokens * width]),
     }
-}
-
-thread_local! {
-    /// The feed-forward's inner activations, kept between calls: a fresh buffer of this size
-    /// costs page faults on every layer.
-    static FF_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A BERT encoder without pooler.

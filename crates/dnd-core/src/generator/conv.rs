@@ -29,8 +29,23 @@ impl<T> SyncPtr<T> {
     }
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer, kept between calls (its contents are whatever the
+/// last user left; its length only grows): a fresh buffer of several MB per call costs more in
+/// page faults than the kernels that fill it. A call from inside `f` gets an empty buffer of
+/// its own.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// Runs `f` on the elements of a contiguous f32 CPU tensor, borrowed (no copy).
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(s) => {

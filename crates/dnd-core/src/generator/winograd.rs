@@ -84,12 +84,6 @@ fn transform_kernels(wts: &[f32], ci: usize, o0: usize, n: usize, u: &mut [f32])
 const TILE_CHUNK: usize = 512;
 const CO_CHUNK: usize = 256;
 
-thread_local! {
-    /// Transform buffers kept between calls: a fresh buffer of this size costs more in page
-    /// faults than the transforms themselves.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// `x (b, ci, h, w)` convolved with `wts (co, ci, 3, 3)`, padding 1; returns `(b, co, h, w)`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_same_winograd(
@@ -108,14 +102,7 @@ pub fn conv2d_same_winograd(
     let most = rows_per_pass.min(th) * tw;
     let co_c = CO_CHUNK.min(co);
     let (un, vn, mn) = (POS * co_c * ci, POS * ci * most, POS * co_c * most);
-    SCRATCH.with(|cell| {
-        // A call from inside a call (none today) gets buffers of its own.
-        let mut own = Vec::new();
-        let mut held = cell.try_borrow_mut();
-        let buf = match held.as_deref_mut() {
-            Ok(b) => b,
-            Err(_) => &mut own,
-        };
+    super::conv::with_scratch(|buf| {
         if buf.len() < un + vn + mn {
             buf.resize(un + vn + mn, 0.0);
         }
