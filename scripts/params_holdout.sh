@@ -68,12 +68,7 @@ for g in sft init; do
     t="${held[$i]}" n="${neighbour[$i]}"
     res="$results/$t.json"
     if [ ! -f "$res" ]; then
-      test_system "$t" >"$out/adapters/$g/$t.system.txt"
-      "$dnd" generate --checkpoint "$path" --prompts "$out/adapters/$g/$t.system.txt" --out "$out/adapters/$g/$t-system"
-      "$dnd" generate --checkpoint "$path" --prompts "$data/${t}_test.json" --sample 16 --seed "$SEED" \
-        --out "$out/adapters/$g/$t-examples"
-      score "$t" "$res" "dnd-system=$out/adapters/$g/$t-system" "dnd-examples=$out/adapters/$g/$t-examples"
-      rm -rf "$out/adapters/$g/$t-system" "$out/adapters/$g/$t-examples"
+      score_conditions "$path" "$t" "$res" "$out/adapters/$g"
     fi
     res="$results/$t.control.json"
     if [ "$g" = sft ] && [ ! -f "$res" ]; then

@@ -98,19 +98,8 @@ for h in $HOLDOUTS; do
     for t in $scored; do
       res="$out/results/$name-$v/$t.json"
       [ -f "$res" ] && continue
-      mkdir -p "$out/results/$name-$v" "$out/adapters/$name-$v"
-      # The system-prompt condition: the test split's paraphrase, alone (the server fills it to N).
-      test_system "$t" >"$out/adapters/$name-$v/$t.system.txt"
-      start=$(date +%s.%N)
-      adapter "$gen" "$out/adapters/$name-$v/$t-system" --prompts "$out/adapters/$name-$v/$t.system.txt"
-      mid=$(date +%s.%N)
-      adapter "$gen" "$out/adapters/$name-$v/$t-examples" --prompts "$data/${t}_test.json" --sample 16 --seed "$SEED"
-      end=$(date +%s.%N)
-      echo "$name-$v $t $(echo "$mid - $start" | bc) $(echo "$end - $mid" | bc)" >>"$out/results/generate-seconds.txt"
-      score "$t" "$res" "dnd-system=$out/adapters/$name-$v/$t-system" \
-        "dnd-examples=$out/adapters/$name-$v/$t-examples"
-      # Adapters are 10 MB each and regenerate from the generator in a second.
-      rm -rf "$out/adapters/$name-$v/$t-system" "$out/adapters/$name-$v/$t-examples"
+      mkdir -p "$out/results/$name-$v"
+      score_conditions "$gen" "$t" "$res" "$out/adapters/$name-$v" "$name-$v"
     done
   done
   # On held-out tasks, the LoRA baselines DnD is compared with (mean and best other-task LoRA).

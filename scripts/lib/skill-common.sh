@@ -1,5 +1,6 @@
-# Shared by scripts/skill.sh and scripts/holdout_baselines.sh (sourced, not run): the model of
-# $which, the run folders, the task list, and the scoring helper. Expects `root` and `which`.
+# Shared by scripts/skill.sh, params_holdout.sh and holdout_baselines.sh (sourced, not run):
+# the model of $which, the run folders, the task list, and the scoring helpers. Expects `root`
+# and `which`.
 case "$which" in
   smollm2) model="$root/.assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; preset=smollm2-135m-small ;;
   qwen05) model="$root/.assets/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
@@ -43,4 +44,25 @@ score() {
     --max-new-tokens 16 --no-base "${a[@]}" --out-md "${res%.json}.md" --out-json "$res.tmp" \
     --out-replies "${res%.json}.replies.json"
   mv "$res.tmp" "$res"
+}
+# score_conditions GEN TASK RESULT DIR: GEN's adapters for TASK from the two conditions the
+# server uses (the test split's system-prompt paraphrase alone, and 16 seeded test prompts),
+# made in DIR, scored as dnd-system / dnd-examples into RESULT, then deleted (10 MB each, and
+# regenerated from GEN in a second). With LABEL, appends "LABEL TASK SYSTEM_SECONDS
+# EXAMPLES_SECONDS" (the two generation times) to $out/results/generate-seconds.txt.
+score_conditions() {
+  local gen="$1" t="$2" res="$3" dir="$4" label="${5:-}" start mid end
+  mkdir -p "$dir"
+  test_system "$t" >"$dir/$t.system.txt"
+  start=$(date +%s.%N)
+  "$dnd" generate --checkpoint "$gen" --prompts "$dir/$t.system.txt" --out "$dir/$t-system"
+  mid=$(date +%s.%N)
+  "$dnd" generate --checkpoint "$gen" --prompts "$data/${t}_test.json" --sample 16 --seed "$SEED" \
+    --out "$dir/$t-examples"
+  end=$(date +%s.%N)
+  if [ -n "$label" ]; then
+    echo "$label $t $(echo "$mid - $start" | bc) $(echo "$end - $mid" | bc)" >>"$out/results/generate-seconds.txt"
+  fi
+  score "$t" "$res" "dnd-system=$dir/$t-system" "dnd-examples=$dir/$t-examples"
+  rm -rf "$dir/$t-system" "$dir/$t-examples"
 }
