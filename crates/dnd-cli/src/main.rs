@@ -16,6 +16,7 @@ mod inspect;
 mod mean;
 mod preset;
 mod score;
+mod similarity;
 mod split;
 mod tasks;
 mod train;
@@ -50,6 +51,7 @@ enum Command {
     Cast(cast::Args),
     Mean(mean::Args),
     Distance(distance::Args),
+    Similarity(similarity::Args),
     Generate(generate::Args),
 }
 
@@ -73,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Cast(a) => cast::run(a),
         Command::Mean(a) => mean::run(a),
         Command::Distance(a) => distance::run(a),
+        Command::Similarity(a) => similarity::run(a),
         Command::Generate(a) => generate::run(a),
     }
 }

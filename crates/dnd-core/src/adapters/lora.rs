@@ -166,6 +166,25 @@ impl LoraAdapter {
         Ok(Some((d * self.scale())?))
     }
 
+    /// The Frobenius inner product of the two adapters' dense updates, summed over every
+    /// target (a target one of them lacks is a zero update there): with `inner(a, a)` the
+    /// squared norm, it gives the cosine between what two adapters do to the model. Computed
+    /// through the rank-sized products `B1ᵀ B2` and `A1 A2ᵀ`, never the dense `(out, in)`
+    /// matrices, in f64.
+    pub fn inner(&self, other: &LoraAdapter) -> Result<f64> {
+        let mut total = 0.0;
+        for (t, p) in &self.pairs {
+            let Some(q) = other.pairs.get(t) else {
+                continue;
+            };
+            let f64_of = |w: &Tensor| w.to_dtype(DType::F64);
+            let bb = f64_of(&p.b)?.t()?.matmul(&f64_of(&q.b)?)?;
+            let aa = f64_of(&p.a)?.matmul(&f64_of(&q.a)?.t()?)?;
+            total += (bb * aa)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok(total * self.scale() * other.scale())
+    }
+
     /// The adapter whose update on every target is the mean of the adapters' updates, exactly:
     /// ranks are stacked (`A` rows and `B` columns of all adapters, each `B` scaled by its
     /// adapter's `alpha / r` over their number), so the rank is the sum of theirs and the scale
@@ -290,6 +309,45 @@ mod tests {
             })
             .collect();
         LoraAdapter::new(rank, alpha, pairs).unwrap()
+    }
+
+    #[test]
+    fn inner_product_is_that_of_the_dense_updates() {
+        let x = adapter(2, 16.0, 0.5, &[Module::Q, Module::V]);
+        let y = adapter(3, 6.0, -1.5, &[Module::Q, Module::K]);
+        let dense = |a: &LoraAdapter, module| a.delta_weight(0, module).unwrap();
+        let dot = |u: Option<Tensor>, v: Option<Tensor>| match (u, v) {
+            (Some(u), Some(v)) => (u * v)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            _ => 0.0,
+        };
+        let modules = [Module::Q, Module::K, Module::V];
+        let want: f32 = modules
+            .iter()
+            .map(|&m| dot(dense(&x, m), dense(&y, m)))
+            .sum();
+        let got = x.inner(&y).unwrap();
+        // Only Q is shared, and it is far from zero.
+        assert!(want.abs() > 1.0, "{want}");
+        assert!(
+            (got - want as f64).abs() < 1e-4 * want.abs() as f64,
+            "{got} vs {want}"
+        );
+        let norm2: f32 = modules
+            .iter()
+            .map(|&m| dot(dense(&x, m), dense(&x, m)))
+            .sum();
+        let got = x.inner(&x).unwrap();
+        assert!(
+            (got - norm2 as f64).abs() < 1e-4 * norm2 as f64,
+            "{got} vs {norm2}"
+        );
+        let (xy, yx) = (x.inner(&y).unwrap(), y.inner(&x).unwrap());
+        assert!((xy - yx).abs() < 1e-9 * xy.abs(), "{xy} vs {yx}");
     }
 
     #[test]
