@@ -43,6 +43,14 @@ pub struct Args {
     /// system prompt, so that only the generated adapter carries the task.
     #[arg(long, default_value_t = 0.0, value_parser = share)]
     bare_share: f64,
+    /// Share of --objective sft steps that also run the batch under the adapter made from
+    /// another task's condition and add the shortfall of its loss below own + margin, so that
+    /// adapters differ by task (`dnd similarity` measures how much they do).
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    contrast_share: f64,
+    /// The margin of --contrast-share, in mean answer-token loss (nats).
+    #[arg(long, default_value_t = 0.5)]
+    contrast_margin: f64,
     /// Optimiser steps in total.
     #[arg(long, default_value_t = 1000)]
     steps: usize,
@@ -105,11 +113,18 @@ impl Args {
                 batch: self.batch,
                 seq_len: self.seq_len,
                 bare_share: self.bare_share,
+                contrast_share: self.contrast_share,
+                contrast_margin: self.contrast_margin,
             },
             ("sft", None) => bail!("--objective sft needs --model (the base model)"),
             (_, Some(_)) => bail!("--model is for --objective sft"),
             _ => Objective::Mse,
         };
+        if matches!(objective, Objective::Mse)
+            && (self.bare_share > 0.0 || self.contrast_share > 0.0)
+        {
+            bail!("--bare-share and --contrast-share are for --objective sft");
+        }
         if self.mean_offset && matches!(objective, Objective::Sft { .. }) {
             bail!(
                 "--mean-offset is for --objective mse (sft keeps the --init checkpoint's offset)"
@@ -156,6 +171,19 @@ pub fn run(args: Args) -> Result<()> {
         report.task_steps,
         opts.out.display()
     );
+    let gaps = &report.contrast_gaps;
+    if !gaps.is_empty() {
+        // What the contrast asks for, early and late: another task's adapter's answer loss
+        // minus the task's own, averaged over a tenth of the contrast steps at either end.
+        let k = gaps.len().div_ceil(10);
+        let mean = |g: &[f32]| g.iter().sum::<f32>() / g.len() as f32;
+        eprintln!(
+            "contrast: {} steps, loss gap to another task's adapter {:.3} (first {k}) -> {:.3} (last {k})",
+            gaps.len(),
+            mean(&gaps[..k]),
+            mean(&gaps[gaps.len() - k..])
+        );
+    }
     Ok(())
 }
 

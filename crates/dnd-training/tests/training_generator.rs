@@ -249,6 +249,8 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         batch: 4,
         seq_len: 48,
         bare_share: 0.0,
+        contrast_share: 0.0,
+        contrast_margin: 0.0,
     };
     sft.steps = 40;
     sft.lr = 1e-2;
@@ -263,6 +265,47 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         checkpoint::open(dir.join("gen-sft.safetensors"), &Device::Cpu, DType::F32).unwrap();
     let kept = ConditionDecoder::new(cfg, vb).unwrap();
     assert!(common::max_abs_diff(kept.token_offset().unwrap(), &offset) == 0.0);
+    // Contrast: both tasks, every step also under the other task's adapter. The gap between
+    // the two answer losses is what the hinge widens; it needs a second task.
+    let mut contrast = sft.clone();
+    contrast.out = dir.join("gen-contrast.safetensors");
+    contrast.exclude.clear();
+    contrast.steps = 30;
+    contrast.lr = 3e-3;
+    contrast.objective = Objective::Sft {
+        model: golden_path("tiny-qwen2"),
+        batch: 4,
+        seq_len: 48,
+        bare_share: 0.0,
+        contrast_share: 1.0,
+        contrast_margin: 2.0,
+    };
+    let r = train(&contrast).unwrap();
+    let g = &r.contrast_gaps;
+    assert_eq!(g.len(), 30);
+    let head: f32 = g[..5].iter().sum::<f32>() / 5.0;
+    let tail: f32 = g[25..].iter().sum::<f32>() / 5.0;
+    // The same run with a zero margin (the hinge idle while the own adapter is no worse)
+    // records the gap plain SFT leaves.
+    let mut idle = contrast.clone();
+    idle.out = dir.join("gen-contrast-idle.safetensors");
+    if let Objective::Sft {
+        contrast_margin, ..
+    } = &mut idle.objective
+    {
+        *contrast_margin = 0.0;
+    }
+    let g0 = train(&idle).unwrap().contrast_gaps;
+    let idle_tail: f32 = g0[25..].iter().sum::<f32>() / 5.0;
+    eprintln!("contrast gap {head} -> {tail}; with a zero margin -> {idle_tail}");
+    assert!(tail > head + 0.2, "the gap did not widen: {head} -> {tail}");
+    assert!(
+        tail > idle_tail + 0.2,
+        "{tail} vs {idle_tail} without the contrast"
+    );
+    contrast.exclude = vec!["letters".into()];
+    let err = train(&contrast).unwrap_err().to_string();
+    assert!(err.contains("at least two tasks"), "{err}");
     // Without labelled examples there is nothing to train on.
     sft.tasks[0].examples.clear();
     let err = train(&sft).unwrap_err().to_string();
