@@ -62,8 +62,11 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let k = w.dim(3)?;
     // The fast kernels work on raw slices, outside autograd: training (any operand tracked
-    // for gradients) takes candle's differentiable convolution.
+    // for gradients) takes the differentiable form below on the CPU.
     let tracked = x.track_op() || w.track_op();
+    if tracked && x.device().is_cpu() {
+        return conv2d_same_differentiable(x, w);
+    }
     if tracked || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
     }
@@ -91,6 +94,36 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         })
     })??;
     Tensor::from_vec(out, (b, co, h, wd), x.device())
+}
+
+/// [`conv2d_same`] from tensor operations whose gradients are matrix products: the padded
+/// input's k*k shifted windows stacked along the channels (im2col), then one batched product
+/// with the kernel as a `(Co, k*k*Ci)` matrix. Candle's own convolution differentiates its
+/// input through a CPU transposed convolution that computes one dot product per output pixel
+/// and channel, about a quarter of a generator SFT step; this form's backward is GEMMs and
+/// copies.
+fn conv2d_same_differentiable(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, ci, h, wd) = x.dims4()?;
+    let (co, ci_w, kh, kw) = w.dims4()?;
+    if ci_w != ci || kh != kw || kh % 2 == 0 {
+        candle_core::bail!(
+            "conv2d_same: input {:?} and kernel {:?} do not fit (odd square kernel expected)",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let (k, p) = (kh, kh / 2);
+    let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+    // Windows in (tap, channel) order, matching the kernel laid out as (Co, k, k, Ci).
+    let mut windows = Vec::with_capacity(k * k);
+    for dy in 0..k {
+        for dx in 0..k {
+            windows.push(padded.narrow(2, dy, h)?.narrow(3, dx, wd)?);
+        }
+    }
+    let cols = Tensor::cat(&windows, 1)?.reshape((b, k * k * ci, h * wd))?;
+    let kernel = w.permute((0, 2, 3, 1))?.reshape((co, k * k * ci))?;
+    kernel.broadcast_matmul(&cols)?.reshape((b, co, h, wd))
 }
 
 /// The GEMM thread setting for one large product: every thread candle uses.
@@ -192,6 +225,40 @@ mod tests {
             (1, 4, 4, 3, 9, 9),
         ];
         check_conv_same(&cases, 1e-5, |x, w| conv2d_same(x, w).unwrap());
+    }
+
+    #[test]
+    fn differentiable_form_matches_candle_with_its_gradients() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for &(b, ci, co, h, wd, k) in &[(2, 3, 4, 5, 7, 3), (1, 5, 2, 4, 3, 5), (1, 2, 3, 6, 6, 1)]
+        {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, ci, h, wd), &dev).unwrap()).unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap()).unwrap();
+            // A weighted sum of the outputs, so that every output's gradient differs.
+            let weights = Tensor::randn(0f32, 1.0, (b, co, h, wd), &dev).unwrap();
+            let ours = conv2d_same(x.as_tensor(), w.as_tensor()).unwrap();
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), k / 2, 1, 1, 1).unwrap();
+            assert!(max_abs_diff(&ours, &theirs) < 1e-4);
+            let grads = |y: &Tensor| {
+                let g = (y * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (
+                    g.get(x.as_tensor()).unwrap().clone(),
+                    g.get(w.as_tensor()).unwrap().clone(),
+                )
+            };
+            let ((gx, gw), (hx, hw)) = (grads(&ours), grads(&theirs));
+            assert!(max_abs_diff(&gx, &hx) < 1e-4, "input gradient, k {k}");
+            assert!(max_abs_diff(&gw, &hw) < 1e-4, "kernel gradient, k {k}");
+            assert!(max_abs_diff(&gx, &gx.zeros_like().unwrap()) > 0.1);
+        }
     }
 
     #[test]
