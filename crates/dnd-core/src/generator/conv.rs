@@ -58,6 +58,21 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     }
 }
 
+/// `(B, Ci, H, W, Co, k)` of an input `(B, Ci, H, W)` and kernel `(Co, Ci, k, k)`, odd k; an
+/// error naming both shapes otherwise.
+fn same_conv_dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    let (b, ci, h, wd) = x.dims4()?;
+    let (co, ci_w, kh, kw) = w.dims4()?;
+    if ci_w != ci || kh != kw || kh % 2 == 0 {
+        candle_core::bail!(
+            "conv2d_same: input {:?} and kernel {:?} do not fit (odd square kernel expected)",
+            x.dims(),
+            w.dims()
+        );
+    }
+    Ok((b, ci, h, wd, co, kh))
+}
+
 /// `x (B, Ci, H, W)` convolved with `w (Co, Ci, k, k)`, odd k, padding k/2, no bias.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let k = w.dim(3)?;
@@ -70,15 +85,7 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if tracked || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
     }
-    let (b, ci, h, wd) = x.dims4()?;
-    let (co, ci_w, kh, kw) = w.dims4()?;
-    if ci_w != ci || kh != kw || kh % 2 == 0 {
-        candle_core::bail!(
-            "conv2d_same: input {:?} and kernel {:?} do not fit (odd square kernel expected)",
-            x.dims(),
-            w.dims()
-        );
-    }
+    let (b, ci, h, wd, co, k) = same_conv_dims(x, w)?;
     let (xc, wc) = (x.contiguous()?, w.contiguous()?);
     let fft = super::fftconv::worth_it(h, wd, k);
     let winograd = super::winograd::worth_it(ci, co, k);
@@ -103,16 +110,8 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// and channel, about a quarter of a generator SFT step; this form's backward is GEMMs and
 /// copies.
 fn conv2d_same_differentiable(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (b, ci, h, wd) = x.dims4()?;
-    let (co, ci_w, kh, kw) = w.dims4()?;
-    if ci_w != ci || kh != kw || kh % 2 == 0 {
-        candle_core::bail!(
-            "conv2d_same: input {:?} and kernel {:?} do not fit (odd square kernel expected)",
-            x.dims(),
-            w.dims()
-        );
-    }
-    let (k, p) = (kh, kh / 2);
+    let (b, ci, h, wd, co, k) = same_conv_dims(x, w)?;
+    let p = k / 2;
     let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
     // Windows in (tap, channel) order, matching the kernel laid out as (Co, k, k, Ci).
     let mut windows = Vec::with_capacity(k * k);
