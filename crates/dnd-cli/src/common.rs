@@ -106,6 +106,22 @@ impl LoraArgs {
     }
 }
 
+/// `LABEL=VALUE` (both non-empty) of a repeatable `flag`; the error names the flag and the
+/// expected form (`what` names the value).
+pub fn split_label<'a>(arg: &'a str, flag: &str, what: &str) -> Result<(&'a str, &'a str)> {
+    arg.split_once('=')
+        .filter(|(l, v)| !l.is_empty() && !v.is_empty())
+        .with_context(|| format!("{flag} {arg:?}: expected LABEL={what}"))
+}
+
+/// An `--adapter LABEL=PEFT_DIR` argument, loaded on the CPU.
+pub fn labelled_adapter(arg: &str) -> Result<(String, dnd_core::LoraAdapter)> {
+    let (label, dir) = split_label(arg, "--adapter", "PEFT_DIR")?;
+    let adapter = dnd_core::LoraAdapter::load_peft(dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("--adapter {label}"))?;
+    Ok((label.to_string(), adapter))
+}
+
 /// `q_proj`, `k_proj`, ... to modules.
 pub fn parse_modules(names: &[String]) -> Result<Vec<Module>> {
     names

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use dnd_core::LoraAdapter;
 use dnd_training::{data, eval::EvalOutputs};
 
-use crate::common::print_and_write;
+use crate::common::{labelled_adapter, print_and_write};
 
 /// Accuracy of the base model and of adapters on a task's test split (greedy decoding, the
 /// bracketed choice parsed from the start of the reply), as a Markdown table and a PNG.
@@ -81,13 +81,8 @@ pub fn run(args: Args) -> Result<()> {
         systems.push(("base".into(), None));
     }
     for a in &args.adapters {
-        let (label, dir) = a
-            .split_once('=')
-            .with_context(|| format!("--adapter {a:?}: expected LABEL=PEFT_DIR"))?;
-        systems.push((
-            label.to_string(),
-            Some(LoraAdapter::load_peft(dir, &Device::Cpu)?),
-        ));
+        let (label, adapter) = labelled_adapter(a)?;
+        systems.push((label, Some(adapter)));
     }
     if systems.is_empty() {
         bail!("nothing to evaluate: give --adapter or drop --no-base");

@@ -1,11 +1,11 @@
 //! `dnd similarity`: how alike adapters are, as weight updates.
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use dnd_core::prompts::{read_prompts, sample_prompts};
 use dnd_core::LoraAdapter;
 
-use crate::common::GeneratorFiles;
+use crate::common::{labelled_adapter, split_label, GeneratorFiles};
 
 /// The norm of each adapter's weight update (all of `scale * B A`, Frobenius) and the cosine
 /// between every two: how much of what a generator makes is specific to its condition. Two
@@ -35,21 +35,12 @@ pub struct Args {
     seed: u64,
 }
 
-fn split_label<'a>(arg: &'a str, flag: &str, what: &str) -> Result<(&'a str, &'a str)> {
-    arg.split_once('=')
-        .filter(|(l, v)| !l.is_empty() && !v.is_empty())
-        .with_context(|| format!("{flag} {arg:?}: expected LABEL={what}"))
-}
-
 /// Prints a Markdown table: each adapter's update norm and its cosine with every other, then
 /// the mean cosine over distinct pairs.
 pub fn run(args: Args) -> Result<()> {
     let mut named: Vec<(String, LoraAdapter)> = Vec::new();
     for a in &args.adapters {
-        let (label, dir) = split_label(a, "--adapter", "PEFT_DIR")?;
-        let adapter = LoraAdapter::load_peft(dir, &Device::Cpu)
-            .with_context(|| format!("--adapter {label}"))?;
-        named.push((label.to_string(), adapter));
+        named.push(labelled_adapter(a)?);
     }
     if let Some(checkpoint) = &args.checkpoint {
         let gen = GeneratorFiles {
@@ -71,25 +62,37 @@ pub fn run(args: Args) -> Result<()> {
     if named.len() < 2 {
         bail!("give at least two adapters (--adapter, or --condition with --checkpoint)");
     }
-    let norms: Vec<f64> = named
+    // In f64 once, so that every inner product reads the factors without converting them.
+    let adapters: Vec<LoraAdapter> = named
         .iter()
-        .map(|(_, a)| a.inner(a).map(f64::sqrt))
+        .map(|(_, a)| a.to(&Device::Cpu, DType::F64))
         .collect::<dnd_core::error::Result<_>>()?;
+    // Each pair once: the inner product is symmetric.
+    let k = adapters.len();
+    let mut gram = vec![0f64; k * k];
+    for i in 0..k {
+        for j in i..k {
+            let v = adapters[i].inner(&adapters[j])?;
+            gram[i * k + j] = v;
+            gram[j * k + i] = v;
+        }
+    }
+    let norm = |i: usize| gram[i * k + i].sqrt();
     let labels: Vec<&str> = named.iter().map(|(l, _)| l.as_str()).collect();
     println!("| adapter | update norm | {} |", labels.join(" | "));
-    println!("|---|---|{}", "---|".repeat(labels.len()));
+    println!("|---|---|{}", "---|".repeat(k));
     let (mut sum, mut pairs) = (0.0, 0usize);
-    for (i, (label, a)) in named.iter().enumerate() {
-        let mut cells = Vec::with_capacity(named.len());
-        for (j, (_, b)) in named.iter().enumerate() {
-            let cos = a.inner(b)? / (norms[i] * norms[j]);
+    for (i, label) in labels.iter().enumerate() {
+        let mut cells = Vec::with_capacity(k);
+        for j in 0..k {
+            let cos = gram[i * k + j] / (norm(i) * norm(j));
             if j > i {
                 sum += cos;
                 pairs += 1;
             }
             cells.push(format!("{cos:.3}"));
         }
-        println!("| {label} | {:.3} | {} |", norms[i], cells.join(" | "));
+        println!("| {label} | {:.3} | {} |", norm(i), cells.join(" | "));
     }
     println!(
         "\nmean cosine over {pairs} pairs: {:.3}",

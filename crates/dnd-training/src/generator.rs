@@ -228,6 +228,18 @@ impl PromptCache<'_> {
         let rows: Vec<&Tensor> = prompts.iter().map(|p| &self.mem[*p]).collect();
         Ok(Tensor::stack(&rows, 0)?)
     }
+
+    /// A step's condition: [`Self::condition`] plus the training noise of std `std`, with a
+    /// batch axis, `(1, N, L, C)`.
+    fn noisy_condition(
+        &mut self,
+        prompts: &[&str],
+        rng: &mut impl Rng,
+        std: f64,
+    ) -> Result<Tensor> {
+        let c = self.condition(prompts)?;
+        Ok((&c + noise(rng, c.dims(), std)?)?.unsqueeze(0)?)
+    }
 }
 
 /// A step's condition for `task`: one of its system prompts repeated to `n` (as the server
@@ -592,8 +604,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         };
         let by_system = opts.system_share > 0.0 && rng.random_bool(opts.system_share.min(1.0));
         let prompts = condition_prompts(task, by_system, n, &mut rng);
-        let cond = cache.condition(&prompts)?;
-        let cond = (&cond + noise(&mut rng, cond.dims(), opts.condition_noise)?)?.unsqueeze(0)?;
+        let cond = cache.noisy_condition(&prompts, &mut rng, opts.condition_noise)?;
         opt.set_learning_rate(learning_rate(step, opts.steps, opts.warmup, opts.lr));
         let pred = decoder.forward(&cond)?.squeeze(0)?;
         let (l, mut grads) = match (&target, &base) {
@@ -622,9 +633,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 match other {
                     Some(other) => {
                         let prompts = condition_prompts(other, by_system, n, &mut rng);
-                        let c = cache.condition(&prompts)?;
-                        let c = (&c + noise(&mut rng, c.dims(), opts.condition_noise)?)?
-                            .unsqueeze(0)?;
+                        let c = cache.noisy_condition(&prompts, &mut rng, opts.condition_noise)?;
                         let wrong = decoder.forward(&c)?.squeeze(0)?;
                         let (lw, sw) = through_base_model(lm, &layout, &wrong, &batch)?;
                         let short = *margin as f32 - (lw - l);
