@@ -387,13 +387,14 @@ async fn echo_completion(
     mut gauge: RequestGauge,
 ) -> Result<HttpResponse, ApiError> {
     let tokenizer = state.tokenizer().await?;
-    // The ids the engine would see for a text prompt (it adds special tokens too).
-    let ids = match &echo.prompt {
+    // The ids the engine would see for a text prompt (it adds special tokens too); those it
+    // adds are not in the echoed text. A token prompt's text is all its tokens' decoded.
+    let (ids, added) = match &echo.prompt {
         PromptInput::Tokens(ids) => {
             tokenizer.check_ids(ids)?;
-            ids.clone()
+            (ids.clone(), vec![false; ids.len()])
         }
-        PromptInput::Text(t) => tokenizer.encode(t, true)?,
+        PromptInput::Text(t) => tokenizer.encode_marking_added(t)?,
     };
     let mut prompt_logprobs = None;
     if let Some(k) = echo.top_logprobs {
@@ -415,7 +416,7 @@ async fn echo_completion(
         prompt_logprobs = Some(
             tokio::task::spawn_blocking(move || {
                 let texts = tok.token_texts(&ids);
-                logprobs::prompt(&logits, &ids, k, texts, |id| tok.token_text(id))
+                logprobs::prompt(&logits, &ids, k, texts, &added, |id| tok.token_text(id))
             })
             .await
             .map_err(|e| ApiError::internal("internal_error", e.to_string()))??,

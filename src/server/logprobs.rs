@@ -121,13 +121,16 @@ pub fn completion_chunk(chunk: &mut Value, offset: &mut usize) {
 /// The legacy logprobs of a whole prompt from its raw `logits` (positions × vocabulary): each
 /// token's logprob under the positions before it and the `k` likeliest alternatives there.
 /// The first token has no context, so its logprob and alternatives are null (as OpenAI's).
-/// `texts`: each prompt token's text in context (offsets add them up); `text_of`: an
+/// `texts`: each prompt token's text in context (offsets add them up); `added`: per token,
+/// whether the tokenizer added it around the text (a BOS): it is listed but takes none of the
+/// echoed text's characters, so that every `text_offset` indexes that text; `text_of`: an
 /// alternative's text. Also returns the characters the prompt's tokens add up to.
 pub fn prompt(
     logits: &Tensor,
     ids: &[u32],
     k: usize,
     texts: Vec<String>,
+    added: &[bool],
     text_of: impl Fn(u32) -> String,
 ) -> Result<(Value, usize), ApiError> {
     let internal = |e: candle_core::Error| ApiError::internal("internal_error", e.to_string());
@@ -148,7 +151,9 @@ pub fn prompt(
     let mut offset = 0;
     for (i, (&id, text)) in ids.iter().zip(texts).enumerate() {
         offsets.push(json!(offset));
-        offset += text.chars().count();
+        if !added.get(i).copied().unwrap_or(false) {
+            offset += text.chars().count();
+        }
         tokens.push(json!(text.clone()));
         let Some(row) = i.checked_sub(1).map(|p| &rows[p]) else {
             token_logprobs.push(Value::Null);
@@ -249,7 +254,7 @@ mod tests {
         let names = ["a", "b", "c"];
         let text = |id: u32| names[id as usize].to_string();
         let texts = vec!["c".into(), "a".into(), "bb".into()];
-        let (v, chars) = prompt(&logits, &[2, 0, 1], 2, texts, text).unwrap();
+        let (v, chars) = prompt(&logits, &[2, 0, 1], 2, texts, &[false; 3], text).unwrap();
         assert_eq!(chars, 4);
         let lse0 = (1f64 + 1f64.exp() + 2f64.exp()).ln();
         let lse1 = (3.0 * 3f64.exp()).ln();
@@ -269,9 +274,17 @@ mod tests {
         assert!(v["top_logprobs"][0].is_null());
         // `logprobs: 0`: the prompt's tokens alone.
         let texts = vec!["c".into(), "a".into(), "bb".into()];
-        let (z, _) = prompt(&logits, &[2, 0, 1], 0, texts, text).unwrap();
+        let (z, _) = prompt(&logits, &[2, 0, 1], 0, texts, &[false; 3], text).unwrap();
         assert_eq!(z["top_logprobs"][1], json!({"a": lp[1]}));
         assert_eq!(z["top_logprobs"][2], json!({"bb": lp[2]}));
+        // A token the tokenizer added (a BOS "c" before the text "abb") is listed but takes
+        // no characters: the offsets index "abb".
+        let texts = vec!["c".into(), "a".into(), "bb".into()];
+        let (b, chars) =
+            prompt(&logits, &[2, 0, 1], 0, texts, &[true, false, false], text).unwrap();
+        assert_eq!(b["text_offset"], json!([0, 0, 1]));
+        assert_eq!(chars, 3);
+        assert_eq!(b["tokens"], v["tokens"]);
         // A logit row count that does not match the prompt is the engine's fault, not a panic.
         assert_eq!(
             prompt(
@@ -279,6 +292,7 @@ mod tests {
                 &[1, 2],
                 1,
                 vec![String::new(); 2],
+                &[false; 2],
                 |_| String::new()
             )
             .unwrap_err()

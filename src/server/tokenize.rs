@@ -94,6 +94,17 @@ impl ServedTokenizer {
             .map_err(|e| ApiError::internal("internal_error", format!("tokenizing: {e}")))
     }
 
+    /// Token ids of `text` with the tokenizer's special tokens, and per id whether the
+    /// tokenizer added it around the text (a BOS or an EOS of its template) rather than read
+    /// it from the text: such tokens carry no span of the text.
+    pub fn encode_marking_added(&self, text: &str) -> Result<(Vec<u32>, Vec<bool>), ApiError> {
+        let e = self
+            .tokenizer
+            .encode_fast(text, true)
+            .map_err(|e| ApiError::internal("internal_error", format!("tokenizing: {e}")))?;
+        Ok((e.get_ids().to_vec(), added_tokens(&e)))
+    }
+
     /// The text of `ids`; an id outside the vocabulary is the client's mistake (400).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ApiError> {
         self.check_ids(ids)?;
@@ -134,6 +145,16 @@ impl ServedTokenizer {
             None => Ok(()),
         }
     }
+}
+
+/// Per token of `e`, whether the tokenizer's post-processor added it: a special token that
+/// covers no part of the text (one written in the text, `<|im_start|>` say, has its span).
+fn added_tokens(e: &tokenizers::Encoding) -> Vec<bool> {
+    e.get_special_tokens_mask()
+        .iter()
+        .zip(e.get_offsets())
+        .map(|(&special, &(start, end))| special == 1 && start == end)
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -201,5 +222,37 @@ pub(super) async fn info(State(state): State<Arc<ServerState>>) -> HttpResponse 
     match state.tokenizer().await {
         Ok(t) => Json(t.info.clone()).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_bos_is_added_and_a_written_one_is_not() {
+        // A word-level tokenizer whose template puts <s> before the text, as Llama's does.
+        let json = r#"{
+            "version": "1.0",
+            "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}},
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"<s>": 0, "hi": 1, "there": 2, "<unk>": 3},
+                      "unk_token": "<unk>"}
+        }"#;
+        let tok: tokenizers::Tokenizer = json.parse().unwrap();
+        let e = tok.encode_fast("hi <s> there", true).unwrap();
+        assert_eq!(e.get_ids(), &[0, 1, 0, 2]);
+        assert_eq!(added_tokens(&e), vec![true, false, false, false]);
+        let plain = tok.encode_fast("hi there", false).unwrap();
+        assert_eq!(added_tokens(&plain), vec![false, false]);
     }
 }
