@@ -51,6 +51,15 @@ pub struct Args {
     /// The margin of --contrast-share, in mean answer-token loss (nats).
     #[arg(long, default_value_t = 0.5)]
     contrast_margin: f64,
+    /// Add condition modulation to an unmodulated --init generator (ours: the condition's
+    /// summary scales and shifts every stage's input; its weights start at zero, so training
+    /// starts from what --init computes; README "Training a generator").
+    #[arg(long)]
+    modulate: bool,
+    /// Draw --contrast-share's other task among the K tasks whose conditions (system prompts,
+    /// or prompts) lie nearest by pooled encoder embedding; 0: any other task.
+    #[arg(long, default_value_t = 0)]
+    contrast_nearest: usize,
     /// Optimiser steps in total.
     #[arg(long, default_value_t = 1000)]
     steps: usize,
@@ -115,6 +124,7 @@ impl Args {
                 bare_share: self.bare_share,
                 contrast_share: self.contrast_share,
                 contrast_margin: self.contrast_margin,
+                contrast_nearest: self.contrast_nearest,
             },
             ("sft", None) => bail!("--objective sft needs --model (the base model)"),
             (_, Some(_)) => bail!("--model is for --objective sft"),
@@ -153,6 +163,7 @@ impl Args {
             resume: self.resume,
             stop_after: self.stop_after,
             progress: true,
+            modulate: self.modulate,
         })
     }
 }

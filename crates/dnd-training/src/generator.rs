@@ -37,6 +37,8 @@
 //! adapter of another task's condition and adds the hinge `max(0, margin - (wrong - own))`
 //! on the two answer losses, so that an adapter must do its own task measurably better than
 //! another task's adapter does; its surrogate is `2 own - wrong` while the hinge is active.
+//! The other task is drawn from all of them, or from the few whose conditions lie nearest
+//! (`contrast_nearest`): the pairs the context alone tells apart least.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -53,7 +55,8 @@ use dnd_core::adapters::{LoraAdapter, LoraPair, TokenLayout};
 use dnd_core::cache::fingerprint;
 use dnd_core::encoder::TextEncoder;
 use dnd_core::error::{DndError, Result};
-use dnd_core::generator::anchors::CONDITION_ANCHORS;
+use dnd_core::generator::anchors::{pooled, CONDITION_ANCHORS};
+use dnd_core::generator::modulation::{self, MODULATION_MEAN, MODULATION_SCALE};
 use dnd_core::generator::{checkpoint, ConditionDecoder, GeneratorConfig, TOKEN_OFFSET};
 
 /// One training task: its prompts and the folders of its collected PEFT checkpoints.
@@ -96,6 +99,11 @@ pub enum Objective {
         contrast_share: f64,
         /// The margin, in mean answer-token loss (nats).
         contrast_margin: f64,
+        /// Where the other task comes from: 0, any other task alike; K, one of the K tasks
+        /// whose condition of the step's kind (system prompts, or a sample of prompts) lies
+        /// nearest by pooled encoder embedding, the ones a generator confuses (with 48 tasks
+        /// a uniform draw pairs upper_case with lower_case once in 47 contrast steps).
+        contrast_nearest: usize,
     },
 }
 
@@ -148,6 +156,11 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// Show a progress bar.
     pub progress: bool,
+    /// Give an unmodulated `init` generator condition modulation
+    /// (`dnd_core::generator::modulation`): its weights start at zero, so training starts from
+    /// exactly what `init` computes, and its standardisation comes from the training tasks'
+    /// conditions. A modulated `init` keeps its own either way.
+    pub modulate: bool,
 }
 
 /// What a training run did.
@@ -264,6 +277,45 @@ fn condition_prompts<'t>(
             .map(|i| task.prompts[i % task.prompts.len()].as_str())
             .collect()
     }
+}
+
+/// The standardisation of the condition summaries the tasks' training conditions give: each
+/// system prompt (repeated to `n`, as a step conditions on it) and the first `n` prompts.
+fn condition_standardisation(
+    tasks: &[&TaskSet],
+    n: usize,
+    cache: &mut PromptCache,
+) -> Result<(Tensor, Tensor)> {
+    let mut rows = Vec::new();
+    for t in tasks {
+        let mut sets: Vec<Vec<&str>> = t.systems.iter().map(|s| vec![s.as_str(); n]).collect();
+        sets.push(first_prompts(t, n));
+        for p in sets {
+            rows.push(modulation::summary(&cache.condition(&p)?.unsqueeze(0)?)?.squeeze(0)?);
+        }
+    }
+    Ok(modulation::standardisation(&Tensor::stack(&rows, 0)?)?)
+}
+
+/// The first `n` of a task's prompts (where its prompt conditions come from).
+fn first_prompts(task: &TaskSet, n: usize) -> Vec<&str> {
+    task.prompts.iter().take(n).map(String::as_str).collect()
+}
+
+/// For each row of `emb` (`(T, C)`, rows L2-normalised), the indices of the `k` other rows
+/// of highest cosine, nearest first (all others when fewer than `k`).
+fn nearest_others(emb: &Tensor, k: usize) -> Result<Vec<Vec<usize>>> {
+    let sims = emb.matmul(&emb.t()?)?.to_vec2::<f32>()?;
+    Ok(sims
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let mut others: Vec<usize> = (0..row.len()).filter(|&j| j != i).collect();
+            others.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            others.truncate(k);
+            others
+        })
+        .collect())
 }
 
 /// Standard-normal noise of `shape`, from `rng` (Box-Muller), times `std`.
@@ -430,6 +482,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let source = if resume { &opts.out } else { &opts.init };
     let varmap = VarMap::new();
     let (mut source_weight, mut source_offset, mut source_anchors) = (None, None, None);
+    let (mut source_mod_mean, mut source_mod_scale) = (None, None);
     {
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, t) in candle_core::safetensors::load(source, &dev)? {
@@ -438,6 +491,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 TOKEN_OFFSET => source_offset = Some(t.to_dtype(DType::F32)?),
                 // Kept as they are: they describe the conditions, not trained weights.
                 CONDITION_ANCHORS => source_anchors = Some(t),
+                // Statistics of the conditions, not weights to train.
+                MODULATION_MEAN => source_mod_mean = Some(t.to_dtype(DType::F32)?),
+                MODULATION_SCALE => source_mod_scale = Some(t.to_dtype(DType::F32)?),
                 _ => {
                     data.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
                 }
@@ -457,9 +513,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (Some(stats.criterion_weight()?), offset)
     };
     drop(stats);
-    let mut decoder = ConditionDecoder::new(
+    let encoder = TextEncoder::load(&opts.encoder_dir, &dev, DType::F32)?;
+    let mut cache = PromptCache {
+        encoder: &encoder,
+        max_length: config.max_length,
+        dir: opts.cache_dir.clone(),
+        mem: HashMap::new(),
+        encoded: 0,
+    };
+    config.modulated |= opts.modulate;
+    let modulation_stats = match (source_mod_mean, source_mod_scale) {
+        (Some(m), Some(s)) => Some((m, s)),
+        _ if config.modulated => Some(condition_standardisation(
+            &tasks,
+            config.num_prompts,
+            &mut cache,
+        )?),
+        _ => None,
+    };
+    let mut decoder = ConditionDecoder::with_modulation_stats(
         config.clone(),
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        modulation_stats,
     )?;
     decoder.set_token_offset(offset.clone())?;
     // The base model and the tasks' tokenized examples, for training through it.
@@ -472,7 +547,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             bare_share,
             contrast_share,
             contrast_margin,
+            contrast_nearest,
         } => {
+            if *contrast_nearest > 0 && *contrast_share == 0.0 {
+                return Err(DndError::InvalidInput(
+                    "contrast_nearest picks the contrast's other task: it needs a contrast share"
+                        .into(),
+                ));
+            }
             let valid = (0.0..=1.0).contains(contrast_share)
                 && contrast_margin.is_finite()
                 && *contrast_margin >= 0.0;
@@ -541,13 +623,35 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (0, TrainReport::default())
     };
     report.encoded_prompts = 0;
-    let encoder = TextEncoder::load(&opts.encoder_dir, &dev, DType::F32)?;
-    let mut cache = PromptCache {
-        encoder: &encoder,
-        max_length: config.max_length,
-        dir: opts.cache_dir.clone(),
-        mem: HashMap::new(),
-        encoded: 0,
+    // Hard negatives for the contrast: each task's nearest others, per condition kind.
+    let partners = match &opts.objective {
+        Objective::Sft {
+            contrast_share,
+            contrast_nearest,
+            ..
+        } if *contrast_share > 0.0 && *contrast_nearest > 0 => {
+            let n = config.num_prompts;
+            let embed = |sets: Vec<Vec<&str>>| -> Result<Vec<Vec<usize>>> {
+                let rows = sets
+                    .iter()
+                    .map(|p| pooled(&encoder, p, config.max_length))
+                    .collect::<Result<Vec<_>>>()?;
+                nearest_others(&Tensor::stack(&rows, 0)?, *contrast_nearest)
+            };
+            // A task without system prompts is placed by its prompts under both kinds.
+            let by_system = embed(
+                tasks
+                    .iter()
+                    .map(|t| match t.systems.is_empty() {
+                        true => first_prompts(t, n),
+                        false => t.systems.iter().map(String::as_str).collect(),
+                    })
+                    .collect(),
+            )?;
+            let by_prompts = embed(tasks.iter().map(|t| first_prompts(t, n)).collect())?;
+            Some((by_system, by_prompts))
+        }
+        _ => None,
     };
     let mut opt = AdamW::new(
         varmap.all_vars(),
@@ -573,6 +677,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         if let Some(a) = &source_anchors {
             tensors.insert(CONDITION_ANCHORS.into(), a.clone());
+        }
+        if let Some((mean, scale)) = decoder.modulation().map(|m| m.stats()) {
+            tensors.insert(MODULATION_MEAN.into(), mean.clone());
+            tensors.insert(MODULATION_SCALE.into(), scale.clone());
         }
         let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
         config.untrained = false;
@@ -627,8 +735,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 // Drawn only when contrasting, so that runs without it draw as before.
                 let other =
                     (*contrast_share > 0.0 && rng.random_bool(*contrast_share)).then(|| {
-                        let j = rng.random_range(0..tasks.len() - 1);
-                        tasks[if j >= ti { j + 1 } else { j }]
+                        match &partners {
+                            Some((by_sys, by_prompts)) => {
+                                let near = if by_system { by_sys } else { by_prompts };
+                                tasks[near[ti][rng.random_range(0..near[ti].len())]]
+                            }
+                            None => {
+                                let j = rng.random_range(0..tasks.len() - 1);
+                                tasks[if j >= ti { j + 1 } else { j }]
+                            }
+                        }
                     });
                 match other {
                     Some(other) => {
@@ -736,6 +852,19 @@ pub fn through_base_model(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_others_rank_by_cosine_and_skip_self() {
+        // Unit vectors at angles 0, 10, 80 and 30 degrees.
+        let rows: Vec<f32> = [0f32, 10.0, 80.0, 30.0]
+            .iter()
+            .flat_map(|d| [d.to_radians().cos(), d.to_radians().sin()])
+            .collect();
+        let emb = Tensor::from_vec(rows, (4, 2), &Device::Cpu).unwrap();
+        let near = nearest_others(&emb, 2).unwrap();
+        assert_eq!(near, vec![vec![1, 3], vec![0, 3], vec![3, 1], vec![1, 0]]);
+        assert_eq!(nearest_others(&emb, 9).unwrap()[2], vec![3, 1, 0]);
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {

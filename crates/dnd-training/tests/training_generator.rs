@@ -141,6 +141,7 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         resume,
         stop_after,
         progress: false,
+        modulate: false,
     };
     let report = train(&opts("gen.safetensors", None, false)).unwrap();
     let l = &report.losses;
@@ -251,10 +252,12 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         bare_share: 0.0,
         contrast_share: 0.0,
         contrast_margin: 0.0,
+        contrast_nearest: 0,
     };
     sft.steps = 40;
     sft.lr = 1e-2;
     let r = train(&sft).unwrap();
+    let plain_first = r.losses[0];
     let head: f32 = r.losses[..5].iter().sum::<f32>() / 5.0;
     let tail: f32 = r.losses[35..].iter().sum::<f32>() / 5.0;
     assert!(
@@ -279,6 +282,7 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         bare_share: 0.0,
         contrast_share: 1.0,
         contrast_margin: 2.0,
+        contrast_nearest: 0,
     };
     let r = train(&contrast).unwrap();
     let g = &r.contrast_gaps;
@@ -306,6 +310,44 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
     contrast.exclude = vec!["letters".into()];
     let err = train(&contrast).unwrap_err().to_string();
     assert!(err.contains("at least two tasks"), "{err}");
+    // Nearest partners without a contrast share would be ignored: refused instead.
+    let mut stray = idle.clone();
+    if let Objective::Sft {
+        contrast_share,
+        contrast_nearest,
+        ..
+    } = &mut stray.objective
+    {
+        (*contrast_share, *contrast_nearest) = (0.0, 1);
+    }
+    let err = train(&stray).unwrap_err().to_string();
+    assert!(err.contains("needs a contrast share"), "{err}");
+    // Condition modulation added to the unmodulated generator: its first step is the plain
+    // run's (the modulation starts at zero), its weights then move, and the checkpoint it
+    // writes loads as a modulated generator.
+    let mut modulated = sft.clone();
+    modulated.out = dir.join("gen-modulated.safetensors");
+    modulated.steps = 8;
+    modulated.modulate = true;
+    let m = train(&modulated).unwrap();
+    assert!(
+        (m.losses[0] - plain_first).abs() < 1e-4,
+        "{} vs {plain_first}",
+        m.losses[0]
+    );
+    let (cfg, vb) = checkpoint::open(&modulated.out, &Device::Cpu, DType::F32).unwrap();
+    assert!(cfg.modulated);
+    assert!(ConditionDecoder::new(cfg, vb)
+        .unwrap()
+        .modulation()
+        .is_some());
+    let saved = candle_core::safetensors::load(&modulated.out, &Device::Cpu).unwrap();
+    let moved = saved["modulation.1.gamma"]
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 0.0);
     // Without labelled examples there is nothing to train on.
     sft.tasks[0].examples.clear();
     let err = train(&sft).unwrap_err().to_string();

@@ -178,6 +178,7 @@ pub fn convert_state_dict(
         note: Some("converted from a reference PyTorch checkpoint".into()),
         untrained: false,
         anchor_names: Vec::new(),
+        modulated: false,
     };
     config.validate()?;
     Ok(Converted {

@@ -58,6 +58,10 @@ pub struct GeneratorConfig {
     /// [`super::anchors`]), in row order; empty when the checkpoint has none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anchor_names: Vec<String>,
+    /// The condition's summary modulates every stage (ours; see [`super::modulation`]): the
+    /// checkpoint holds `modulation.*` weights.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub modulated: bool,
 }
 
 impl GeneratorConfig {
@@ -108,6 +112,7 @@ impl GeneratorConfig {
             note: None,
             untrained: false,
             anchor_names: Vec::new(),
+            modulated: false,
         };
         cfg.validate()?;
         Ok(cfg)

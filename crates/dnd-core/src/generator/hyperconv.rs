@@ -101,6 +101,16 @@ impl HyperConvStage {
 
     /// `(B, Ni, Hi, Wi)` to `(B, No, Ho, Wo)`, residual not included.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_modulated(x, None)
+    }
+
+    /// [`Self::forward`] with the normalised input scaled by `1 + gain` and shifted by `shift`
+    /// per channel (`(B, Ni)` each; see [`super::modulation`]).
+    pub fn forward_modulated(
+        &self,
+        x: &Tensor,
+        modulation: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let (b, n, h, w) = x.dims4()?;
         // LayerNorm over the last two axes, per (batch, prompt) slice.
         let x = candle_nn::ops::layer_norm(
@@ -110,6 +120,14 @@ impl HyperConvStage {
             1e-5,
         )?
         .reshape((b, n, h, w))?;
+        let x = match modulation {
+            Some((gain, shift)) => {
+                let gain = (gain.reshape((b, n, 1, 1))? + 1.0)?;
+                x.broadcast_mul(&gain)?
+                    .broadcast_add(&shift.reshape((b, n, 1, 1))?)?
+            }
+            None => x,
+        };
 
         // Width-first: W is the channel axis over (H, N), then H over (N, W').
         let wf = conv_same(&x.transpose(1, 3)?, &self.conv1w)?; // (B, Wo, H, N)
@@ -220,15 +238,37 @@ impl HyperConvDecoder {
     }
 }
 
-impl candle_core::Module for HyperConvDecoder {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl HyperConvDecoder {
+    /// The forward pass with stage `i`'s input modulated by `modulation[i]` (`(gain, shift)`,
+    /// see [`HyperConvStage::forward_modulated`]); `None`: the paper's decoder.
+    pub fn forward_modulated(
+        &self,
+        x: &Tensor,
+        modulation: Option<&[(Tensor, Tensor)]>,
+    ) -> Result<Tensor> {
+        if let Some(m) = modulation {
+            if m.len() != self.stages.len() {
+                candle_core::bail!(
+                    "{} modulation terms for {} stages",
+                    m.len(),
+                    self.stages.len()
+                );
+            }
+        }
         let mut x = x.clone();
-        for stage in &self.stages {
-            let y = stage.forward(&x)?;
+        for (i, stage) in self.stages.iter().enumerate() {
+            let m = modulation.map(|m| (&m[i].0, &m[i].1));
+            let y = stage.forward_modulated(&x, m)?;
             // The reference adds the residual exactly when the shapes agree.
             x = if y.dims() == x.dims() { (x + y)? } else { y };
         }
         Ok(x)
+    }
+}
+
+impl candle_core::Module for HyperConvDecoder {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_modulated(x, None)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod conv;
 mod fftconv;
 pub mod hyperconv;
 pub mod init;
+pub mod modulation;
 pub mod presets;
 mod winograd;
 
@@ -25,6 +26,7 @@ use crate::encoder::TextEncoder;
 use crate::error::{DndError, Result};
 pub use config::{EncoderInfo, GeneratorConfig};
 pub use hyperconv::{ConditionProjection, Features, HyperConvDecoder};
+pub use modulation::Modulation;
 
 /// The decoder half of a generator (no text encoder): condition to tokens.
 ///
@@ -34,6 +36,7 @@ pub struct ConditionDecoder {
     layout: TokenLayout,
     projection: Option<ConditionProjection>,
     decoder: HyperConvDecoder,
+    modulation: Option<Modulation>,
     token_offset: Option<Tensor>,
 }
 
@@ -44,12 +47,34 @@ impl ConditionDecoder {
     /// Builds the modules from a builder rooted at the checkpoint's top level
     /// (`decoder.module_list...`, `down_proj`, `gate_proj`).
     pub fn new(config: GeneratorConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_modulation_stats(config, vb, None)
+    }
+
+    /// [`Self::new`] for a config with `modulated` set whose checkpoint does not hold the
+    /// modulation's standardisation yet: `stats` (`(mean, scale)`, see
+    /// [`modulation::standardisation`]) supplies it. A training run that adds modulation to an
+    /// unmodulated generator builds it so, with a `VarMap`-backed `vb` that creates the
+    /// weights at zero.
+    pub fn with_modulation_stats(
+        config: GeneratorConfig,
+        vb: VarBuilder,
+        stats: Option<(Tensor, Tensor)>,
+    ) -> Result<Self> {
         let layout = config.validate()?;
         let projection = match config.modified_length {
             Some(m) => Some(ConditionProjection::new(config.max_length, m, vb.clone())?),
             None => None,
         };
         let decoder = HyperConvDecoder::new(&config.stages, config.kernel_size, vb.pp("decoder"))?;
+        let modulation = match config.modulated {
+            true => Some(Modulation::new(
+                &config.stages,
+                config.encoder.hidden,
+                stats,
+                vb.clone(),
+            )?),
+            false => None,
+        };
         let token_offset = if vb.contains_tensor(TOKEN_OFFSET) {
             Some(vb.get_unchecked(TOKEN_OFFSET)?)
         } else {
@@ -60,6 +85,7 @@ impl ConditionDecoder {
             layout,
             projection,
             decoder,
+            modulation,
             token_offset: None,
         };
         dec.set_token_offset(token_offset)?;
@@ -94,6 +120,11 @@ impl ConditionDecoder {
         &self.decoder
     }
 
+    /// The condition modulation, when the config has it.
+    pub fn modulation(&self) -> Option<&Modulation> {
+        self.modulation.as_ref()
+    }
+
     /// Sets (or clears) the token offset: a fixed `(T, r+2, c+2)` tensor added to every output,
     /// so that the network predicts the difference from it. `dnd train` sets it to the mean of the
     /// training checkpoints' tokens (see `dnd_training::generator`); the authors'
@@ -124,7 +155,11 @@ impl ConditionDecoder {
             Some(p) => p.forward(condition)?,
             None => condition.clone(),
         };
-        let y = self.decoder.forward(&x)?;
+        let terms = match &self.modulation {
+            Some(m) => Some(m.terms(condition)?),
+            None => None,
+        };
+        let y = self.decoder.forward_modulated(&x, terms.as_deref())?;
         Ok(match &self.token_offset {
             Some(o) => y.broadcast_add(&o.to_dtype(y.dtype())?)?,
             None => y,
