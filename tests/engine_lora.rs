@@ -318,6 +318,68 @@ async fn tiny_phi3_gguf_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-phi3", Format::Gguf).await;
 }
 
+/// A golden family whose layers the patch does not wrap (Phi-2, Starcoder2: base model only in
+/// its fixtures), from its f32 GGUF copy: it loads (mistral.rs 0.8.1 panicked on unquantized
+/// weights in these two loaders), reproduces transformers' full-prompt logits and greedy tokens
+/// (Phi-2's GGUF model had also lost its MLP activation), and a request with an adapter fails
+/// with an error naming the missing support instead of getting the base model's answer.
+async fn unwrapped_gguf_matches_transformers_and_refuses_adapters(name: &str) {
+    let g = Golden::load(&format!("{name}/expected.safetensors"));
+    let model = load_gguf_f32(&golden_path(name))
+        .await
+        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    // Any adapter will do: these layers apply none. tiny-qwen2's adapter1 is at hand.
+    let qwen = golden_path("tiny-qwen2");
+    let shape = BaseModelShape::from_path(&qwen).unwrap();
+    let a = LoraAdapter::load_peft_for(qwen.join("adapter1"), &Device::Cpu, Some(&shape)).unwrap();
+    let lora =
+        Arc::new(to_sequence_lora(&a, "tiny-qwen2/adapter1", &Device::Cpu, DType::F32).unwrap());
+    let models = model.inner().list_models().unwrap();
+    set_adapter_provider(
+        &models[0],
+        Some(Arc::new(TestProvider {
+            adapters: [lora.clone(), lora],
+        })),
+    );
+    for seq in 0..2 {
+        let prompt = common::token_ids(g.get(&format!("input.seq{seq}.ids")));
+        let mut rx = submit(&model, prompt.clone(), seq * 10, true).await;
+        let want = g.get(&format!("base.seq{seq}.logits"));
+        let got = logits_of(&mut rx).await.reshape(want.dims()).unwrap();
+        assert_close(&format!("{name} base seq{seq} logits"), &got, want, 1e-4);
+
+        let mut rx = submit(&model, prompt.clone(), seq * 10 + 1, false).await;
+        let got: Vec<u32> = steps_of(&mut rx).await.iter().map(|s| s[0].0).collect();
+        let greedy = common::token_ids(g.get(&format!("base.seq{seq}.greedy")));
+        let n = greedy
+            .iter()
+            .position(|&t| t == EOS)
+            .map_or(greedy.len(), |i| i + 1);
+        assert_eq!(got, greedy[..n], "{name} base seq{seq}: greedy tokens");
+
+        let mut rx = submit(&model, prompt, ADAPTER1 * 1000 + seq * 10, false).await;
+        let reply = rx.recv().await;
+        let error = describe(&reply);
+        assert!(
+            error.contains("does not support per-sequence LoRA adapters"),
+            "{name} seq{seq}: a request with an adapter got {error}"
+        );
+    }
+}
+
+/// Phi-2 from GGUF (quantized_phi2): fused attn_qkv with biases, partial rotary embeddings,
+/// parallel attention and MLP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_phi2_gguf_matches_transformers_and_refuses_adapters() {
+    unwrapped_gguf_matches_transformers_and_refuses_adapters("tiny-phi2").await;
+}
+
+/// Starcoder2 from GGUF (quantized_starcoder2): biased projections and LayerNorms, GQA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_starcoder2_gguf_matches_transformers_and_refuses_adapters() {
+    unwrapped_gguf_matches_transformers_and_refuses_adapters("tiny-starcoder2").await;
+}
+
 /// Gemma: tied and scaled embeddings, (1 + w) norms, GeGLU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_gemma_mixed_adapters_match_peft() {
