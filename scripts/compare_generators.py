@@ -4,7 +4,8 @@ loop like it: one TASK.json per task with rows `dnd-system` and `dnd-examples`),
 per task the accuracy of each from the system prompt and from 16 prompts, then per group of
 tasks the mean accuracy of each and the paired difference B - A with a 95% bootstrap interval
 (tasks resampled, and each accuracy redrawn from its binomial, as scripts/skill_summary.py does).
-Only tasks both have scored are compared.
+Only tasks both have scored are compared, and only the conditions both scored (a run scored
+from the system prompt alone has no `dnd-examples` row; its columns show "-").
 
     scripts/compare_generators.py A_DIR B_DIR --names shipped,48-task \\
         --group "first 24=upper_case,reverse_words,..." --group "added 24=..." [--out FILE.md]
@@ -18,7 +19,7 @@ import random
 def accuracies(path):
     with open(path) as f:
         rows = {r["label"]: r for r in json.load(f)["rows"]}
-    return {k: (rows[k]["accuracy"], rows[k]["n"]) for k in ("dnd-system", "dnd-examples")}
+    return {k: (rows[k]["accuracy"], rows[k]["n"]) for k in ("dnd-system", "dnd-examples") if k in rows}
 
 
 def interval(pairs, draws=2000, seed=0):
@@ -67,9 +68,11 @@ def main():
         acc = {t: (accuracies(os.path.join(args.a, t + ".json")), accuracies(os.path.join(args.b, t + ".json"))) for t in tasks}
         for t in tasks:
             (a, b) = acc[t]
-            pct = lambda x: f"{100 * x[0]:.0f}"
-            lines.append(f"| {t} | {pct(a['dnd-system'])} | {pct(b['dnd-system'])} | {pct(a['dnd-examples'])} | {pct(b['dnd-examples'])} |")
+            pct = lambda x, k: f"{100 * x[k][0]:.0f}" if k in x else "-"
+            lines.append(f"| {t} | {pct(a, 'dnd-system')} | {pct(b, 'dnd-system')} | {pct(a, 'dnd-examples')} | {pct(b, 'dnd-examples')} |")
         for cond, label in (("dnd-system", "system prompt"), ("dnd-examples", "16 prompts")):
+            if not all(cond in acc[t][0] and cond in acc[t][1] for t in tasks):
+                continue
             pairs = [(acc[t][0][cond], acc[t][1][cond]) for t in tasks]
             mean_a = sum(a for (a, _), _ in pairs) / len(pairs)
             mean_b = sum(b for _, (b, _) in pairs) / len(pairs)
