@@ -16,8 +16,8 @@ scripts/fetch-assets.sh encoder smollm2 >/dev/null
 scripts/mistralrs-patch.sh prepare
 cargo build --manifest-path crates/Cargo.toml --bin dnd
 cargo build --features server --bin mistralrs-server
-# The generator trained on the 20 skill tasks of `dnd tasks` (README "Skill results"; recipe:
-# scripts/skill.sh), with its training conditions as anchors for abstention.
+# The generator trained on the 48 skill tasks of `dnd tasks` (README "Skill results"; recipe:
+# scripts/skills48.sh), with its training conditions as anchors for abstention.
 gen="${DND_GENERATOR:-generators/smollm2-135m-skills.safetensors}"
 [ -f "$gen" ] || { echo "generator $gen not found (DND_GENERATOR)" >&2; exit 1; }
 abstain="${DND_ABSTAIN_DISTANCE:-0.45}"
