@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import sys
 
 
 def accuracies(path):
@@ -71,7 +72,10 @@ def main():
             pct = lambda x, k: f"{100 * x[k][0]:.0f}" if k in x else "-"
             lines.append(f"| {t} | {pct(a, 'dnd-system')} | {pct(b, 'dnd-system')} | {pct(a, 'dnd-examples')} | {pct(b, 'dnd-examples')} |")
         for cond, label in (("dnd-system", "system prompt"), ("dnd-examples", "16 prompts")):
-            if not all(cond in acc[t][0] and cond in acc[t][1] for t in tasks):
+            missing = [t for t in tasks if cond not in acc[t][0] or cond not in acc[t][1]]
+            if missing:
+                print(f"{name}, {label}: not compared ({len(missing)} tasks lack it, e.g. {missing[0]})",
+                      file=sys.stderr)
                 continue
             pairs = [(acc[t][0][cond], acc[t][1][cond]) for t in tasks]
             mean_a = sum(a for (a, _), _ in pairs) / len(pairs)

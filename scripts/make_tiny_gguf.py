@@ -8,7 +8,8 @@ test. Each tiny model folder made by scripts/make_tiny_golden.py gets `model-f32
 weights (f16 values, stored as f32 so that the engine computes in f32 like the golden run), the
 tensor names and metadata keys of llama.cpp's conversion for that architecture (Phi-3 keeps its
 fused qkv and gate_up projections; Phi-2's q, k and v, with their biases, are fused into one
-attn_qkv as llama.cpp does; no family permutes q/k). The tokenizer stays in the
+attn_qkv, the only layout mistral.rs 0.8.1's Phi-2 loader reads (llama.cpp's legacy Wqkv
+conversions; its current ones keep attn_q/k/v apart); no family permutes q/k). The tokenizer stays in the
 folder's tokenizer.json, which the tests name as the loader's tokenizer model id, so the GGUF carries no tokenizer
 metadata. The goldens (expected.safetensors) are the safetensors model's: same weights, same
 outputs. Run once; the files are committed, so neither CI nor the tests need Python:

@@ -25,7 +25,8 @@
 # control scores), DND (the dnd binary), SEED (0), ALL_INIT (a
 # generator the `all` SFT stage starts from instead of its MSE stage, which is then skipped: how
 # tasks are added to a trained generator without collecting every task's LoRA; the shipped
-# skills generator grew from 20 to 24 tasks so, README "Skill results").
+# skills generator grew from 20 to 24 tasks so, README "Skill results"; from 24 to 48,
+# scripts/skills48.sh).
 # Writes OUT/summary.md and OUT/summary.json (scripts/skill_summary.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

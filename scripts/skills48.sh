@@ -17,26 +17,39 @@ scripts/fetch-assets.sh encoder smollm2 >/dev/null
 cargo build --manifest-path crates/Cargo.toml --bin dnd
 dnd=target/debug/dnd
 mkdir -p "$out/gen"
-[ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0
+# The first 48 tasks: tasks added later leave their data unchanged but must not join the run.
+[ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0 --count 48
 # The 24-task generator as it was shipped (the commit that shipped it).
 init="$out/gen/skills24.safetensors"
-[ -f "$init" ] || git show 36ef50c:generators/smollm2-135m-skills.safetensors > "$init"
+if [ ! -f "$init" ]; then
+  git show 36ef50c:generators/smollm2-135m-skills.safetensors > "$init.tmp"
+  mv "$init.tmp" "$init"
+fi
 targs=()
 for t in $(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$out/data/tasks.json"); do
   targs+=(--task "$t=$out/data/${t}_train.json")
 done
 # Stage 1: 300 steps (warmup 16), stage 2: 600 more (warmup 31), each resumable.
-for stage in "mod300 $init 300 16" "mod900 $out/gen/mod300.safetensors 600 31"; do
-  set -- $stage
-  [ -f "$out/gen/$1.done" ] && continue
-  "$dnd" train --objective sft --model "$model" --init "$2" "${targs[@]}" --modulate \
-    --steps "$3" --lr 3e-4 --warmup "$4" --seed 0 --system-share 0.5 \
-    --out "$out/gen/$1.safetensors" --save-every 25 --loss-png "$out/gen/loss-$1.png" \
+for stage in mod300 mod900; do
+  case "$stage" in
+    mod300) from="$init" steps=300 warmup=16 ;;
+    mod900) from="$out/gen/mod300.safetensors" steps=600 warmup=31 ;;
+  esac
+  [ -f "$out/gen/$stage.done" ] && continue
+  "$dnd" train --objective sft --model "$model" --init "$from" "${targs[@]}" --modulate \
+    --steps "$steps" --lr 3e-4 --warmup "$warmup" --seed 0 --system-share 0.5 \
+    --out "$out/gen/$stage.safetensors" --save-every 25 --loss-png "$out/gen/loss-$stage.png" \
     --cache-dir "$out/enc-cache" --resume
-  touch "$out/gen/$1.done"
+  touch "$out/gen/$stage.done"
 done
-[ -f "$out/gen/mod900-anchored.safetensors" ] || "$dnd" anchors \
-  --checkpoint "$out/gen/mod900.safetensors" "${targs[@]}" --out "$out/gen/mod900-anchored.safetensors"
-[ -f "$out/skills.safetensors" ] || "$dnd" cast --checkpoint "$out/gen/mod900-anchored.safetensors" \
-  --dtype f16 --out "$out/skills.safetensors"
+# Written under a temporary name first, so that an interrupted write is not taken as done.
+anchored="$out/gen/mod900-anchored.safetensors"
+if [ ! -f "$anchored" ]; then
+  "$dnd" anchors --checkpoint "$out/gen/mod900.safetensors" "${targs[@]}" --out "$anchored.tmp"
+  mv "$anchored.tmp" "$anchored"
+fi
+if [ ! -f "$out/skills.safetensors" ]; then
+  "$dnd" cast --checkpoint "$anchored" --dtype f16 --out "$out/skills.safetensors.tmp"
+  mv "$out/skills.safetensors.tmp" "$out/skills.safetensors"
+fi
 echo "$out/skills.safetensors: the shipped file's recipe (compare: cmp $out/skills.safetensors generators/smollm2-135m-skills.safetensors)"

@@ -21,7 +21,7 @@ pub struct Args {
     /// Seed of every draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Write only the first N tasks (the shipped skills generator was trained on the first 24);
+    /// Write only the first N tasks (earlier generators were trained on the first 20 or 24);
     /// their data are the same as in a full run.
     #[arg(long)]
     count: Option<usize>,
