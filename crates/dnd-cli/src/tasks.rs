@@ -30,6 +30,11 @@ pub struct Args {
     /// word_K, wrap_NAME, label_A_B).
     #[arg(long, value_enum, default_value = "skills")]
     suite: SuiteArg,
+    /// Train each skill task under eight system-prompt wordings instead of two (its two and
+    /// six more): training example i gets wording i mod 8; prompts, answers and the test split
+    /// are unchanged. tasks.json lists the six as `more_systems`.
+    #[arg(long)]
+    more_wordings: bool,
 }
 
 /// `--suite`.
@@ -46,7 +51,13 @@ pub fn run(args: Args) -> Result<()> {
         SuiteArg::Params => Suite::Params,
     };
     let entries = write_tasks(
-        &args.out, suite, args.train, args.test, args.seed, args.count,
+        &args.out,
+        suite,
+        args.train,
+        args.test,
+        args.seed,
+        args.count,
+        args.more_wordings,
     )?;
     eprintln!(
         "{} tasks ({} train / {} test examples each) in {}",

@@ -22,6 +22,7 @@ use super::data::Example;
 use dnd_core::error::{DndError, Result};
 
 mod params;
+mod wordings;
 pub use params::param_tasks;
 
 /// A set of tasks `dnd tasks` writes.
@@ -953,6 +954,9 @@ pub struct TaskEntry {
     pub family: String,
     /// The paraphrased system prompts (the last one only in the test split).
     pub systems: Vec<String>,
+    /// With `--more-wordings`: the six more training wordings, after the first two of `systems`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub more_systems: Vec<String>,
     /// Training examples.
     pub train: usize,
     /// Test examples.
@@ -967,6 +971,29 @@ pub fn examples(
     train: usize,
     test: usize,
     seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    examples_with_wordings(spec, index, train, test, seed, &[])
+}
+
+/// The six more training wordings of skill task `name` (`dnd tasks --more-wordings`), if it
+/// has them.
+pub fn more_wordings(name: &str) -> Option<&'static [&'static str; 6]> {
+    wordings::MORE_WORDINGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, w)| w)
+}
+
+/// [`examples`], with training example i under wording i mod (2 + `more`.len()) of the
+/// task's two training system prompts followed by `more`: the same prompts and answers as
+/// without them (the wordings draw nothing from the seed), the same test split.
+pub fn examples_with_wordings(
+    spec: &TaskSpec,
+    index: usize,
+    train: usize,
+    test: usize,
+    seed: u64,
+    more: &[&str],
 ) -> Result<(Vec<Example>, Vec<Example>)> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
     let mut seen = HashSet::new();
@@ -994,14 +1021,21 @@ pub fn examples(
         }
         Ok(out)
     };
-    let tr = draw(train, &spec.systems[..2])?;
+    let train_systems: Vec<String> = spec.systems[..2]
+        .iter()
+        .cloned()
+        .chain(more.iter().map(|s| s.to_string()))
+        .collect();
+    let tr = draw(train, &train_systems)?;
     let te = draw(test, &spec.systems[2..])?;
     Ok((tr, te))
 }
 
 /// Writes the train and test files of the first `count` tasks of `suite` (every task when
 /// `None`) and `tasks.json` under `out`. A task's data depend only on the seed and its
-/// position, so the first N are the same whatever the count.
+/// position, so the first N are the same whatever the count. With `more_wordings` (skill tasks
+/// only) each task's training examples cycle through eight system prompts instead of two
+/// ([`more_wordings`]); prompts, answers and the test split stay the same.
 pub fn write_tasks(
     out: &Path,
     suite: Suite,
@@ -1009,7 +1043,13 @@ pub fn write_tasks(
     test: usize,
     seed: u64,
     count: Option<usize>,
+    more_wordings: bool,
 ) -> Result<Vec<TaskEntry>> {
+    if more_wordings && suite != Suite::Skills {
+        return Err(DndError::InvalidInput(
+            "more wordings exist for the skill tasks only".into(),
+        ));
+    }
     let specs = suite.tasks();
     let count = count.unwrap_or(specs.len());
     if count == 0 || count > specs.len() {
@@ -1021,7 +1061,15 @@ pub fn write_tasks(
     std::fs::create_dir_all(out).map_err(|e| DndError::io(out, e))?;
     let mut entries = Vec::new();
     for (i, spec) in specs.iter().take(count).enumerate() {
-        let (tr, te) = examples(spec, i, train, test, seed)?;
+        let more: Vec<&str> = match more_wordings {
+            true => self::more_wordings(&spec.name)
+                .ok_or_else(|| {
+                    DndError::InvalidInput(format!("task {} has no more wordings", spec.name))
+                })?
+                .to_vec(),
+            false => Vec::new(),
+        };
+        let (tr, te) = examples_with_wordings(spec, i, train, test, seed, &more)?;
         for (split, v) in [("train", &tr), ("test", &te)] {
             let path = out.join(format!("{}_{split}.json", spec.name));
             let items: Vec<serde_json::Value> = v
@@ -1037,6 +1085,7 @@ pub fn write_tasks(
             name: spec.name.clone(),
             family: spec.family.into(),
             systems: spec.systems.to_vec(),
+            more_systems: more.iter().map(|s| s.to_string()).collect(),
             train: tr.len(),
             test: te.len(),
         });
@@ -1138,10 +1187,10 @@ mod tests {
     fn the_first_tasks_are_the_same_whatever_the_count() {
         let base = std::env::temp_dir().join(format!("dnd-tasks-{}", std::process::id()));
         let (few, all) = (base.join("few"), base.join("all"));
-        let written = write_tasks(&few, Suite::Skills, 20, 5, 3, Some(2)).unwrap();
+        let written = write_tasks(&few, Suite::Skills, 20, 5, 3, Some(2), false).unwrap();
         assert_eq!(written.len(), 2);
         assert_eq!(
-            write_tasks(&all, Suite::Skills, 20, 5, 3, None)
+            write_tasks(&all, Suite::Skills, 20, 5, 3, None, false)
                 .unwrap()
                 .len(),
             all_tasks().len()
@@ -1162,10 +1211,52 @@ mod tests {
         assert_eq!(listed.len(), 2);
         for bad in [0, all_tasks().len() + 1] {
             assert!(
-                write_tasks(&base.join("bad"), Suite::Skills, 20, 5, 3, Some(bad)).is_err(),
+                write_tasks(&base.join("bad"), Suite::Skills, 20, 5, 3, Some(bad), false).is_err(),
                 "{bad}"
             );
         }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn more_wordings_change_only_the_training_system_prompts() {
+        let specs = all_tasks();
+        let mut seen = HashSet::new();
+        for spec in &specs {
+            let more = more_wordings(&spec.name).unwrap_or_else(|| panic!("{}", spec.name));
+            for w in more {
+                assert!(!spec.systems.iter().any(|s| s == w), "{}: {w}", spec.name);
+                assert!(seen.insert(*w), "{w} is used twice");
+            }
+        }
+        assert_eq!(wordings::MORE_WORDINGS.len(), specs.len());
+        let base = std::env::temp_dir().join(format!("dnd-wordings-{}", std::process::id()));
+        let (two, eight) = (base.join("two"), base.join("eight"));
+        write_tasks(&two, Suite::Skills, 40, 5, 0, Some(3), false).unwrap();
+        let entries = write_tasks(&eight, Suite::Skills, 40, 5, 0, Some(3), true).unwrap();
+        let read = |dir: &Path, file: &str| -> Vec<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+        };
+        for (spec, entry) in specs.iter().zip(&entries) {
+            assert_eq!(entry.more_systems.len(), 6);
+            let test = format!("{}_test.json", spec.name);
+            assert_eq!(read(&two, &test), read(&eight, &test));
+            let train = format!("{}_train.json", spec.name);
+            let (a, b) = (read(&two, &train), read(&eight, &train));
+            let mut systems = HashSet::new();
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(x["prompt"], y["prompt"]);
+                assert_eq!(x["response"], y["response"]);
+                let want = match i % 8 {
+                    j @ 0..=1 => spec.systems[j].as_str(),
+                    j => more_wordings(&spec.name).unwrap()[j - 2],
+                };
+                assert_eq!(y["system"], want, "{} example {i}", spec.name);
+                systems.insert(y["system"].as_str().unwrap().to_string());
+            }
+            assert_eq!(systems.len(), 8);
+        }
+        assert!(write_tasks(&base.join("p"), Suite::Params, 4, 2, 0, Some(1), true).is_err());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
