@@ -212,6 +212,16 @@ const VARIANTS: [(&str, usize); 3] = [
     ("adapter2", ADAPTER2),
 ];
 
+/// The golden greedy tokens `key` up to and including the first EOS: generation stops there,
+/// the golden run went on.
+fn golden_greedy(g: &Golden, key: &str) -> Vec<u32> {
+    let mut toks = common::token_ids(g.get(key));
+    if let Some(i) = toks.iter().position(|&t| t == EOS) {
+        toks.truncate(i + 1);
+    }
+    toks
+}
+
 /// The text the engine should print for the golden greedy tokens (up to the first EOS).
 fn expected_text(name: &str, g: &Golden, key: &str) -> String {
     let tok = tokenizers::Tokenizer::from_file(golden_path(name).join("tokenizer.json")).unwrap();
@@ -257,14 +267,9 @@ async fn mixed_batches_match_peft(name: &str, format: Format) {
     for (seq, variant, mut rx) in pending {
         let steps = steps_of(&mut rx).await;
         let what = format!("{name} {variant} seq{seq} (batched)");
-        let greedy = common::token_ids(g.get(&format!("{variant}.seq{seq}.greedy")));
         let got: Vec<u32> = steps.iter().map(|s| s[0].0).collect();
-        // Generation stops after EOS; the golden run went on.
-        let n = greedy
-            .iter()
-            .position(|&t| t == EOS)
-            .map_or(greedy.len(), |i| i + 1);
-        assert_eq!(got, greedy[..n], "{what}: greedy tokens");
+        let greedy = golden_greedy(&g, &format!("{variant}.seq{seq}.greedy"));
+        assert_eq!(got, greedy, "{what}: greedy tokens");
     }
     // They did share batches: forward passes carried each adapter next to other rows (the
     // adapters are this test's own, so the counts are this test's).
@@ -350,12 +355,8 @@ async fn unwrapped_gguf_matches_transformers_and_refuses_adapters(name: &str) {
 
         let mut rx = submit(&model, prompt.clone(), seq * 10 + 1, false).await;
         let got: Vec<u32> = steps_of(&mut rx).await.iter().map(|s| s[0].0).collect();
-        let greedy = common::token_ids(g.get(&format!("base.seq{seq}.greedy")));
-        let n = greedy
-            .iter()
-            .position(|&t| t == EOS)
-            .map_or(greedy.len(), |i| i + 1);
-        assert_eq!(got, greedy[..n], "{name} base seq{seq}: greedy tokens");
+        let greedy = golden_greedy(&g, &format!("base.seq{seq}.greedy"));
+        assert_eq!(got, greedy, "{name} base seq{seq}: greedy tokens");
 
         let mut rx = submit(&model, prompt, ADAPTER1 * 1000 + seq * 10, false).await;
         let reply = rx.recv().await;
