@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Do crates/ and the server's workspace build their shared dependencies once?
+#
+#   scripts/check-feature-parity.sh
+#
+# The test command builds crates/ first, then the server's workspace, into one target folder.
+# Cargo reuses a dependency's build only when everything that goes into it agrees: version,
+# features, profile, and the same for each of its own dependencies. mistral.rs turns on more
+# features than crates/ needs, so crates/feature-parity turns them on in crates/ too. This
+# script lists every dependency unit that crates/ builds and the server's workspace does not
+# (by Cargo's own unit graph: `--unit-graph`, unstable, enabled here with RUSTC_BOOTSTRAP);
+# after a dependency update, add the features it names to crates/feature-parity/Cargo.toml.
+# Needs the patched mistral.rs (`scripts/mistralrs-patch.sh prepare`). Exit status 1 when
+# any dependency would be built twice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+graph() { RUSTC_BOOTSTRAP=1 cargo test "$@" --no-run --unit-graph -Z unstable-options; }
+graph --manifest-path crates/Cargo.toml --workspace >"$tmp/crates.json"
+graph --features server >"$tmp/server.json"
+python3 - "$tmp/crates.json" "$tmp/server.json" <<'PY'
+import hashlib, json, sys
+
+def identities(path):
+    """Each unit's identity: its own settings and, recursively, its dependencies' identities
+    (what Cargo's metadata hash covers), keyed to a short label."""
+    units = json.load(open(path))["units"]
+    memo = {}
+
+    def ident(i):
+        if i not in memo:
+            u = units[i]
+            profile = {k: v for k, v in u["profile"].items() if k != "name"}
+            key = [u["pkg_id"], u["target"]["name"], u["target"]["kind"], u["mode"],
+                   u["features"], u.get("platform"), profile,
+                   sorted(ident(d["index"]) for d in u["dependencies"])]
+            memo[i] = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return memo[i]
+
+    return {ident(i): u for i, u in enumerate(units)}
+
+crates, server = identities(sys.argv[1]), identities(sys.argv[2])
+# Only registry dependencies: crates/'s own members are built by their workspace alone.
+twice = sorted(
+    "%s %s (%s): features %s" % (u["pkg_id"].split("#")[-1], u["target"]["name"], u["mode"],
+                                 ",".join(u["features"]) or "none")
+    for k, u in crates.items() if k not in server and u["pkg_id"].startswith("registry+"))
+for line in twice:
+    print("built twice:", line)
+print("%d of %d dependency units of crates/ are built differently by the server's workspace"
+      % (len(twice), sum(u["pkg_id"].startswith("registry+") for u in crates.values())))
+sys.exit(1 if twice else 0)
+PY
