@@ -7,9 +7,10 @@ projections (adapter1: r=4, alpha=8; adapter2: r=8, alpha=8) and expected.safete
 layout of tiny-qwen2's: per prompt the token ids, the full-prompt logits and 8 greedy tokens (no
 EOS stop) of the base model, base+adapter1 and base+adapter2, computed by transformers + peft in
 float32 on CPU. The Rust tests (tests/engine_lora.rs) compare the patched engine against them.
-Phi-2 and Starcoder2, whose layers the patch does not wrap, get the base model only, in a smaller
-shape (their tests load only the GGUF copy, scripts/make_tiny_gguf.py, and check the base
-model and the refusal of adapters).
+Phi-2 and Starcoder2 come in a smaller shape and with adapter1 only, to keep the repository
+small; their MLPs have no gate, so their adapters target their own projection names (Phi-2:
+dense, fc1, fc2; Starcoder2: c_fc, c_proj), and their tests load the GGUF copy
+(scripts/make_tiny_gguf.py).
 
 Run once, with torch, transformers and peft installed; the outputs are committed, so neither CI
 nor the tests need torch:
@@ -36,19 +37,25 @@ PROMPTS = ["The quick brown fox", "Hello, world! 123"]
 GREEDY = 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# The families whose projections PEFT knows by other names (and whose MLPs have no gate).
+OWN_MODULES = {
+    "phi3": FUSED_MODULES,
+    "phi2": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+}
 # The shape every tiny model shares: small enough to commit, wide enough for GQA and rope.
 SHAPE = dict(
     vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
     rms_norm_eps=1e-6, eos_token_id=258, bos_token_id=None, pad_token_id=None,
 )
-# The base-only families: half as wide, to keep the repository small.
+# Phi-2's and Starcoder2's: half as wide, and one adapter, to keep the repository small.
 SMALL = dict(
     vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, max_position_embeddings=512, eos_token_id=258, bos_token_id=None,
     pad_token_id=None, tie_word_embeddings=False,
 )
-BASE_ONLY = {"phi2", "starcoder2"}
+SMALL_FAMILIES = {"phi2", "starcoder2"}
 FAMILIES = {
     "qwen3": lambda: Qwen3Config(**SHAPE, hidden_act="silu", tie_word_embeddings=False,
                                  rope_theta=10000.0, use_sliding_window=False,
@@ -99,6 +106,8 @@ FAMILIES = {
 }
 # Fields mistral.rs 0.8.1 reads at the top level, which transformers 5 nests or leaves out.
 FLAT = {"rope_theta": 10000.0}
+# Phi-2's: also the share of each head that gets rotary embeddings.
+FLAT_PHI2 = {**FLAT, "partial_rotary_factor": 0.5}
 # Gemma 3's: the global rope base, the local one, and the layer pattern (every 2nd is global).
 FLAT_GEMMA3 = {"rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
                "sliding_window_pattern": 2}
@@ -148,7 +157,7 @@ def make(family):
         shutil.rmtree(out)
     copy.deepcopy(model).half().save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
-    flat = FLAT_GEMMA3 if family == "gemma3" else FLAT
+    flat = FLAT_GEMMA3 if family == "gemma3" else FLAT_PHI2 if family == "phi2" else FLAT
     config.update({k: v for k, v in flat.items() if k not in config})
     if family == "gemma2":
         config.setdefault("hidden_act", "gelu_pytorch_tanh")
@@ -163,10 +172,10 @@ def make(family):
     ids = [tok.encode(p, add_special_tokens=False).ids for p in PROMPTS]
     expected = {}
     variants = {"base": model}
-    adapters = [] if family in BASE_ONLY else [("adapter1", 4, 1), ("adapter2", 8, 2)]
-    for name, r, seed in adapters:
+    adapters = [("adapter1", 4, 1), ("adapter2", 8, 2)]
+    for name, r, seed in adapters[:1] if family in SMALL_FAMILIES else adapters:
         torch.manual_seed(seed)
-        targets = FUSED_MODULES if family == "phi3" else MODULES
+        targets = OWN_MODULES.get(family, MODULES)
         lora = LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                           lora_dropout=0.0, task_type="CAUSAL_LM")
         peft_model = get_peft_model(copy.deepcopy(model), lora)

@@ -247,6 +247,15 @@ impl LoraAdapter {
                     t.layer, shape.num_layers
                 )));
             }
+            if !shape.has_module(t.module) {
+                return Err(DndError::Incompatible(format!(
+                    "layer {}: the adapter has {} weights, but the base model ({}) has no \
+                     such projection (its MLP has no gate)",
+                    t.layer,
+                    t.module.name(),
+                    shape.model_type
+                )));
+            }
             let (inp, out) = shape.in_out(t.module);
             if p.a.dims() != [self.rank, inp] || p.b.dims() != [out, self.rank] {
                 return Err(DndError::Incompatible(format!(

@@ -65,6 +65,17 @@ const FUSED: [(&str, &[Module]); 2] = [
     ("mlp.gate_up_proj", &[Module::Gate, Module::Up]),
 ];
 
+/// The seven projections under the names some families give them, which their PEFT adapters
+/// use: Phi-2's `dense`, `fc1` and `fc2`, Starcoder2's `c_fc` and `c_proj` (MLPs without a
+/// gate: the first layer is the up projection, the second the down one).
+const ALIASES: [(&str, Module); 5] = [
+    ("self_attn.dense", Module::O),
+    ("mlp.fc1", Module::Up),
+    ("mlp.fc2", Module::Down),
+    ("mlp.c_fc", Module::Up),
+    ("mlp.c_proj", Module::Down),
+];
+
 /// What a PEFT weight key names: one of the seven projections, or a fused one (index into
 /// [`FUSED`]) of a layer.
 #[derive(Debug, Clone, Copy)]
@@ -95,9 +106,12 @@ fn parse_any_key(key: &str) -> Option<(KeyTarget, bool)> {
     let target = match Module::from_name(name) {
         Some(module) if module.path() == path => KeyTarget::Plain(LoraTarget { layer, module }),
         Some(_) => return None,
-        None => KeyTarget::Fused {
-            layer,
-            fused: FUSED.iter().position(|(p, _)| *p == path)?,
+        None => match ALIASES.iter().find(|(p, _)| *p == path) {
+            Some(&(_, module)) => KeyTarget::Plain(LoraTarget { layer, module }),
+            None => KeyTarget::Fused {
+                layer,
+                fused: FUSED.iter().position(|(p, _)| *p == path)?,
+            },
         },
     };
     let is_a = match rest {
@@ -348,6 +362,66 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rows"), "{err}");
+    }
+
+    #[test]
+    fn gateless_families_projection_names_load_as_the_seven() {
+        for (family, o, up, down) in [
+            ("tiny-phi2", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
+            (
+                "tiny-starcoder2",
+                "self_attn.o_proj",
+                "mlp.c_fc",
+                "mlp.c_proj",
+            ),
+        ] {
+            let dir = crate::test_util::golden_path(family);
+            let shape = BaseModelShape::from_path(&dir).unwrap();
+            assert!(!shape.has_module(Module::Gate), "{family}: {shape:?}");
+            let a = LoraAdapter::load_peft_for(dir.join("adapter1"), &Device::Cpu, Some(&shape))
+                .unwrap();
+            let want: Vec<Module> = Module::ALL
+                .into_iter()
+                .filter(|m| *m != Module::Gate)
+                .collect();
+            assert_eq!(a.target_modules(), want, "{family}");
+            a.check_fits(&shape).unwrap();
+            // The same matrices as the file's, under our names.
+            let raw = candle_core::safetensors::load(
+                dir.join("adapter1").join(WEIGHTS_FILE),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (path, module) in [(o, Module::O), (up, Module::Up), (down, Module::Down)] {
+                let pair = &a.pairs()[&LoraTarget { layer: 1, module }];
+                for (ab, got) in [("A", &pair.a), ("B", &pair.b)] {
+                    let want =
+                        &raw[&format!("base_model.model.model.layers.1.{path}.lora_{ab}.weight")];
+                    assert_eq!(
+                        crate::test_util::max_abs_diff(got, want),
+                        0.0,
+                        "{family} {path}"
+                    );
+                }
+            }
+            // A gate LoRA has nowhere to go in these models: refused, not ignored.
+            let mut pairs = a.pairs().clone();
+            let up_pair = pairs[&LoraTarget {
+                layer: 0,
+                module: Module::Up,
+            }]
+                .clone();
+            pairs.insert(
+                LoraTarget {
+                    layer: 0,
+                    module: Module::Gate,
+                },
+                up_pair,
+            );
+            let gated = LoraAdapter::new(a.rank(), a.alpha(), pairs).unwrap();
+            let err = gated.check_fits(&shape).unwrap_err().to_string();
+            assert!(err.contains("no gate"), "{family}: {err}");
+        }
     }
 
     #[test]

@@ -218,6 +218,13 @@ impl BaseModelShape {
         }
     }
 
+    /// Whether the base model has `module`: every family has all seven but those whose MLP has
+    /// no gate (Phi-2, `phi` in its config and `phi2` in GGUF; Starcoder2), which have no
+    /// `gate_proj`.
+    pub fn has_module(&self, module: Module) -> bool {
+        module != Module::Gate || !matches!(self.model_type.as_str(), "phi" | "phi2" | "starcoder2")
+    }
+
     /// Qwen2.5-0.5B, the base model of the authors' released common-sense generator.
     pub fn qwen25_05b() -> Self {
         Self {
@@ -242,21 +249,23 @@ impl BaseModelShape {
         }
     }
 
-    /// True when two shapes describe interchangeable LoRA targets (`model_type` is ignored).
+    /// True when two shapes describe interchangeable LoRA targets (`model_type` is ignored
+    /// but for whether the MLP has a gate).
     pub fn same_widths(&self, other: &Self) -> bool {
-        (
-            self.num_layers,
-            self.hidden,
-            self.intermediate,
-            self.q_dim,
-            self.kv_dim,
-        ) == (
-            other.num_layers,
-            other.hidden,
-            other.intermediate,
-            other.q_dim,
-            other.kv_dim,
-        )
+        self.has_module(Module::Gate) == other.has_module(Module::Gate)
+            && (
+                self.num_layers,
+                self.hidden,
+                self.intermediate,
+                self.q_dim,
+                self.kv_dim,
+            ) == (
+                other.num_layers,
+                other.hidden,
+                other.intermediate,
+                other.q_dim,
+                other.kv_dim,
+            )
     }
 }
 
