@@ -5,11 +5,12 @@
 #
 # The test command builds crates/ first, then the server's workspace, into one target folder.
 # Cargo reuses a dependency's build only when everything that goes into it agrees: version,
-# features, profile, and the same for each of its own dependencies. mistral.rs turns on more
-# features than crates/ needs, so crates/feature-parity turns them on in crates/ too. This
+# features, profile, and the same for each of its own dependencies. mistral.rs and axum turn on
+# more features than crates/ needs, so crates/feature-parity turns them on in crates/ too. This
 # script lists every dependency unit that crates/ builds and the server's workspace does not
 # (by Cargo's own unit graph: `--unit-graph`, unstable, enabled here with RUSTC_BOOTSTRAP);
-# after a dependency update, add the features it names to crates/feature-parity/Cargo.toml.
+# each is printed with the feature sets the server's workspace builds that package with; after a
+# dependency update, add the missing features to crates/feature-parity/Cargo.toml.
 # Needs the patched mistral.rs (`scripts/mistralrs-patch.sh prepare`). Exit status 1 when
 # any dependency would be built twice.
 set -euo pipefail
@@ -42,13 +43,21 @@ def identities(path):
 
 crates, server = identities(sys.argv[1]), identities(sys.argv[2])
 # Only registry dependencies: crates/'s own members are built by their workspace alone.
+def features(u):
+    return ",".join(u["features"]) or "none"
+
 twice = sorted(
-    "%s %s (%s): features %s" % (u["pkg_id"].split("#")[-1], u["target"]["name"], u["mode"],
-                                 ",".join(u["features"]) or "none")
+    "%s %s (%s): features %s here; the server's workspace: %s" % (
+        u["pkg_id"].split("#")[-1], u["target"]["name"], u["mode"], features(u),
+        " | ".join(sorted({features(v) for v in server.values()
+                           if (v["pkg_id"], v["target"]["name"], v["mode"])
+                           == (u["pkg_id"], u["target"]["name"], u["mode"])})) or "not built")
     for k, u in crates.items() if k not in server and u["pkg_id"].startswith("registry+"))
 for line in twice:
     print("built twice:", line)
+deps = sum(u["pkg_id"].startswith("registry+") for u in crates.values())
 print("%d of %d dependency units of crates/ are built differently by the server's workspace"
-      % (len(twice), sum(u["pkg_id"].startswith("registry+") for u in crates.values())))
-sys.exit(1 if twice else 0)
+      % (len(twice), deps))
+# No registry units at all means the graph was not what this script expects (source replacement?).
+sys.exit(1 if twice or deps == 0 else 0)
 PY

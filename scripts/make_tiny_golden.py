@@ -37,7 +37,8 @@ PROMPTS = ["The quick brown fox", "Hello, world! 123"]
 GREEDY = 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-# The families whose projections PEFT knows by other names (and whose MLPs have no gate).
+# The families whose PEFT adapters target other projection names: Phi-3's fused ones, and
+# Phi-2's and Starcoder2's own (their MLPs have no gate).
 OWN_MODULES = {
     "phi3": FUSED_MODULES,
     "phi2": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],

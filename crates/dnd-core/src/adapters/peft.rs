@@ -136,8 +136,9 @@ impl LoraAdapter {
     /// Loads a PEFT LoRA folder onto `device` (weights converted to f32).
     ///
     /// Refused with a clear error: DoRA, `fan_in_fan_out`, trained biases, per-module rank or
-    /// alpha patterns, weights for anything but the seven decoder projections, and fused
-    /// projections (which [`load_peft_for`](Self::load_peft_for) splits).
+    /// alpha patterns, weights for anything but the seven decoder projections (under their own
+    /// names or Phi-2's and Starcoder2's), one projection under two names, and
+    /// fused projections (which [`load_peft_for`](Self::load_peft_for) splits).
     pub fn load_peft(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         Self::load_peft_for(dir, device, None)
     }
@@ -195,9 +196,22 @@ impl LoraAdapter {
                 )));
             };
             let t = t.to_dtype(DType::F32)?;
+            // Two names for one projection (`mlp.fc1` next to `mlp.up_proj`, a fused key next to
+            // its parts) would leave one of them unused.
+            let twice = |target: LoraTarget| {
+                DndError::Incompatible(format!(
+                    "{}: layer {} {} has LoRA weights under two names (last: {key})",
+                    weights_path.display(),
+                    target.layer,
+                    target.module.name()
+                ))
+            };
             let (layer, f) = match target {
                 KeyTarget::Plain(target) => {
-                    if is_a { &mut a_map } else { &mut b_map }.insert(target, t);
+                    let map = if is_a { &mut a_map } else { &mut b_map };
+                    if map.insert(target, t).is_some() {
+                        return Err(twice(target));
+                    }
                     continue;
                 }
                 KeyTarget::Fused { layer, fused } => (layer, fused),
@@ -224,10 +238,13 @@ impl LoraAdapter {
             let mut offset = 0;
             for (&module, width) in parts.iter().zip(widths) {
                 let target = LoraTarget { layer, module };
-                if is_a {
-                    a_map.insert(target, t.clone());
+                let earlier = if is_a {
+                    a_map.insert(target, t.clone())
                 } else {
-                    b_map.insert(target, t.narrow(0, offset, width)?.contiguous()?);
+                    b_map.insert(target, t.narrow(0, offset, width)?.contiguous()?)
+                };
+                if earlier.is_some() {
+                    return Err(twice(target));
                 }
                 offset += width;
             }
@@ -365,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn gateless_families_projection_names_load_as_the_seven() {
+    fn gateless_families_projection_names_load_as_our_module_names() {
         for (family, o, up, down) in [
             ("tiny-phi2", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
             (
@@ -378,6 +395,11 @@ mod tests {
             let dir = crate::test_util::golden_path(family);
             let shape = BaseModelShape::from_path(&dir).unwrap();
             assert!(!shape.has_module(Module::Gate), "{family}: {shape:?}");
+            // The GGUF copy's architecture names the family too (`phi2` where the config says
+            // `phi`).
+            let gguf = BaseModelShape::from_path(dir.join("model-f32.gguf")).unwrap();
+            assert!(!gguf.has_module(Module::Gate), "{family}: {gguf:?}");
+            assert!(gguf.same_widths(&shape), "{family}: {gguf:?} vs {shape:?}");
             let a = LoraAdapter::load_peft_for(dir.join("adapter1"), &Device::Cpu, Some(&shape))
                 .unwrap();
             let want: Vec<Module> = Module::ALL
@@ -422,6 +444,28 @@ mod tests {
             let err = gated.check_fits(&shape).unwrap_err().to_string();
             assert!(err.contains("no gate"), "{family}: {err}");
         }
+    }
+
+    #[test]
+    fn one_projection_under_two_names_is_refused() {
+        let src = crate::test_util::golden_path("tiny-phi2").join("adapter1");
+        let dir = std::env::temp_dir().join(format!("dnd-peft-twice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join(CONFIG_FILE), dir.join(CONFIG_FILE)).unwrap();
+        let mut raw = candle_core::safetensors::load(src.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+        // fc1's A again under Llama's name for the same projection.
+        let prefix = "base_model.model.model.layers.0.mlp";
+        let a = raw[&format!("{prefix}.fc1.lora_A.weight")].clone();
+        raw.insert(format!("{prefix}.up_proj.lora_A.weight"), a);
+        candle_core::safetensors::save(&raw, dir.join(WEIGHTS_FILE)).unwrap();
+        let err = LoraAdapter::load_peft(&dir, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("two names") && err.contains("up_proj"),
+            "{err}"
+        );
     }
 
     #[test]

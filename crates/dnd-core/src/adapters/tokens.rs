@@ -73,6 +73,14 @@ impl TokenLayout {
         spec.target_modules.sort();
         spec.target_modules.dedup();
         for &m in &spec.target_modules {
+            if !shape.has_module(m) {
+                // Its LoRAs would be generated and then applied nowhere.
+                let (model, module) = (&shape.model_type, m.name());
+                return Err(DndError::InvalidInput(format!(
+                    "the base model ({model}) has no {module}: its MLP has no gate; leave \
+                     {module} out of the target modules (--modules)"
+                )));
+            }
             let (inp, out) = shape.in_out(m);
             for (side, dim) in [("input", inp), ("output", out)] {
                 if dim % spec.chunk_width != 0 {
@@ -462,6 +470,30 @@ mod tests {
         assert!(t.iter().all(|v| v.is_finite()));
         let back = read_token(&t, r, c);
         assert!(back.iter().all(|v| v.abs() < 1e-6), "{back:?}");
+    }
+
+    #[test]
+    fn a_module_the_model_lacks_is_refused() {
+        let mut shape = BaseModelShape::smollm2_135m();
+        shape.model_type = "phi2".into();
+        let spec = |modules: Vec<Module>| LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            chunk_width: 64,
+            target_modules: modules,
+        };
+        let err = TokenLayout::new(shape.clone(), spec(Module::ALL.to_vec()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gate_proj") && err.contains("no gate"),
+            "{err}"
+        );
+        let gateless: Vec<Module> = Module::ALL
+            .into_iter()
+            .filter(|m| *m != Module::Gate)
+            .collect();
+        TokenLayout::new(shape, spec(gateless)).unwrap();
     }
 
     #[test]
