@@ -9,6 +9,9 @@
 # on 2 cores. Scores: docs/results/skill-smollm2-48-modulated.md.
 #
 #   scripts/skills48.sh        (outputs under runs/skills48/; OUT overrides)
+#   MORE_WORDINGS=1 OUT=runs/w8 scripts/skills48.sh
+#       the same on `dnd tasks --more-wordings` data: eight system-prompt wordings per task in
+#       training instead of two (not shipped; docs/results/skill-smollm2-48-w8.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/skills48}"
@@ -18,7 +21,9 @@ cargo build --manifest-path crates/Cargo.toml --bin dnd
 dnd=target/debug/dnd
 mkdir -p "$out/gen"
 # The first 48 tasks: tasks added later leave their data unchanged but must not join the run.
-[ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0 --count 48
+more=()
+[ -n "${MORE_WORDINGS:-}" ] && more=(--more-wordings)
+[ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0 --count 48 "${more[@]}"
 # The 24-task generator as it was shipped (the commit that shipped it).
 init="$out/gen/skills24.safetensors"
 if [ ! -f "$init" ]; then
