@@ -94,7 +94,11 @@ async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLor
             BaseModelShape::from_path(&dir),
         ),
         Format::Gguf => (
-            load_gguf_f32(&dir).await,
+            // The engine names a model by the folder it was given, and providers are registered
+            // by that name, process-wide: the same folder's safetensors test, running beside this
+            // one, would take over this model's requests. The folder spelled another way keeps the
+            // names apart.
+            load_gguf_f32(&dir.join(".")).await,
             // The shape from the GGUF metadata, as the server reads it for a GGUF model.
             BaseModelShape::from_path(dir.join(GGUF_FILE)),
         ),
