@@ -362,7 +362,8 @@ async fn tiny_starcoder2_gguf_mixed_adapters_match_peft() {
 /// A family whose layers the patch does not wrap (Starcoder2 from safetensors, mistral.rs's
 /// starcoder2 model file): a request with an adapter fails with an error naming the missing
 /// support instead of getting the base model's answer. (Only the refusal is checked: this
-/// loader's logits differ from transformers' on the fixture, where its GGUF loader's match.)
+/// loader ties the output layer to the embeddings whatever the config says, and the fixture's
+/// are untied, so its logits differ from transformers'; its GGUF loader's match.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwrapped_family_refuses_adapters() {
     let name = "tiny-starcoder2";
