@@ -39,11 +39,6 @@ impl Golden {
         Golden { tensors, meta }
     }
 
-    /// Whether the fixture holds `key`.
-    pub fn has(&self, key: &str) -> bool {
-        self.tensors.contains_key(key)
-    }
-
     pub fn get(&self, key: &str) -> &Tensor {
         self.tensors
             .get(key)
