@@ -360,10 +360,9 @@ async fn tiny_starcoder2_gguf_mixed_adapters_match_peft() {
 }
 
 /// A family whose layers the patch does not wrap (Starcoder2 from safetensors, mistral.rs's
-/// starcoder2 model file): a request with an adapter fails with an error naming the missing
-/// support instead of getting the base model's answer. (Only the refusal is checked: this
-/// loader ties the output layer to the embeddings whatever the config says, and the fixture's
-/// are untied, so its logits differ from transformers'; its GGUF loader's match.)
+/// starcoder2 model file): the base model answers as transformers does (its untied output
+/// layer loaded: patch 0008), and a request with an adapter fails with an error naming the
+/// missing support instead of getting the base model's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwrapped_family_refuses_adapters() {
     let name = "tiny-starcoder2";
@@ -371,6 +370,15 @@ async fn unwrapped_family_refuses_adapters() {
     let (model, _) = load(name, Format::Safetensors).await;
     for seq in 0..2 {
         let prompt = common::token_ids(g.get(&format!("input.seq{seq}.ids")));
+        let mut rx = submit(&model, prompt.clone(), BASE * 1000 + seq * 10, true).await;
+        let want = g.get(&format!("base.seq{seq}.logits"));
+        let got = logits_of(&mut rx).await.reshape(want.dims()).unwrap();
+        assert_close(&format!("{name} base seq{seq} logits"), &got, want, 1e-4);
+        let mut rx = submit(&model, prompt.clone(), BASE * 1000 + seq * 10 + 1, false).await;
+        let got: Vec<u32> = steps_of(&mut rx).await.iter().map(|s| s[0].0).collect();
+        let greedy = golden_greedy(&g, &format!("base.seq{seq}.greedy"));
+        assert_eq!(got, greedy, "{name} base seq{seq}: greedy tokens");
+
         let mut rx = submit(&model, prompt, ADAPTER1 * 1000 + seq * 10, false).await;
         let reply = rx.recv().await;
         let error = describe(&reply);
