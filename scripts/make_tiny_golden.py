@@ -10,7 +10,9 @@ float32 on CPU. The Rust tests (tests/engine_lora.rs) compare the patched engine
 Phi-2 and Starcoder2 come in a smaller shape and with adapter1 only, to keep the repository
 small; their MLPs have no gate, so their adapters target their own projection names (Phi-2:
 dense, fc1, fc2; Starcoder2: c_fc, c_proj), and their tests load the GGUF copy
-(scripts/make_tiny_gguf.py).
+(scripts/make_tiny_gguf.py), Starcoder2's also the safetensors folder. Mixtral, a family the
+patch does not wrap (mixture-of-experts MLP), comes in the small shape with adapter1 on its
+attention: its test checks the base rows and that a request with the adapter is refused.
 
 Run once, with torch, transformers and peft installed; the outputs are committed, so neither CI
 nor the tests need torch:
@@ -29,8 +31,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig,
-                          MistralConfig, Phi3Config, PhiConfig, Qwen3Config, SmolLM3Config,
-                          Starcoder2Config)
+                          MistralConfig, MixtralConfig, Phi3Config, PhiConfig, Qwen3Config,
+                          SmolLM3Config, Starcoder2Config)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests/fixtures/golden"
 PROMPTS = ["The quick brown fox", "Hello, world! 123"]
@@ -38,11 +40,13 @@ GREEDY = 8
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # The families whose PEFT adapters target other projection names: Phi-3's fused ones, and
-# Phi-2's and Starcoder2's own (their MLPs have no gate).
+# Phi-2's and Starcoder2's own (their MLPs have no gate), and Mixtral's attention.
 OWN_MODULES = {
     "phi3": FUSED_MODULES,
     "phi2": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+    # Its experts' MLPs are not LoRA targets here: an adapter on its attention.
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 # The shape every tiny model shares: small enough to commit, wide enough for GQA and rope.
 SHAPE = dict(
@@ -56,7 +60,7 @@ SMALL = dict(
     num_attention_heads=4, max_position_embeddings=512, eos_token_id=258, bos_token_id=None,
     pad_token_id=None, tie_word_embeddings=False,
 )
-SMALL_FAMILIES = {"phi2", "starcoder2"}
+SMALL_FAMILIES = {"phi2", "starcoder2", "mixtral"}
 FAMILIES = {
     "qwen3": lambda: Qwen3Config(**SHAPE, hidden_act="silu", tie_word_embeddings=False,
                                  rope_theta=10000.0, use_sliding_window=False,
@@ -104,6 +108,10 @@ FAMILIES = {
                                            hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5,
                                            use_bias=True, rope_theta=10000.0,
                                            sliding_window=None),
+    # Mixtral: a mixture-of-experts MLP (4 experts, 2 per token), which the patch does not wrap.
+    "mixtral": lambda: MixtralConfig(**SMALL, num_key_value_heads=2, hidden_act="silu",
+                                     rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=None,
+                                     num_local_experts=4, num_experts_per_tok=2),
 }
 # Fields mistral.rs 0.8.1 reads at the top level, which transformers 5 nests or leaves out.
 FLAT = {"rope_theta": 10000.0}
@@ -143,7 +151,8 @@ def greedy(model, ids):
 
 def make(family):
     torch.manual_seed({"qwen3": 3, "mistral": 7, "gemma2": 11, "gemma": 13, "smollm3": 17,
-                       "phi3": 19, "gemma3": 23, "phi2": 29, "starcoder2": 31}[family])
+                       "phi3": 19, "gemma3": 23, "phi2": 29, "starcoder2": 31,
+                       "mixtral": 37}[family])
     cfg = FAMILIES[family]()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     spread(model, family.startswith("gemma"))

@@ -122,8 +122,8 @@ async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLor
     (model, adapters)
 }
 
-/// The adapter in the provider's second slot: adapter2, or where the fixture has none (Phi-2's
-/// and Starcoder2's, to keep the repository small) a second copy of adapter1, which has its own
+/// The adapter in the provider's second slot: adapter2, or where the fixture has none (Phi-2's,
+/// Starcoder2's and Mixtral's, to keep the repository small) a second copy of adapter1, which has its own
 /// uid and so is a different adapter to the engine.
 fn second_adapter(name: &str) -> &'static str {
     if golden_path(name).join("adapter2").exists() {
@@ -359,13 +359,19 @@ async fn tiny_starcoder2_gguf_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-starcoder2", Format::Gguf).await;
 }
 
-/// A family whose layers the patch does not wrap (Starcoder2 from safetensors, mistral.rs's
-/// starcoder2 model file): the base model answers as transformers does (its untied output
-/// layer loaded: patch 0008), and a request with an adapter fails with an error naming the
-/// missing support instead of getting the base model's answer.
+/// Starcoder2 from safetensors (mistral.rs's starcoder2 model file): the same layers as its
+/// GGUF loader's, and an untied output layer (patch 0008).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_starcoder2_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-starcoder2", Format::Safetensors).await;
+}
+
+/// A family whose layers the patch does not wrap (Mixtral, a mixture-of-experts MLP): the base
+/// model answers as transformers does, and a request with an adapter (on its attention) fails
+/// with an error naming the missing support instead of getting the base model's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwrapped_family_refuses_adapters() {
-    let name = "tiny-starcoder2";
+    let name = "tiny-mixtral";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
     let (model, _) = load(name, Format::Safetensors).await;
     for seq in 0..2 {
