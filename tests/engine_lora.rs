@@ -352,6 +352,13 @@ async fn tiny_phi2_gguf_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-phi2", Format::Gguf).await;
 }
 
+/// Phi-2 from safetensors (mistral.rs's phi2 model file), whose partial rotary embeddings
+/// 0.8.1 applied to whole heads, failing every request (patch 0009).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_phi2_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-phi2", Format::Safetensors).await;
+}
+
 /// Starcoder2 from GGUF (quantized_starcoder2): biased projections and LayerNorms, GQA, c_fc/c_proj
 /// with no gate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
