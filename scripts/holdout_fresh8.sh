@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# A fresh within-family holdout (docs/results/holdout-fresh8-smollm2.md): eight of the 24 skill
+# tasks added on 2026-12-06, drawn before any run by a fixed rule (Python
+# random.Random(18).sample of two per family among the added tasks whose own LoRA is learnable,
+# learnability-smollm2-48.md; classify has only two):
+#   last_word lower_case | is_question review_stars | extract_item extract_price | half plus_ten
+# The 24-task generator (git 36ef50c, none of the added tasks) continued with the first stage of
+# the shipped recipe (scripts/skills48.sh: --modulate, 300 steps, lr 3e-4, warmup 16, system
+# share 0.5, seed 0) on the other 40 of the 48 tasks. Then each held-out task is scored from its
+# unseen test system prompt and from 16 of its test prompts, and the 16 added tasks it trained
+# on from their system prompts (100 questions, seed 0, greedy, 16 new tokens). About 30 minutes
+# of training and 20 of scoring on 2 cores; every step is skipped when its output exists.
+#
+#   scripts/holdout_fresh8.sh          (outputs under runs/holdout-fresh8/; OUT overrides)
+#   scripts/holdout_fresh8.sh table    the results table (needs the runs above)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-runs/holdout-fresh8}"
+held="last_word lower_case is_question review_stars extract_item extract_price half plus_ten"
+if [ "${1:-}" = table ]; then
+  exec python3 scripts/holdout_table.py "$out/res" "$out/train-res" $held
+fi
+model=.assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+scripts/fetch-assets.sh encoder smollm2 >/dev/null
+cargo build --manifest-path crates/Cargo.toml --bin dnd
+dnd=target/debug/dnd
+data="$out/data"
+mkdir -p "$out/gen" "$out/sys" "$out/res" "$out/train-res"
+[ -f "$data/tasks.json" ] || "$dnd" tasks --out "$data" --seed 0 --count 48
+names=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$data/tasks.json")
+added=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))[24:]))" "$data/tasks.json")
+targs=()
+for t in $names; do
+  case " $held " in *" $t "*) continue ;; esac
+  targs+=(--task "$t=$data/${t}_train.json")
+done
+init="$out/gen/skills24.safetensors"
+if [ ! -f "$init" ]; then
+  git show 36ef50c:generators/smollm2-135m-skills.safetensors > "$init.tmp"
+  mv "$init.tmp" "$init"
+fi
+gen="$out/gen/holdout8.safetensors"
+if [ ! -f "$out/gen/holdout8.done" ]; then
+  "$dnd" train --objective sft --model "$model" --init "$init" --modulate "${targs[@]}" \
+    --steps 300 --lr 3e-4 --warmup 16 --seed 0 --system-share 0.5 \
+    --out "$gen" --save-every 25 --loss-png "$out/gen/loss.png" --cache-dir "$out/enc-cache" --resume
+  touch "$out/gen/holdout8.done"
+fi
+score() { # task, result file, then the --sample arguments for the 16-prompt condition (or none)
+  local t="$1" res="$2"
+  shift 2
+  [ -f "$res" ] && return
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["system"])' "$data/${t}_test.json" > "$out/sys/$t.txt"
+  rm -rf "$out/ad-sys" "$out/ad-ex"
+  local adapters=(--adapter "dnd-system=$out/ad-sys")
+  "$dnd" generate --checkpoint "$gen" --prompts "$out/sys/$t.txt" --out "$out/ad-sys"
+  if [ $# -gt 0 ]; then
+    "$dnd" generate --checkpoint "$gen" --prompts "$data/${t}_test.json" "$@" --out "$out/ad-ex"
+    adapters+=(--adapter "dnd-examples=$out/ad-ex")
+  fi
+  "$dnd" eval --model "$model" --task "$data/${t}_test.json" --limit 100 --seed 0 \
+    --max-new-tokens 16 --no-base "${adapters[@]}" \
+    --out-md "${res%.json}.md" --out-json "$res.tmp" --out-replies "${res%.json}.replies.json"
+  mv "$res.tmp" "$res"
+}
+for t in $held; do score "$t" "$out/res/$t.json" --sample 16 --seed 0; done
+for t in $added; do
+  case " $held " in *" $t "*) continue ;; esac
+  score "$t" "$out/train-res/$t.json"
+done
+rm -rf "$out/ad-sys" "$out/ad-ex"
+python3 scripts/holdout_table.py "$out/res" "$out/train-res" $held
