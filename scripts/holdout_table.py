@@ -101,7 +101,7 @@ def main():
     learn = learnability()
     print("Held-out tasks (system prompt / 16 prompts):\n")
     table(held, {"holdout generator": res, **OTHERS}, ["dnd-system", "dnd-examples"], learn)
-    trained = sorted(f[:-5] for f in os.listdir(train_res)
+    trained = sorted(f[:-5] for f in (os.listdir(train_res) if os.path.isdir(train_res) else [])
                      if f.endswith(".json") and not f.endswith(".replies.json"))
     if trained:
         print("Added tasks the holdout generator trained on (system prompt):\n")

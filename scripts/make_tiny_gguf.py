@@ -8,8 +8,10 @@ test. Each tiny model folder made by scripts/make_tiny_golden.py gets `model-f32
 weights (f16 values, stored as f32 so that the engine computes in f32 like the golden run), the
 tensor names and metadata keys of llama.cpp's conversion for that architecture (Phi-3 keeps its
 fused qkv and gate_up projections; Phi-2's q, k and v, with their biases, are fused into one
-attn_qkv, the only layout mistral.rs 0.8.1's Phi-2 loader reads (llama.cpp's legacy Wqkv
-conversions; its current ones keep attn_q/k/v apart); no family permutes q/k). The tokenizer stays in the
+attn_qkv, the layout of llama.cpp's legacy Wqkv conversions and the only one mistral.rs 0.8.1's
+Phi-2 loader read; no family permutes q/k). Phi-2 also gets `model-f32-split.gguf`, the layout
+of llama.cpp's current conversions: attn_q/k/v apart, and the LayerNorm epsilon under
+`attention.layer_norm_epsilon` only (patch 0010 makes mistral.rs read it). The tokenizer stays in the
 folder's tokenizer.json, which the tests name as the loader's tokenizer model id, so the GGUF carries no tokenizer
 metadata. The goldens (expected.safetensors) are the safetensors model's: same weights, same
 outputs. Run once; the files are committed, so neither CI nor the tests need Python:
@@ -79,13 +81,13 @@ FINAL = {
 }
 
 
-def convert(family: str) -> Path:
+def convert(family: str, split: bool = False) -> Path:
     folder = GOLDEN / f"tiny-{family}"
     cfg = json.loads((folder / "config.json").read_text())
     weights = {k: v.astype(np.float32) for k, v in load_file(folder / "model.safetensors").items()}
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
-    out = folder / "model-f32.gguf"
+    out = folder / ("model-f32-split.gguf" if split else "model-f32.gguf")
     w = gguf.GGUFWriter(str(out), family)
     w.add_name(f"tiny-{family}")
     w.add_context_length(cfg["max_position_embeddings"])
@@ -97,8 +99,9 @@ def convert(family: str) -> Path:
     if family in ("phi2", "starcoder2"):
         eps = cfg.get("layer_norm_eps") or cfg["norm_epsilon"]
         w.add_layer_norm_eps(eps)
-        # mistral.rs 0.8.1's Phi-2 reads its LayerNorm epsilon under the RMS key.
-        w.add_layer_norm_rms_eps(eps)
+        if not split:
+            # mistral.rs 0.8.1's Phi-2 reads its LayerNorm epsilon under the RMS key.
+            w.add_layer_norm_rms_eps(eps)
     else:
         w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(float(theta))
@@ -119,7 +122,11 @@ def convert(family: str) -> Path:
     for i in range(cfg["num_hidden_layers"]):
         for hf, name in LAYER_TENSORS[family]:
             put(f"model.layers.{i}.{hf}", f"blk.{i}.{name}")
-        if family == "phi2":
+        if family == "phi2" and split:
+            for m in "qkv":
+                for p in ["weight", "bias"]:
+                    put(f"model.layers.{i}.self_attn.{m}_proj.{p}", f"blk.{i}.attn_{m}.{p}")
+        elif family == "phi2":
             for p in ["weight", "bias"]:
                 parts = [f"model.layers.{i}.self_attn.{m}_proj.{p}" for m in "qkv"]
                 w.add_tensor(f"blk.{i}.attn_qkv.{p}",
@@ -140,5 +147,6 @@ def convert(family: str) -> Path:
 
 if __name__ == "__main__":
     for family in sys.argv[1:] or LAYER_TENSORS:
-        path = convert(family)
-        print(f"{path.relative_to(GOLDEN.parent.parent.parent)}: {path.stat().st_size} bytes")
+        for split in [False, True] if family == "phi2" else [False]:
+            path = convert(family, split)
+            print(f"{path.relative_to(GOLDEN.parent.parent.parent)}: {path.stat().st_size} bytes")

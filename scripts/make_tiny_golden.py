@@ -9,8 +9,8 @@ EOS stop) of the base model, base+adapter1 and base+adapter2, computed by transf
 float32 on CPU. The Rust tests (tests/engine_lora.rs) compare the patched engine against them.
 Phi-2 and Starcoder2 come in a smaller shape and with adapter1 only, to keep the repository
 small; their MLPs have no gate, so their adapters target their own projection names (Phi-2:
-dense, fc1, fc2; Starcoder2: c_fc, c_proj), and their tests load the GGUF copy
-(scripts/make_tiny_gguf.py), Starcoder2's also the safetensors folder. Mixtral, a family the
+dense, fc1, fc2; Starcoder2: c_fc, c_proj), and their tests load both the safetensors folder
+and the GGUF copies (scripts/make_tiny_gguf.py). Mixtral, a family the
 patch does not wrap (mixture-of-experts MLP), comes in the small shape with adapter1 on its
 attention: its test checks the base rows and that a request with the adapter is refused.
 
@@ -54,7 +54,7 @@ SHAPE = dict(
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
     rms_norm_eps=1e-6, eos_token_id=258, bos_token_id=None, pad_token_id=None,
 )
-# Phi-2's and Starcoder2's: half as wide, and one adapter, to keep the repository small.
+# Phi-2's, Starcoder2's and Mixtral's: half as wide, and one adapter, to keep the repository small.
 SMALL = dict(
     vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, max_position_embeddings=512, eos_token_id=258, bos_token_id=None,

@@ -60,12 +60,14 @@ impl AdapterProvider for TestProvider {
 
 /// How a golden model is loaded: its safetensors folder, or its GGUF copy
 /// (`model-f32.gguf`, scripts/make_tiny_gguf.py) through mistral.rs's GGUF loader for the
-/// family, or its safetensors folder through the multimodal loader (Gemma 3, whose text-only
-/// checkpoints mistral.rs 0.8.1 loads only there).
+/// family, or Phi-2's second GGUF copy in llama.cpp's current layout (`model-f32-split.gguf`:
+/// q, k and v apart), or its safetensors folder through the multimodal loader (Gemma 3, whose
+/// text-only checkpoints mistral.rs 0.8.1 loads only there).
 #[derive(Clone, Copy)]
 enum Format {
     Safetensors,
     Gguf,
+    GgufSplitQkv,
     Gemma3,
 }
 
@@ -98,12 +100,17 @@ async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLor
             // by that name, process-wide: the same folder's safetensors test, running beside this
             // one, would take over this model's requests. The folder spelled another way keeps the
             // names apart.
-            load_gguf_f32(&dir.join(".")).await,
+            load_gguf_f32(&dir.join("."), GGUF_FILE).await,
             // The shape from the GGUF metadata, as the server reads it for a GGUF model.
             BaseModelShape::from_path(dir.join(GGUF_FILE)),
         ),
+        // A third spelling of the folder, for the same reason.
+        Format::GgufSplitQkv => (
+            load_gguf_f32(&dir.join(".").join("."), GGUF_SPLIT_FILE).await,
+            BaseModelShape::from_path(dir.join(GGUF_SPLIT_FILE)),
+        ),
     };
-    let model = model.unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    let model = model.unwrap_or_else(|e| panic!("{name} loads: {e:#}"));
     // The model's shape splits fused projections (Phi-3) into their parts.
     let shape = shape.unwrap();
     let lora = |adapter: &str| {
@@ -135,15 +142,17 @@ fn second_adapter(name: &str) -> &'static str {
 
 /// The GGUF copy of a golden model, next to its safetensors.
 const GGUF_FILE: &str = "model-f32.gguf";
+/// Phi-2's GGUF copy in llama.cpp's current layout.
+const GGUF_SPLIT_FILE: &str = "model-f32-split.gguf";
 
 /// Loads a golden model's GGUF copy with f32 activations (mistral.rs's own choice, bf16 on a
 /// CPU, would move its logits about 1e-3 from the f32 goldens, beyond the 1e-4 tolerance that
 /// tells the adapters' effect apart). The tokenizer comes from the folder (the GGUF copies
 /// carry none).
-async fn load_gguf_f32(dir: &std::path::Path) -> anyhow::Result<mistralrs::Model> {
+async fn load_gguf_f32(dir: &std::path::Path, file: &str) -> anyhow::Result<mistralrs::Model> {
     load_gguf(&GgufOptions {
         dir: dir.to_path_buf(),
-        files: vec![GGUF_FILE.to_string()],
+        files: vec![file.to_string()],
         tokenizer_dir: Some(dir.to_path_buf()),
         chat_template: None,
         dtype: ModelDType::F32,
@@ -350,6 +359,13 @@ async fn tiny_phi3_gguf_mixed_adapters_match_peft() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_phi2_gguf_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-phi2", Format::Gguf).await;
+}
+
+/// Phi-2 GGUF in llama.cpp's current layout: attn_q, attn_k and attn_v apart, the LayerNorm
+/// epsilon under its own key; mistral.rs 0.8.1 loaded only the legacy fused layout (patch 0010).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_phi2_gguf_split_qkv_mixed_adapters_match_peft() {
+    mixed_batches_match_peft("tiny-phi2", Format::GgufSplitQkv).await;
 }
 
 /// Phi-2 from safetensors (mistral.rs's phi2 model file), whose partial rotary embeddings

@@ -2,8 +2,8 @@
 //!
 //! The patched mistralrs-core (see `patches/`) applies a per-sequence LoRA adapter to every
 //! q/k/v/o/gate/up/down projection of the decoder families the README lists (Qwen2, Llama,
-//! Qwen3, Mistral, Gemma, Gemma 2, Gemma 3, SmolLM3, Phi-3; GGUF Llama, Qwen2, Qwen3, Phi-3, and
-//! Phi-2 and Starcoder2, which have no gate) and asks a registered `AdapterProvider` for each request's adapter. This module turns our adapters into
+//! Qwen3, Mistral, Gemma, Gemma 2, Gemma 3, SmolLM3, Phi-3; GGUF Llama, Qwen2, Qwen3, Phi-3;
+//! Phi-2 and Starcoder2, which have no gate, from safetensors and GGUF) and asks a registered `AdapterProvider` for each request's adapter. This module turns our adapters into
 //! the engine's [`SequenceLora`], and [`load`] loads a GGUF model in a chosen dtype.
 
 pub mod load;
