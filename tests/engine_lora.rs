@@ -246,6 +246,38 @@ fn golden_greedy(g: &Golden, key: &str) -> Vec<u32> {
     toks
 }
 
+/// A raw-logits request's full-prompt logits are the golden `{variant}.seq{seq}.logits`.
+async fn assert_golden_logits(
+    rx: &mut Receiver<Response>,
+    name: &str,
+    g: &Golden,
+    variant: &str,
+    seq: usize,
+) {
+    let want = g.get(&format!("{variant}.seq{seq}.logits"));
+    let got = logits_of(rx).await.reshape(want.dims()).unwrap();
+    assert_close(
+        &format!("{name} {variant} seq{seq} logits"),
+        &got,
+        want,
+        1e-4,
+    );
+}
+
+/// A generation's token ids (the top-1 logprob entry of every step) are the golden
+/// `{variant}.seq{seq}.greedy`.
+async fn assert_golden_greedy(
+    rx: &mut Receiver<Response>,
+    what: &str,
+    g: &Golden,
+    variant: &str,
+    seq: usize,
+) {
+    let got: Vec<u32> = steps_of(rx).await.iter().map(|s| s[0].0).collect();
+    let greedy = golden_greedy(g, &format!("{variant}.seq{seq}.greedy"));
+    assert_eq!(got, greedy, "{what} {variant} seq{seq}: greedy tokens");
+}
+
 /// The text the engine should print for the golden greedy tokens (up to the first EOS).
 fn expected_text(name: &str, g: &Golden, key: &str) -> String {
     let tok = tokenizers::Tokenizer::from_file(golden_path(name).join("tokenizer.json")).unwrap();
@@ -278,14 +310,7 @@ async fn mixed_batches_match_peft(name: &str, format: Format) {
 
     for &(seq, variant, kind) in &cases {
         let mut rx = submit(&model, prompt(seq), kind * 1000 + seq * 10, true).await;
-        let want = g.get(&format!("{variant}.seq{seq}.logits"));
-        let got = logits_of(&mut rx).await.reshape(want.dims()).unwrap();
-        assert_close(
-            &format!("{name} {variant} seq{seq} logits"),
-            &got,
-            want,
-            1e-4,
-        );
+        assert_golden_logits(&mut rx, name, &g, variant, seq).await;
     }
 
     let mut pending = Vec::new();
@@ -294,11 +319,7 @@ async fn mixed_batches_match_peft(name: &str, format: Format) {
         pending.push((seq, variant, submit(&model, prompt(seq), id, false).await));
     }
     for (seq, variant, mut rx) in pending {
-        let steps = steps_of(&mut rx).await;
-        let what = format!("{name} {variant} seq{seq} (batched)");
-        let got: Vec<u32> = steps.iter().map(|s| s[0].0).collect();
-        let greedy = golden_greedy(&g, &format!("{variant}.seq{seq}.greedy"));
-        assert_eq!(got, greedy, "{what}: greedy tokens");
+        assert_golden_greedy(&mut rx, &format!("{name} (batched)"), &g, variant, seq).await;
     }
     // They did share batches: forward passes carried each adapter next to other rows (the
     // adapters are this test's own, so the counts are this test's).
@@ -400,13 +421,9 @@ async fn unwrapped_family_refuses_adapters() {
     for seq in 0..2 {
         let prompt = common::token_ids(g.get(&format!("input.seq{seq}.ids")));
         let mut rx = submit(&model, prompt.clone(), BASE * 1000 + seq * 10, true).await;
-        let want = g.get(&format!("base.seq{seq}.logits"));
-        let got = logits_of(&mut rx).await.reshape(want.dims()).unwrap();
-        assert_close(&format!("{name} base seq{seq} logits"), &got, want, 1e-4);
+        assert_golden_logits(&mut rx, name, &g, "base", seq).await;
         let mut rx = submit(&model, prompt.clone(), BASE * 1000 + seq * 10 + 1, false).await;
-        let got: Vec<u32> = steps_of(&mut rx).await.iter().map(|s| s[0].0).collect();
-        let greedy = golden_greedy(&g, &format!("base.seq{seq}.greedy"));
-        assert_eq!(got, greedy, "{name} base seq{seq}: greedy tokens");
+        assert_golden_greedy(&mut rx, name, &g, "base", seq).await;
 
         let mut rx = submit(&model, prompt, ADAPTER1 * 1000 + seq * 10, false).await;
         let reply = rx.recv().await;
