@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -47,6 +46,9 @@ import time
 import urllib.error
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from skill_summary import wilson  # noqa: E402
+
 HINT = "x-dnd-key"
 
 
@@ -54,16 +56,6 @@ def route_key(prompts):
     """The server's routing key of a condition (README "Routing across replicas")."""
     norm = sorted(p.replace("\r\n", "\n").strip() for p in prompts)
     return hashlib.sha256(b"".join(p.encode() + b"\0" for p in norm)).hexdigest()[:32]
-
-
-def wilson(k, n, z=1.96):
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def free_port():

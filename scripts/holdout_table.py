@@ -13,13 +13,12 @@ base), mean over the learnable tasks (own LoRA at least 20 points over the base 
 constant answer), with scripts/skill_summary.py's 95% bootstrap interval.
 """
 import json
-import math
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from skill_summary import bootstrap  # noqa: E402
+from skill_summary import bootstrap, wilson  # noqa: E402
 
 RESULTS = "docs/results"
 OTHERS = {"24-task generator": f"{RESULTS}/skill-smollm2-48/shipped-f16",
@@ -46,17 +45,10 @@ def rows(folder, task):
     return out
 
 
-def wilson(p, n):
-    z = 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def cell(r):
     if r is None:
         return "-"
-    lo, hi = wilson(r["accuracy"], r["n"])
+    lo, hi = wilson(round(r["accuracy"] * r["n"]), r["n"])
     return f"{100 * r['accuracy']:.0f} ({100 * lo:.0f}-{100 * hi:.0f})"
 
 

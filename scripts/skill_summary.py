@@ -7,10 +7,22 @@ over the learnable tasks (own LoRA >= 20 points over the base model and the best
 the label space for choice tasks (as `dnd eval` reports it). Writes SKILL/summary.md and SKILL/summary.json."""
 import argparse
 import json
+import math
 import os
 import random
 
 LEARNABLE = 0.20
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson interval of k successes in n trials."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def load(path):
