@@ -79,6 +79,10 @@ pub struct Args {
     /// Gradient clipping (global L2 norm).
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
+    /// Distinct tasks per optimiser step, their gradients averaged (1: the paper's one task a
+    /// step).
+    #[arg(long, default_value_t = 1)]
+    tasks_per_step: usize,
     /// Share of the steps conditioned on one of the task's system prompts (the `system`
     /// fields of its prompts file) instead of N of its prompts: what serves requests whose
     /// adapter comes from their system prompt. 0 is the paper's recipe.
@@ -152,6 +156,7 @@ impl Args {
             mean_offset: self.mean_offset,
             warmup: self.warmup,
             grad_clip: self.grad_clip,
+            tasks_per_step: self.tasks_per_step,
             system_share: self.system_share,
             condition_noise: 1e-4,
             target_noise: 1e-5,
@@ -168,13 +173,13 @@ impl Args {
     }
 }
 
-/// Trains (or continues training) and reports the loss and each task's share of the steps.
+/// Trains (or continues training) and reports the loss and how often each task was drawn.
 pub fn run(args: Args) -> Result<()> {
     let opts = args.options()?;
     let t0 = Instant::now();
     let report = dnd_training::train(&opts)?;
     eprintln!(
-        "{} steps ({:.1} s in this run), loss {:.5} -> {:.5}, steps per task {:?}; wrote {}",
+        "{} steps ({:.1} s in this run), loss {:.5} -> {:.5}, draws per task {:?}; wrote {}",
         report.losses.len(),
         t0.elapsed().as_secs_f64(),
         report.losses.first().copied().unwrap_or(f32::NAN),

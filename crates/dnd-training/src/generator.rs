@@ -1,7 +1,8 @@
 //! `train`: generator training from collected LoRA checkpoints paired with their tasks'
 //! prompts, as the paper does.
 //!
-//! Each step picks a task, one of its checkpoints (the target tokens) and a fresh random set of
+//! Each step picks a task (or `tasks_per_step` distinct ones, their gradients averaged: our
+//! addition), one of its checkpoints (the target tokens) and a fresh random set of
 //! N of its prompts (the condition), adds noise to both (1e-4 to the condition, 1e-5 to the
 //! target), and minimises the token-weighted MSE, the weight of a token being its standard
 //! deviation across the training checkpoints (normalised to mean 1). AdamW with linear warm-up
@@ -43,6 +44,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -133,6 +135,10 @@ pub struct TrainOptions {
     pub warmup: usize,
     /// Gradient clipping (global L2 norm).
     pub grad_clip: f64,
+    /// Distinct tasks drawn per optimiser step, their gradients averaged (1: the paper's one
+    /// task a step). More tasks a step keep one task's draw from pulling the shared weights
+    /// its way alone.
+    pub tasks_per_step: usize,
     /// Share of the steps conditioned on one system prompt of the task (repeated to N)
     /// rather than on N of its prompts; 0 is the paper's recipe.
     pub system_share: f64,
@@ -168,9 +174,9 @@ pub struct TrainOptions {
 pub struct TrainReport {
     /// Loss of every step (all steps, resumed runs included).
     pub losses: Vec<f32>,
-    /// Steps drawn per task.
+    /// Draws per task (a step draws `tasks_per_step` of them).
     pub task_steps: BTreeMap<String, usize>,
-    /// Of them, steps conditioned on a system prompt.
+    /// Of them, draws conditioned on a system prompt.
     #[serde(default)]
     pub system_steps: usize,
     /// Prompts that went through BERT in this run (the rest came from the cache).
@@ -434,6 +440,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         return Err(DndError::InvalidInput(
             "no training task left after --exclude".into(),
         ));
+    }
+    if opts.tasks_per_step == 0 || opts.tasks_per_step > tasks.len() {
+        return Err(DndError::InvalidInput(format!(
+            "{} tasks per step: it must lie between 1 and the {} training tasks",
+            opts.tasks_per_step,
+            tasks.len()
+        )));
     }
     // Targets stay on disk: a step loads the one it draws, so memory does not grow with the
     // number of checkpoints. One pass over them gives the criterion weight and the mean.
@@ -702,77 +715,103 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             opts.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let ti = rng.random_range(0..tasks.len());
-        let task = tasks[ti];
-        let target = match &base {
-            None => Some(load_target(
-                &task.checkpoints[rng.random_range(0..task.checkpoints.len())],
-            )?),
-            Some(_) => None,
-        };
-        let by_system = opts.system_share > 0.0 && rng.random_bool(opts.system_share.min(1.0));
-        let prompts = condition_prompts(task, by_system, n, &mut rng);
-        let cond = cache.noisy_condition(&prompts, &mut rng, opts.condition_noise)?;
         opt.set_learning_rate(learning_rate(step, opts.steps, opts.warmup, opts.lr));
-        let pred = decoder.forward(&cond)?.squeeze(0)?;
-        let (l, mut grads) = match (&target, &base) {
-            (Some(target), _) => {
-                let tgt = (target + noise(&mut rng, target.dims(), opts.target_noise)?)?;
-                let w = weight.as_ref().expect("the MSE recipe has its weight");
-                let w4 = w.reshape((w.dim(0)?, 1, 1))?;
-                let loss = (pred - tgt)?.sqr()?.broadcast_mul(&w4)?.mean_all()?;
-                (loss.to_scalar::<f32>()?, loss.backward()?)
-            }
-            (None, Some((lm, seqs, batch, bare_share, (contrast_share, margin)))) => {
-                let (with, bare) = &seqs[ti];
-                let idx = rand::seq::index::sample(&mut rng, with.len(), (*batch).min(with.len()));
-                let shown = match bare {
-                    Some(bare) if rng.random_bool(bare_share.min(1.0)) => bare,
-                    _ => with,
-                };
-                let batch: Vec<Sequence> = idx.into_iter().map(|i| shown[i].clone()).collect();
-                let (l, surrogate) = through_base_model(lm, &layout, &pred, &batch)?;
-                // Drawn only when contrasting, so that runs without it draw as before.
-                let other =
-                    (*contrast_share > 0.0 && rng.random_bool(*contrast_share)).then(|| {
-                        match &partners {
-                            Some((by_sys, by_prompts)) => {
-                                let near = if by_system { by_sys } else { by_prompts };
-                                tasks[near[ti][rng.random_range(0..near[ti].len())]]
-                            }
-                            None => {
-                                let j = rng.random_range(0..tasks.len() - 1);
-                                tasks[if j >= ti { j + 1 } else { j }]
-                            }
-                        }
-                    });
-                match other {
-                    Some(other) => {
-                        let prompts = condition_prompts(other, by_system, n, &mut rng);
-                        let c = cache.noisy_condition(&prompts, &mut rng, opts.condition_noise)?;
-                        let wrong = decoder.forward(&c)?.squeeze(0)?;
-                        let (lw, sw) = through_base_model(lm, &layout, &wrong, &batch)?;
-                        let short = *margin as f32 - (lw - l);
-                        report.contrast_gaps.push(lw - l);
-                        if short > 0.0 {
-                            (l + short, ((surrogate * 2.0)? - sw)?.backward()?)
-                        } else {
-                            (l, surrogate.backward()?)
-                        }
-                    }
-                    None => (l, surrogate.backward()?),
-                }
-            }
-            (None, None) => unreachable!("a target or a base model per objective"),
-        };
-        if !l.is_finite() {
-            // Saved checkpoints stay as they were: the run resumes from the last one.
-            return Err(DndError::NonFinite(format!(
-                "step {step} (task {}): the loss is {l}; lower the learning rate",
-                task.name
-            )));
-        }
         let vars = varmap.all_vars();
+        let k = opts.tasks_per_step;
+        let (mut drawn, mut losses) = (Vec::with_capacity(k), Vec::with_capacity(k));
+        let mut sum: Option<GradStore> = None;
+        for _ in 0..k {
+            // Distinct tasks; with one a step the draw is the single-task recipe's.
+            let ti = loop {
+                let t = rng.random_range(0..tasks.len());
+                if !drawn.contains(&t) {
+                    break t;
+                }
+            };
+            drawn.push(ti);
+            let task = tasks[ti];
+            let target = match &base {
+                None => Some(load_target(
+                    &task.checkpoints[rng.random_range(0..task.checkpoints.len())],
+                )?),
+                Some(_) => None,
+            };
+            let by_system = opts.system_share > 0.0 && rng.random_bool(opts.system_share.min(1.0));
+            let prompts = condition_prompts(task, by_system, n, &mut rng);
+            let cond = cache.noisy_condition(&prompts, &mut rng, opts.condition_noise)?;
+            let pred = decoder.forward(&cond)?.squeeze(0)?;
+            let (l, grads) = match (&target, &base) {
+                (Some(target), _) => {
+                    let tgt = (target + noise(&mut rng, target.dims(), opts.target_noise)?)?;
+                    let w = weight.as_ref().expect("the MSE recipe has its weight");
+                    let w4 = w.reshape((w.dim(0)?, 1, 1))?;
+                    let loss = (pred - tgt)?.sqr()?.broadcast_mul(&w4)?.mean_all()?;
+                    (loss.to_scalar::<f32>()?, loss.backward()?)
+                }
+                (None, Some((lm, seqs, batch, bare_share, (contrast_share, margin)))) => {
+                    let (with, bare) = &seqs[ti];
+                    let idx =
+                        rand::seq::index::sample(&mut rng, with.len(), (*batch).min(with.len()));
+                    let shown = match bare {
+                        Some(bare) if rng.random_bool(bare_share.min(1.0)) => bare,
+                        _ => with,
+                    };
+                    let batch: Vec<Sequence> = idx.into_iter().map(|i| shown[i].clone()).collect();
+                    let (l, surrogate) = through_base_model(lm, &layout, &pred, &batch)?;
+                    // Drawn only when contrasting, so that runs without it draw as before.
+                    let other =
+                        (*contrast_share > 0.0 && rng.random_bool(*contrast_share)).then(|| {
+                            match &partners {
+                                Some((by_sys, by_prompts)) => {
+                                    let near = if by_system { by_sys } else { by_prompts };
+                                    tasks[near[ti][rng.random_range(0..near[ti].len())]]
+                                }
+                                None => {
+                                    let j = rng.random_range(0..tasks.len() - 1);
+                                    tasks[if j >= ti { j + 1 } else { j }]
+                                }
+                            }
+                        });
+                    match other {
+                        Some(other) => {
+                            let prompts = condition_prompts(other, by_system, n, &mut rng);
+                            let c =
+                                cache.noisy_condition(&prompts, &mut rng, opts.condition_noise)?;
+                            let wrong = decoder.forward(&c)?.squeeze(0)?;
+                            let (lw, sw) = through_base_model(lm, &layout, &wrong, &batch)?;
+                            let short = *margin as f32 - (lw - l);
+                            report.contrast_gaps.push(lw - l);
+                            if short > 0.0 {
+                                (l + short, ((surrogate * 2.0)? - sw)?.backward()?)
+                            } else {
+                                (l, surrogate.backward()?)
+                            }
+                        }
+                        None => (l, surrogate.backward()?),
+                    }
+                }
+                (None, None) => unreachable!("a target or a base model per objective"),
+            };
+            if !l.is_finite() {
+                // Saved checkpoints stay as they were: the run resumes from the last one.
+                return Err(DndError::NonFinite(format!(
+                    "step {step} (task {}): the loss is {l}; lower the learning rate",
+                    task.name
+                )));
+            }
+            losses.push(l);
+            *report.task_steps.entry(task.name.clone()).or_default() += 1;
+            report.system_steps += usize::from(by_system);
+            match &mut sum {
+                None => sum = Some(grads),
+                Some(s) => accumulate(s, grads, &vars)?,
+            }
+        }
+        let mut grads = sum.expect("at least one task a step");
+        if k > 1 {
+            scale(&mut grads, &vars, 1.0 / k as f64)?;
+        }
+        let l = losses.iter().sum::<f32>() / k as f32;
         let mut sq = 0f64;
         for v in &vars {
             if let Some(g) = grads.get(v.as_tensor()) {
@@ -781,17 +820,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let norm = sq.sqrt();
         if norm > opts.grad_clip {
-            let k = opts.grad_clip / norm;
-            for v in &vars {
-                if let Some(g) = grads.remove(v.as_tensor()) {
-                    grads.insert(v.as_tensor(), (g * k)?);
-                }
-            }
+            scale(&mut grads, &vars, opts.grad_clip / norm)?;
         }
         opt.step(&grads)?;
         report.losses.push(l);
-        *report.task_steps.entry(task.name.clone()).or_default() += 1;
-        report.system_steps += usize::from(by_system);
         bar.set_message(format!("loss {l:.5}"));
         bar.inc(1);
         start += 1;
@@ -806,6 +838,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         plot::line_chart(&report.losses, png)?;
     }
     Ok(report)
+}
+
+/// Adds `more`'s gradients of `vars` into `sum` (the tasks of one step).
+fn accumulate(sum: &mut GradStore, mut more: GradStore, vars: &[Var]) -> Result<()> {
+    for v in vars {
+        if let Some(g) = more.remove(v.as_tensor()) {
+            let total = match sum.remove(v.as_tensor()) {
+                Some(s) => (s + g)?,
+                None => g,
+            };
+            sum.insert(v.as_tensor(), total);
+        }
+    }
+    Ok(())
+}
+
+/// Multiplies the gradients of `vars` by `k`.
+fn scale(grads: &mut GradStore, vars: &[Var], k: f64) -> Result<()> {
+    for v in vars {
+        if let Some(g) = grads.remove(v.as_tensor()) {
+            grads.insert(v.as_tensor(), (g * k)?);
+        }
+    }
+    Ok(())
 }
 
 /// The answer loss of `batch` with the LoRA of `tokens` applied, and a scalar whose gradient
@@ -864,6 +920,33 @@ mod tests {
         let near = nearest_others(&emb, 2).unwrap();
         assert_eq!(near, vec![vec![1, 3], vec![0, 3], vec![3, 1], vec![1, 0]]);
         assert_eq!(nearest_others(&emb, 9).unwrap()[2], vec![3, 1, 0]);
+    }
+
+    #[test]
+    fn averaged_task_gradients_are_the_gradient_of_the_mean_loss() {
+        let w =
+            Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap()).unwrap();
+        let x1 = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let x2 = Tensor::new(&[-2f32, 0.5, 1.0], &Device::Cpu).unwrap();
+        let loss = |x: &Tensor| {
+            (w.as_tensor() * x)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqr()
+                .unwrap()
+        };
+        let vars = [w.clone()];
+        let mut sum = loss(&x1).backward().unwrap();
+        accumulate(&mut sum, loss(&x2).backward().unwrap(), &vars).unwrap();
+        scale(&mut sum, &vars, 0.5).unwrap();
+        // d/dw of ((w·x1)² + (w·x2)²) / 2 = (w·x1) x1 + (w·x2) x2, by hand.
+        let (d1, d2) = (0.5f32 - 2.0 + 6.0, -1.0f32 - 0.5 + 2.0);
+        let want = [d1 - 2.0 * d2, 2.0 * d1 + 0.5 * d2, 3.0 * d1 + d2];
+        let got = sum.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for (g, e) in got.iter().zip(want) {
+            assert!((g - e).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
     }
 
     #[test]

@@ -130,6 +130,7 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         mean_offset: false,
         warmup: 5,
         grad_clip: 1.0,
+        tasks_per_step: 1,
         system_share: 0.0,
         condition_noise: 1e-4,
         target_noise: 1e-5,
@@ -176,6 +177,21 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         resumed.losses[40],
         l[40]
     );
+
+    // Two tasks a step: each step draws both (distinct), and a step cannot draw more tasks
+    // than there are.
+    let mut both = opts("gen-both.safetensors", Some(6), false);
+    both.exclude.clear();
+    both.tasks_per_step = 2;
+    let r = train(&both).unwrap();
+    assert_eq!(r.losses.len(), 6);
+    assert_eq!(
+        r.task_steps.into_iter().collect::<Vec<_>>(),
+        [("letters".to_string(), 6), ("parity".to_string(), 6)]
+    );
+    both.tasks_per_step = 3;
+    let err = train(&both).unwrap_err().to_string();
+    assert!(err.contains("between 1 and the 2 training tasks"), "{err}");
 
     // System-prompt conditions: every step with a share of 1 (only the instruction is encoded),
     // some with a share of 1/2; a task without a system prompt cannot take part.
