@@ -342,19 +342,78 @@ fn text_only_gemma3_served_through_plain_scores_prompts_as_transformers_peft_doe
 /// Serves golden model `name` (model subcommand `model`, served as `served`) with its
 /// adapter1 as the named adapter `a1`, and checks prompt logprobs against the golden logits.
 fn serve_and_score(name: &str, served: &str, model: &[&str]) {
-    let dir = std::env::temp_dir().join(format!("dnd-e2e-{}-score-{name}", std::process::id()));
+    serve_and_score_with(name, served, model, &[], "1e-4", None);
+}
+
+/// [`serve_and_score`] with `extra` server flags, within `tol`; with `resident`, the adapter
+/// cache must then hold that many bytes (a1's).
+fn serve_and_score_with(
+    name: &str,
+    served: &str,
+    model: &[&str],
+    extra: &[&str],
+    tol: &str,
+    resident: Option<usize>,
+) {
+    // Tests of one model with other flags run side by side: each writes its own folder.
+    let dir = std::env::temp_dir().join(format!(
+        "dnd-e2e-{}-score-{name}{}",
+        std::process::id(),
+        extra.concat()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let gen = common::tiny_generator_for(&dir, name);
     let model: Vec<std::ffi::OsString> = model.iter().map(|a| a.into()).collect();
     let lora = format!("a1={}", golden_path(&format!("{name}/adapter1")).display());
-    let server = spawn_server(&gen, &["--lora", &lora], &model);
-    python(&[
-        &server.url,
-        "scoring",
-        served,
-        &golden_prompt_logprobs(name),
-        "1e-4",
-    ]);
+    let args: Vec<&str> = ["--lora", lora.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let server = spawn_server(&gen, &args, &model);
+    let mut golden: serde_json::Value =
+        serde_json::from_str(&golden_prompt_logprobs(name)).unwrap();
+    if let Some(bytes) = resident {
+        golden["adapter_bytes"] = bytes.into();
+    }
+    python(&[&server.url, "scoring", served, &golden.to_string(), tol]);
+}
+
+/// `--lora-dtype f16` on a model computing in f32: the named adapter is kept in half the bytes
+/// (the cache's resident bytes are its PEFT file's factor count times 2), and the prompt still
+/// scores as transformers+peft scores it, to f16's rounding of the factors (2e-3 against 1e-4
+/// in f32).
+#[test]
+fn named_adapter_kept_in_f16_takes_two_bytes_a_weight_and_scores_to_f16_rounding() {
+    let name = "tiny-qwen3";
+    let file = "model-f32.gguf";
+    let weights: usize = candle_core::safetensors::load(
+        golden_path(&format!("{name}/adapter1/adapter_model.safetensors")),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .values()
+    .map(|t| t.elem_count())
+    .sum();
+    let dir = golden_path(name);
+    let model = [
+        "gguf",
+        "-m",
+        dir.to_str().unwrap(),
+        "-f",
+        file,
+        "-t",
+        dir.to_str().unwrap(),
+        "-d",
+        "f32",
+    ];
+    serve_and_score_with(
+        name,
+        file,
+        &model,
+        &["--lora-dtype", "f16"],
+        "2e-3",
+        Some(2 * weights),
+    );
 }
 
 #[test]

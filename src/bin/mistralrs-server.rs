@@ -64,6 +64,16 @@ enum ProviderKind {
     Dnd,
 }
 
+/// The dtype adapters are kept in (`--lora-dtype`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LoraDtype {
+    /// f32 on a CPU, else the model's activation dtype.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
 #[derive(clap::Args)]
 struct DndArgs {
     /// Generator checkpoint (.safetensors) made for this base model.
@@ -106,6 +116,10 @@ struct DndArgs {
     /// distance. Off when absent; README "Semantic reuse" gives the measured trade-off.
     #[arg(long)]
     dnd_reuse_distance: Option<f32>,
+    /// The dtype adapters (generated and named) are kept in. Half-width adapters take half
+    /// the cache budget, their weights rounded to f16 or bf16 (README "Adapter dtype").
+    #[arg(long, value_enum, default_value = "auto")]
+    lora_dtype: LoraDtype,
     /// Serve a PEFT LoRA folder under a name, NAME=DIR (repeatable): requests whose `model`
     /// is NAME get it. Loaded into the adapter cache when used.
     #[arg(long = "lora", value_name = "NAME=DIR")]
@@ -318,8 +332,13 @@ fn build_provider(
         .context("--adapter-provider dnd needs --dnd-generator")?;
     let shape = BaseModelShape::from_path(shape_path)
         .with_context(|| format!("reading the base model shape from {}", shape_path.display()))?;
-    // Adapters are stored in the activation dtype (f32 on CPU).
-    let dtype = if device.is_cpu() { DType::F32 } else { act };
+    let dtype = match d.lora_dtype {
+        LoraDtype::Auto if device.is_cpu() => DType::F32,
+        LoraDtype::Auto => act,
+        LoraDtype::F32 => DType::F32,
+        LoraDtype::F16 => DType::F16,
+        LoraDtype::Bf16 => DType::BF16,
+    };
     let provider = DndProvider::load(
         gen,
         &d.dnd_encoder,
@@ -400,6 +419,9 @@ async fn main() -> Result<()> {
         && !(args.dnd.lora.is_empty() && args.dnd.dnd_preset.is_empty())
     {
         bail!("--lora and --dnd-preset need --adapter-provider dnd (the per-request adapter hook)");
+    }
+    if args.adapter_provider.is_none() && args.dnd.lora_dtype != LoraDtype::Auto {
+        bail!("--lora-dtype needs --adapter-provider dnd (the per-request adapter hook)");
     }
     if args.adapter_provider.is_none() && args.dnd.adapter_root.is_some() {
         bail!("--adapter-root needs --adapter-provider dnd (the per-request adapter hook)");

@@ -362,6 +362,10 @@ def scoring(golden, tol):
         worst[model] = prompt_error(r.choices[0].logprobs.token_logprobs[:-1], want, model, tol)
     # The adapter changes the scores: a1 is not the base model under another name.
     assert max(abs(b - a) for b, a in zip(golden["base"], golden["adapter1"])) > 10 * tol
+    if "adapter_bytes" in golden:
+        # Only a1 has been served: the cache holds its bytes in the dtype asked for.
+        resident = metrics()["dnd_adapter_bytes_resident"]
+        assert resident == golden["adapter_bytes"], (resident, golden["adapter_bytes"])
     return {"worst_abs_error": worst}
 
 
