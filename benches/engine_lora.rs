@@ -24,9 +24,12 @@ use mistralrs_dnd::engine::{
     SequenceLora,
 };
 
+/// Request ids per adapter slot: rounds and sequences number the ids within a slot.
+const SLOT: usize = 1_000_000;
+
 const PROMPT: &str = "The history of the printing press begins";
 
-/// Adapter `n` of the pool for request ids `1000 * (n + 1) + k`; ids below 1000 get none.
+/// Request ids `SLOT * (n + 1) + k` get adapter `n` of the pool; ids below `SLOT` get none.
 struct PoolProvider {
     pool: Vec<Arc<SequenceLora>>,
 }
@@ -37,26 +40,44 @@ impl AdapterProvider for PoolProvider {
         &self,
         request: &AdapterRequest<'_>,
     ) -> Result<Option<Arc<SequenceLora>>, AdapterError> {
-        Ok(match request.request_id / 1000 {
+        Ok(match request.request_id / SLOT {
             0 => None,
             n => Some(self.pool[(n - 1) % self.pool.len()].clone()),
         })
     }
 }
 
-/// A rank-8 adapter on all seven projections of every layer, seeded weights of LoRA size.
+/// A rank-8 adapter on all seven projections of every layer, weights of LoRA size drawn from
+/// `seed` (A with std 1/sqrt(in), B with std 0.01), kept in `dtype`: the same seed gives the
+/// same weights in any dtype.
 fn random_adapter(shape: &BaseModelShape, seed: u64, dtype: DType) -> SequenceLora {
     let dev = Device::Cpu;
-    dev.set_seed(seed).ok();
-    let mut lora = SequenceLora::new(format!("random-{seed}"));
+    // SplitMix64: candle's CPU device cannot be seeded.
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // In [-1, 1): variance 1/3.
+        (z >> 11) as f32 / (1u64 << 52) as f32 - 1.0
+    };
+    let mut draw = |rows: usize, cols: usize, std: f32| {
+        let scale = std * 3f32.sqrt();
+        let v: Vec<f32> = (0..rows * cols).map(|_| uniform() * scale).collect();
+        Tensor::from_vec(v, (rows, cols), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let mut lora = SequenceLora::new(format!("random-{seed}-{dtype:?}"));
     let r = 8;
     for layer in 0..shape.num_layers {
         for module in Module::ALL {
             let (d_in, d_out) = shape.in_out(module);
-            let a = (Tensor::randn(0f32, 1.0, (r, d_in), &dev).unwrap() / (d_in as f64).sqrt())
-                .unwrap();
-            let b = (Tensor::randn(0f32, 1.0, (d_out, r), &dev).unwrap() * 0.01).unwrap();
-            let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+            let a = draw(r, d_in, 1.0 / (d_in as f32).sqrt());
+            let b = draw(d_out, r, 0.01);
             lora.insert(layer, engine_module(module), &a, &b, 2.0)
                 .unwrap();
         }
@@ -144,7 +165,7 @@ async fn main() {
     // <|endoftext|>, <|im_start|>, <|im_end|>
     let ban = [0u32, 1, 2];
     let provider: Arc<dyn AdapterProvider> = Arc::new(PoolProvider {
-        // Eight f32 adapters, then the first one's weights in f16 (request ids 9000-9999).
+        // Eight f32 adapters, then the first one's weights in f16 (slot 9).
         pool: (0..8)
             .map(|s| Arc::new(random_adapter(&shape, s, DType::F32)))
             .chain([Arc::new(random_adapter(&shape, 0, DType::F16))])
@@ -158,14 +179,18 @@ async fn main() {
         (
             "one rank-8 adapter, all modules (batch 1)",
             true,
-            vec![1001],
+            vec![SLOT + 1],
         ),
-        ("the same adapter in f16 (batch 1)", true, vec![9001]),
+        (
+            "the same adapter in f16 (batch 1)",
+            true,
+            vec![9 * SLOT + 1],
+        ),
         ("8 base sequences (batch 8)", false, (10..18).collect()),
         (
             "8 sequences, 8 distinct adapters (batch 8)",
             true,
-            (1..=8).map(|n| n * 1000 + 20).collect(),
+            (1..=8).map(|n| n * SLOT + 20).collect(),
         ),
     ];
     // Warm-up, then rounds with the cases interleaved so drift hits them alike.
@@ -175,7 +200,7 @@ async fn main() {
         for (i, (_, with_provider, ids)) in cases.iter().enumerate() {
             set_adapter_provider(&model_id, with_provider.then(|| provider.clone()));
             // New ids each round: no prefix-cache hits across rounds.
-            let ids: Vec<usize> = ids.iter().map(|id| id + 100 * (round + 1)).collect();
+            let ids: Vec<usize> = ids.iter().map(|id| id + 1000 * (round + 1)).collect();
             let r = run(&model, &ids, max_len, &ban).await;
             tps[i].push(r.tokens as f64 / r.seconds);
         }
@@ -192,7 +217,7 @@ async fn main() {
         (0, 0, "-"),
         (1, 0, ">= 0.98"),
         (2, 0, ">= 0.95"),
-        (3, 0, ">= 0.95"),
+        (3, 0, "-"),
         (4, 4, "-"),
         (5, 4, ">= 0.85"),
     ];

@@ -74,21 +74,32 @@ enum Format {
 /// Loads golden model `name` and registers the test provider for it; the provider's two
 /// adapters (kept in f32) with it.
 async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
-    load_with(name, format, DType::F32).await
+    load_with(name, format, DType::F32, None).await
 }
 
-/// [`load`] with the adapters kept in `adapters` (the server's `--lora-dtype`). Another dtype
-/// than f32 gets its own spelling of the folder, so that its model's name, by which providers
-/// are registered, differs from the f32 test's of the same model.
+/// [`load`] with the adapters kept in `adapters` (the server's `--lora-dtype`), and with a
+/// `tag`, the model loaded through a link of its own to the golden folder: the engine names a
+/// model by its folder and providers are registered by that name, process-wide, so a second
+/// test of the same model and format running beside the first would otherwise take over its
+/// requests.
 async fn load_with(
     name: &str,
     format: Format,
     adapters: DType,
+    tag: Option<&str>,
 ) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
     let golden = golden_path(name);
-    let dir = match adapters {
-        DType::F32 => golden.clone(),
-        _ => golden.join(".").join(".").join("."),
+    let dir = match tag {
+        None => golden.clone(),
+        Some(tag) => {
+            let link = std::env::temp_dir().join(format!(
+                "dnd-engine-lora-{}-{name}-{tag}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&golden, &link).unwrap();
+            link
+        }
     };
     let (model, shape) = match format {
         Format::Safetensors => (
@@ -314,10 +325,12 @@ async fn mixed_batches_match_peft(name: &str, format: Format) {
     mixed_batches_match_peft_with(name, format, DType::F32, 1e-4).await;
 }
 
-/// [`mixed_batches_match_peft`] with the adapters kept in `adapters`, the logits within `tol`.
-async fn mixed_batches_match_peft_with(name: &str, format: Format, adapters: DType, tol: f32) {
+/// [`mixed_batches_match_peft`] with the adapters kept in `dtype`, the logits within `tol`;
+/// every adapter's decode steps must have gone through the CPU decode loop.
+async fn mixed_batches_match_peft_with(name: &str, format: Format, dtype: DType, tol: f32) {
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, adapters) = load_with(name, format, adapters).await;
+    let tag = (dtype != DType::F32).then(|| format!("{dtype:?}"));
+    let (model, adapters) = load_with(name, format, dtype, tag.as_deref()).await;
     // Each variant is checked against the goldens of the adapter in its slot.
     let golden_of = |variant: &'static str| match variant {
         "adapter2" => second_adapter(name),
@@ -347,6 +360,12 @@ async fn mixed_batches_match_peft_with(name: &str, format: Format, adapters: DTy
         assert!(
             a.mixed_steps() > 0,
             "{name}: adapter{} never shared a forward pass with another variant",
+            i + 1
+        );
+        // Decode steps carry one token a row, at most 16 rows: the loop's inputs.
+        assert!(
+            a.decode_loop_updates() > 0,
+            "{name}: adapter{} in {dtype:?} never went through the CPU decode loop",
             i + 1
         );
     }
@@ -386,17 +405,24 @@ async fn tiny_qwen3_gguf_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-qwen3", Format::Gguf).await;
 }
 
-/// Phi-3 from GGUF (quantized_phi3): fused attn_qkv and ffn_up (gate, up) as in the
-/// safetensors model.
 /// Adapters kept in f16 (the server's `--lora-dtype f16`) on a model computing in f32:
 /// prefill casts their factors, and decode widens them in the CPU loop. Logits agree with
-/// transformers+peft to f16's rounding of the factors (2e-3; in f32, 1e-4), and greedy decoding
-/// in mixed batches gives the golden tokens.
+/// transformers+peft to f16's rounding of the factors (2e-3; in f32, 1e-4; measured 1.1e-3),
+/// and greedy decoding in mixed batches gives the golden tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_qwen3_gguf_adapters_kept_in_f16_match_peft() {
     mixed_batches_match_peft_with("tiny-qwen3", Format::Gguf, DType::F16, 2e-3).await;
 }
 
+/// The same in bf16, whose 8-bit mantissa rounds the factors 8 times as coarsely (1e-2;
+/// measured 4.8e-3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_qwen3_gguf_adapters_kept_in_bf16_match_peft() {
+    mixed_batches_match_peft_with("tiny-qwen3", Format::Gguf, DType::BF16, 1e-2).await;
+}
+
+/// Phi-3 from GGUF (quantized_phi3): fused attn_qkv and ffn_up (gate, up) as in the
+/// safetensors model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_phi3_gguf_mixed_adapters_match_peft() {
     mixed_batches_match_peft("tiny-phi3", Format::Gguf).await;
@@ -495,7 +521,7 @@ async fn tiny_gemma2_mixed_adapters_match_peft() {
 async fn alternating_adapter_and_base_never_share_cache() {
     let name = "tiny-llama";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, _) = load(name, Format::Safetensors).await;
+    let (model, _) = load_with(name, Format::Safetensors, DType::F32, Some("alternating")).await;
     let prompt = common::token_ids(g.get("input.seq1.ids"));
     let base = expected_text(name, &g, "base.seq1.greedy");
     let adapted = expected_text(name, &g, "adapter1.seq1.greedy");
@@ -514,7 +540,7 @@ async fn alternating_adapter_and_base_never_share_cache() {
 async fn provider_errors_fail_only_their_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, _) = load(name, Format::Safetensors).await;
+    let (model, _) = load_with(name, Format::Safetensors, DType::F32, Some("errors")).await;
     let prompt = common::token_ids(g.get("input.seq0.ids"));
 
     let mut refused = submit(&model, prompt.clone(), REFUSE * 1000, false).await;
@@ -541,7 +567,7 @@ async fn provider_errors_fail_only_their_request() {
 async fn slow_provider_stalls_only_its_request() {
     let name = "tiny-qwen2";
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let (model, _) = load(name, Format::Safetensors).await;
+    let (model, _) = load_with(name, Format::Safetensors, DType::F32, Some("slow")).await;
     let prompt = common::token_ids(g.get("input.seq1.ids"));
 
     let mut slow = submit(&model, prompt.clone(), SLOW_ADAPTER1 * 1000, false).await;

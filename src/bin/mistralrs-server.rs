@@ -67,7 +67,7 @@ enum ProviderKind {
 /// The dtype adapters are kept in (`--lora-dtype`).
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LoraDtype {
-    /// f32 on a CPU, else the model's activation dtype.
+    /// f32 on a CPU; elsewhere bf16 or f16 where `-d` names it, else f32.
     Auto,
     F32,
     F16,

@@ -75,7 +75,8 @@ pub struct ProviderOptions {
     pub limits: CacheLimits,
     /// The model's device (adapters live there).
     pub device: Device,
-    /// The model's activation dtype (adapters are stored in it).
+    /// The dtype adapters are kept in (the server's `--lora-dtype`); the engine casts their
+    /// updates to the activations' dtype.
     pub dtype: DType,
     /// Identity of the base model, part of every adapter key.
     pub base_model_id: String,

@@ -39,11 +39,11 @@ pub struct Args {
     /// Most tokens per example, for --objective sft.
     #[arg(long, default_value_t = DEFAULT_SEQ_LEN)]
     seq_len: usize,
-    /// Share of --objective sft steps whose examples the base model sees without their
-    /// system prompt, so that only the generated adapter carries the task.
+    /// Share of --objective sft task draws (the steps, with one task a step) whose examples
+    /// the base model sees without their system prompt, so that only the generated adapter carries the task.
     #[arg(long, default_value_t = 0.0, value_parser = share)]
     bare_share: f64,
-    /// Share of --objective sft steps that also run the batch under the adapter made from
+    /// Share of --objective sft task draws that also run the batch under the adapter made from
     /// another task's condition and add the shortfall of its loss below own + margin, so that
     /// adapters differ by task (`dnd similarity` measures how much they do).
     #[arg(long, default_value_t = 0.0, value_parser = share)]
@@ -83,7 +83,7 @@ pub struct Args {
     /// step).
     #[arg(long, default_value_t = 1)]
     tasks_per_step: usize,
-    /// Share of the steps conditioned on one of the task's system prompts (the `system`
+    /// Share of the task draws conditioned on one of the task's system prompts (the `system`
     /// fields of its prompts file) instead of N of its prompts: what serves requests whose
     /// adapter comes from their system prompt. 0 is the paper's recipe.
     #[arg(long, default_value_t = 0.0, value_parser = share)]
@@ -194,7 +194,7 @@ pub fn run(args: Args) -> Result<()> {
         let k = gaps.len().div_ceil(10);
         let mean = |g: &[f32]| g.iter().sum::<f32>() / g.len() as f32;
         eprintln!(
-            "contrast: {} steps, loss gap to another task's adapter {:.3} (first {k}) -> {:.3} (last {k})",
+            "contrast: {} task draws, loss gap to another task's adapter {:.3} (first {k}) -> {:.3} (last {k})",
             gaps.len(),
             mean(&gaps[..k]),
             mean(&gaps[gaps.len() - k..])

@@ -419,6 +419,9 @@ impl TokenStats {
 struct State {
     step: usize,
     report: TrainReport,
+    /// Tasks a step of the run (absent in states written before it was recorded).
+    #[serde(default)]
+    tasks_per_step: Option<usize>,
 }
 
 fn state_path(out: &Path) -> PathBuf {
@@ -631,7 +634,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             .map_err(|e| DndError::io(state_path(&opts.out), e))?;
         let s: State = serde_json::from_str(&text)
             .map_err(|e| DndError::json(state_path(&opts.out).display(), e))?;
-        (s.step, s.report)
+        match s.tasks_per_step {
+            Some(k) if k != opts.tasks_per_step => {
+                return Err(DndError::InvalidInput(format!(
+                    "{} was trained with {k} tasks a step: resume it with the same (asked for {})",
+                    opts.out.display(),
+                    opts.tasks_per_step
+                )))
+            }
+            _ => (s.step, s.report),
+        }
     } else {
         (0, TrainReport::default())
     };
@@ -705,6 +717,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let state = serde_json::to_string(&State {
             step,
             report: report.clone(),
+            tasks_per_step: Some(opts.tasks_per_step),
         })
         .expect("state serialises");
         std::fs::write(state_path(&opts.out), state).map_err(|e| DndError::io(&opts.out, e))

@@ -189,6 +189,12 @@ fn generator_training_learns_skips_held_out_tasks_caches_and_resumes() {
         r.task_steps.into_iter().collect::<Vec<_>>(),
         [("letters".to_string(), 6), ("parity".to_string(), 6)]
     );
+    // Resuming it with another number of tasks a step would mix two runs: refused.
+    both.tasks_per_step = 1;
+    both.resume = true;
+    let err = train(&both).unwrap_err().to_string();
+    assert!(err.contains("trained with 2 tasks a step"), "{err}");
+    both.resume = false;
     both.tasks_per_step = 3;
     let err = train(&both).unwrap_err().to_string();
     assert!(err.contains("between 1 and the 2 training tasks"), "{err}");
