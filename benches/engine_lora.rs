@@ -3,8 +3,9 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF, CPU) from `scripts/fetch-assets.sh smollm2`. Prints decode
 //! tokens/s for: base with no provider registered; a provider registered but the request
 //! without an adapter; one rank-8 all-module adapter at batch 1, its factors in f32 and in f16
-//! (`--lora-dtype f16`); and 8 sequences with 8 distinct adapters against 8 base sequences,
-//! each as a ratio to its baseline in the same run.
+//! (`--lora-dtype f16`); and 8 sequences with 8 distinct adapters, with one adapter, and with
+//! that adapter in f16, against 8 base sequences, each as a ratio to its baseline in the same
+//! run.
 //!
 //!   cargo bench --features engine --bench engine_lora [-- --tokens 64 --rounds 3]
 
@@ -192,6 +193,16 @@ async fn main() {
             true,
             (1..=8).map(|n| n * SLOT + 20).collect(),
         ),
+        (
+            "8 sequences, one adapter (batch 8)",
+            true,
+            (30..38).map(|n| SLOT + n).collect(),
+        ),
+        (
+            "8 sequences, one adapter in f16 (batch 8)",
+            true,
+            (30..38).map(|n| 9 * SLOT + n).collect(),
+        ),
     ];
     // Warm-up, then rounds with the cases interleaved so drift hits them alike.
     run(&model, &[3], 8, &ban).await;
@@ -220,6 +231,8 @@ async fn main() {
         (3, 0, "-"),
         (4, 4, "-"),
         (5, 4, ">= 0.85"),
+        (6, 4, "-"),
+        (7, 4, "-"),
     ];
     for (i, base, goal) in rows {
         println!(

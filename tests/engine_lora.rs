@@ -63,7 +63,7 @@ impl AdapterProvider for TestProvider {
 /// family, or Phi-2's second GGUF copy in llama.cpp's current layout (`model-f32-split.gguf`:
 /// q, k and v apart), or its safetensors folder through the multimodal loader (Gemma 3, whose
 /// text-only checkpoints mistral.rs 0.8.1 loads only there).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Format {
     Safetensors,
     Gguf,
@@ -77,11 +77,11 @@ async fn load(name: &str, format: Format) -> (mistralrs::Model, [Arc<SequenceLor
     load_with(name, format, DType::F32, None).await
 }
 
-/// [`load`] with the adapters kept in `adapters` (the server's `--lora-dtype`), and with a
-/// `tag`, the model loaded through a link of its own to the golden folder: the engine names a
-/// model by its folder and providers are registered by that name, process-wide, so a second
-/// test of the same model and format running beside the first would otherwise take over its
-/// requests.
+/// [`load`] with the adapters kept in `adapters` (the server's `--lora-dtype`), and a `tag` for
+/// a test that must not share its model with another of the same format and dtype. The engine
+/// names a model by its folder and providers are registered by that name, process-wide, so
+/// tests of one golden model running side by side would take over each other's requests: all
+/// but the plain load (safetensors, f32, no tag) go through a link of their own to the folder.
 async fn load_with(
     name: &str,
     format: Format,
@@ -89,12 +89,13 @@ async fn load_with(
     tag: Option<&str>,
 ) -> (mistralrs::Model, [Arc<SequenceLora>; 2]) {
     let golden = golden_path(name);
-    let dir = match tag {
-        None => golden.clone(),
-        Some(tag) => {
+    let dir = match (format, adapters, tag) {
+        (Format::Safetensors, DType::F32, None) => golden.clone(),
+        _ => {
             let link = std::env::temp_dir().join(format!(
-                "dnd-engine-lora-{}-{name}-{tag}",
-                std::process::id()
+                "dnd-engine-lora-{}-{name}-{format:?}-{adapters:?}-{}",
+                std::process::id(),
+                tag.unwrap_or("")
             ));
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&golden, &link).unwrap();
@@ -122,17 +123,12 @@ async fn load_with(
             BaseModelShape::from_path(&dir),
         ),
         Format::Gguf => (
-            // The engine names a model by the folder it was given, and providers are registered
-            // by that name, process-wide: the same folder's safetensors test, running beside this
-            // one, would take over this model's requests. The folder spelled another way keeps the
-            // names apart.
-            load_gguf_f32(&dir.join("."), GGUF_FILE).await,
+            load_gguf_f32(&dir, GGUF_FILE).await,
             // The shape from the GGUF metadata, as the server reads it for a GGUF model.
             BaseModelShape::from_path(dir.join(GGUF_FILE)),
         ),
-        // A third spelling of the folder, for the same reason.
         Format::GgufSplitQkv => (
-            load_gguf_f32(&dir.join(".").join("."), GGUF_SPLIT_FILE).await,
+            load_gguf_f32(&dir, GGUF_SPLIT_FILE).await,
             BaseModelShape::from_path(dir.join(GGUF_SPLIT_FILE)),
         ),
     };
@@ -329,8 +325,7 @@ async fn mixed_batches_match_peft(name: &str, format: Format) {
 /// every adapter's decode steps must have gone through the CPU decode loop.
 async fn mixed_batches_match_peft_with(name: &str, format: Format, dtype: DType, tol: f32) {
     let g = Golden::load(&format!("{name}/expected.safetensors"));
-    let tag = (dtype != DType::F32).then(|| format!("{dtype:?}"));
-    let (model, adapters) = load_with(name, format, dtype, tag.as_deref()).await;
+    let (model, adapters) = load_with(name, format, dtype, None).await;
     // Each variant is checked against the goldens of the adapter in its slot.
     let golden_of = |variant: &'static str| match variant {
         "adapter2" => second_adapter(name),
@@ -346,8 +341,12 @@ async fn mixed_batches_match_peft_with(name: &str, format: Format, dtype: DType,
         assert_golden_logits(&mut rx, name, &g, variant, seq, tol).await;
     }
 
+    // Together, each variant's two sequences next to each other: the decode loop's rows of one
+    // adapter in a run, whose half-width factors it widens once.
     let mut pending = Vec::new();
-    for &(seq, variant, kind) in &cases {
+    let mut together = cases.clone();
+    together.sort_by_key(|&(seq, _, kind)| (kind, seq));
+    for &(seq, variant, kind) in &together {
         let id = kind * 1000 + seq * 10 + 1;
         pending.push((seq, variant, submit(&model, prompt(seq), id, false).await));
     }
