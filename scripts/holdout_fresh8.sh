@@ -13,6 +13,12 @@
 #
 #   scripts/holdout_fresh8.sh          (outputs under runs/holdout-fresh8/; OUT overrides)
 #   scripts/holdout_fresh8.sh table    the results table (needs the runs above)
+#   MORE_WORDINGS=1 TASKS_PER_STEP=4 OUT=runs/holdout-fresh8-w8k4 scripts/holdout_fresh8.sh
+#       with the two additions the shipped recipe made on 2026-12-07: training data with eight
+#       system-prompt wordings per task (`dnd tasks --more-wordings`; the test files are the
+#       same), and after the 300 steps a second stage of 150 steps of four tasks each
+#       (--tasks-per-step 4, warmup 8, seed 1, as scripts/skills48.sh's third stage); about 35
+#       more minutes of training
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/holdout-fresh8}"
@@ -26,7 +32,9 @@ cargo build --manifest-path crates/Cargo.toml --bin dnd
 dnd=target/debug/dnd
 data="$out/data"
 mkdir -p "$out/gen" "$out/sys" "$out/res" "$out/train-res"
-[ -f "$data/tasks.json" ] || "$dnd" tasks --out "$data" --seed 0 --count 48
+more=()
+[ -n "${MORE_WORDINGS:-}" ] && more=(--more-wordings)
+[ -f "$data/tasks.json" ] || "$dnd" tasks --out "$data" --seed 0 --count 48 "${more[@]}"
 names=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$data/tasks.json")
 added=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))[24:]))" "$data/tasks.json")
 targs=()
@@ -45,6 +53,16 @@ if [ ! -f "$out/gen/holdout8.done" ]; then
     --steps 300 --lr 3e-4 --warmup 16 --seed 0 --system-share 0.5 \
     --out "$gen" --save-every 25 --loss-png "$out/gen/loss.png" --cache-dir "$out/enc-cache" --resume
   touch "$out/gen/holdout8.done"
+fi
+if [ -n "${TASKS_PER_STEP:-}" ]; then
+  gen="$out/gen/holdout8-k$TASKS_PER_STEP.safetensors"
+  if [ ! -f "$out/gen/holdout8-k$TASKS_PER_STEP.done" ]; then
+    "$dnd" train --objective sft --model "$model" --init "$out/gen/holdout8.safetensors" --modulate \
+      "${targs[@]}" --steps 150 --tasks-per-step "$TASKS_PER_STEP" --lr 3e-4 --warmup 8 --seed 1 \
+      --system-share 0.5 --out "$gen" --save-every 10 --loss-png "$out/gen/loss-k$TASKS_PER_STEP.png" \
+      --cache-dir "$out/enc-cache" --resume
+    touch "$out/gen/holdout8-k$TASKS_PER_STEP.done"
+  fi
 fi
 score() { # task, result file, then the --sample arguments for the 16-prompt condition (or none)
   local t="$1" res="$2"
