@@ -7,8 +7,10 @@ RES_DIR holds `dnd eval` JSON per held-out TASK (rows dnd-system and dnd-example
 holdout generator; TRAIN_RES_DIR the same (dnd-system only) for the added tasks it trained on.
 Next to them: the base model, the own LoRA and the best constant answer
 (learnability-smollm2-48.md, 200 examples), the 24-task generator that saw none of the added
-tasks (skill-smollm2-48/shipped-f16/) and the shipped 48-task generator that trained on all of
-them (skill-smollm2-48-modulated/, its examples16/). Recovered share = (DnD - base) / (own -
+tasks (skill-smollm2-48/shipped-f16/), the first 48-task generator and the shipped one that
+trained on all of them (skill-smollm2-48-modulated/ and skill-smollm2-48-w8-tasks-per-step/, with
+their examples16/), and for another run than the first, the first run's holdout generator
+(holdout-fresh8-smollm2/). Recovered share = (DnD - base) / (own -
 base), mean over the learnable tasks (own LoRA at least 20 points over the base model and the
 constant answer), with scripts/skill_summary.py's 95% bootstrap interval.
 """
@@ -22,7 +24,10 @@ from skill_summary import bootstrap, wilson  # noqa: E402
 
 RESULTS = "docs/results"
 OTHERS = {"24-task generator": f"{RESULTS}/skill-smollm2-48/shipped-f16",
-          "shipped 48-task generator": f"{RESULTS}/skill-smollm2-48-modulated"}
+          "first 48-task generator": f"{RESULTS}/skill-smollm2-48-modulated",
+          "shipped generator (study H)": f"{RESULTS}/skill-smollm2-48-w8-tasks-per-step"}
+# The first run of scripts/holdout_fresh8.sh (session 20), shown beside a later run's.
+FIRST = f"{RESULTS}/holdout-fresh8-smollm2"
 
 
 def learnability():
@@ -92,12 +97,15 @@ def main():
     res, train_res, held = sys.argv[1], sys.argv[2], sys.argv[3:]
     learn = learnability()
     print("Held-out tasks (system prompt / 16 prompts):\n")
-    table(held, {"holdout generator": res, **OTHERS}, ["dnd-system", "dnd-examples"], learn)
+    first = {} if os.path.samefile(res, FIRST) else {"first holdout generator": FIRST}
+    table(held, {"holdout generator": res, **first, **OTHERS}, ["dnd-system", "dnd-examples"],
+          learn)
     trained = sorted(f[:-5] for f in (os.listdir(train_res) if os.path.isdir(train_res) else [])
                      if f.endswith(".json") and not f.endswith(".replies.json"))
     if trained:
         print("Added tasks the holdout generator trained on (system prompt):\n")
-        table(trained, {"holdout generator": train_res, **OTHERS}, ["dnd-system"], learn)
+        first = {} if first == {} else {"first holdout generator": f"{FIRST}/trained"}
+        table(trained, {"holdout generator": train_res, **first, **OTHERS}, ["dnd-system"], learn)
 
 
 if __name__ == "__main__":

@@ -341,14 +341,15 @@ async fn mixed_batches_match_peft_with(name: &str, format: Format, dtype: DType,
         assert_golden_logits(&mut rx, name, &g, variant, seq, tol).await;
     }
 
-    // Together, each variant's two sequences next to each other: the decode loop's rows of one
-    // adapter in a run, whose half-width factors it widens once.
+    // Together, each one twice: the scheduler batches sequences of one length in id order, so
+    // the two copies are rows next to each other, whose half-width factors the decode loop
+    // widens once.
     let mut pending = Vec::new();
-    let mut together = cases.clone();
-    together.sort_by_key(|&(seq, _, kind)| (kind, seq));
-    for &(seq, variant, kind) in &together {
-        let id = kind * 1000 + seq * 10 + 1;
-        pending.push((seq, variant, submit(&model, prompt(seq), id, false).await));
+    for &(seq, variant, kind) in &cases {
+        for copy in 1..=2 {
+            let id = kind * 1000 + seq * 10 + copy;
+            pending.push((seq, variant, submit(&model, prompt(seq), id, false).await));
+        }
     }
     for (seq, variant, mut rx) in pending {
         assert_golden_greedy(&mut rx, &format!("{name} (batched)"), &g, variant, seq).await;
@@ -362,11 +363,22 @@ async fn mixed_batches_match_peft_with(name: &str, format: Format, dtype: DType,
             i + 1
         );
         // Decode steps carry one token a row, at most 16 rows: the loop's inputs.
+        let (updates, widenings) = (a.decode_loop_updates(), a.decode_loop_widenings());
         assert!(
-            a.decode_loop_updates() > 0,
+            updates > 0,
             "{name}: adapter{} in {dtype:?} never went through the CPU decode loop",
             i + 1
         );
+        // f32 factors are read in place; half-width ones are widened, once for adjacent rows.
+        if dtype == DType::F32 {
+            assert_eq!(widenings, 0, "{name}: adapter{} in f32 was widened", i + 1);
+        } else {
+            assert!(
+                0 < widenings && widenings < updates,
+                "{name}: adapter{} in {dtype:?}: {widenings} widenings in {updates} updates",
+                i + 1
+            );
+        }
     }
 }
 
