@@ -8,9 +8,11 @@
 # steps of four tasks each, their gradients averaged (`--tasks-per-step 4`, warmup 8, seed 1);
 # then anchored for abstention on the 48 tasks and stored in f16. Every step is skipped when
 # its output exists, so an interrupted run continues. About two hours of training on 2 cores.
-# Scores: docs/results/skill-smollm2-48-w8-tasks-per-step.md. The file shipped before it (two
-# wordings, no third stage; docs/results/skill-smollm2-48-modulated.md) came from this script
-# as of commit e8b923e (`git show e8b923e:scripts/skills48.sh`).
+# Scores: docs/results/skill-smollm2-48-w8-tasks-per-step.md. Its third stage, run from the
+# first two stages' outputs, reproduced the shipped file byte for byte (session 22, same
+# machine). The file shipped before it (two wordings, no third stage;
+# docs/results/skill-smollm2-48-modulated.md) came from this script as of commit e8b923e
+# (`git show e8b923e:scripts/skills48.sh`).
 #
 #   scripts/skills48.sh        (outputs under runs/skills48/; OUT overrides)
 set -euo pipefail
@@ -23,6 +25,13 @@ dnd=target/debug/dnd
 mkdir -p "$out/gen"
 # The first 48 tasks: tasks added later leave their data unchanged but must not join the run.
 [ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0 --count 48 --more-wordings
+# A folder left by the recipe before the third stage (two wordings) must not be continued.
+wordings=$(python3 -c 'import json,sys; print(len({e["system"] for e in json.load(open(sys.argv[1]))}))' \
+  "$out/data/upper_case_train.json")
+if [ "$wordings" -lt 8 ]; then
+  echo "$out/data has $wordings system wordings per task, not eight: an older recipe's run (OUT=another folder)" >&2
+  exit 1
+fi
 # The 24-task generator as it was shipped (the commit that shipped it).
 init="$out/gen/skills24.safetensors"
 if [ ! -f "$init" ]; then
