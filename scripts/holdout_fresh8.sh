@@ -5,8 +5,9 @@
 # learnability-smollm2-48.md; classify has only two):
 #   last_word lower_case | is_question review_stars | extract_item extract_price | half plus_ten
 # The 24-task generator (git 36ef50c, none of the added tasks) continued with the first stage of
-# the shipped recipe (scripts/skills48.sh: --modulate, 300 steps, lr 3e-4, warmup 16, system
-# share 0.5, seed 0) on the other 40 of the 48 tasks. Then each held-out task is scored from its
+# the recipe of the first 48-task generator (scripts/skills48.sh as of e8b923e: two wordings,
+# --modulate, 300 steps, lr 3e-4, warmup 16, system share 0.5, seed 0) on the other 40 of the
+# 48 tasks. Then each held-out task is scored from its
 # unseen test system prompt and from 16 of its test prompts, and the 16 added tasks it trained
 # on from their system prompts (100 questions, seed 0, greedy, 16 new tokens). About 30 minutes
 # of training and 20 of scoring on 2 cores; every step is skipped when its output exists.
@@ -17,8 +18,9 @@
 #       with the two additions the shipped recipe made on 2026-12-07: training data with eight
 #       system-prompt wordings per task (`dnd tasks --more-wordings`; the test files are the
 #       same), and after the 300 steps a second stage of 150 steps of four tasks each
-#       (--tasks-per-step 4, warmup 8, seed 1, as scripts/skills48.sh's third stage); about 35
-#       more minutes of training
+#       (--tasks-per-step 4, warmup 8, seed 1, as scripts/skills48.sh's third stage); about 40
+#       more minutes of training (docs/results/holdout-fresh8-w8k4-smollm2.md)
+# Scores are kept per OUT folder: another generator needs another OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/holdout-fresh8}"
@@ -35,6 +37,13 @@ mkdir -p "$out/gen" "$out/sys" "$out/res" "$out/train-res"
 more=()
 [ -n "${MORE_WORDINGS:-}" ] && more=(--more-wordings)
 [ -f "$data/tasks.json" ] || "$dnd" tasks --out "$data" --seed 0 --count 48 "${more[@]}"
+# A folder made with the other wording count must not be continued under this one.
+wordings=$(python3 -c 'import json,sys; print(len({e["system"] for e in json.load(open(sys.argv[1]))}))' \
+  "$data/upper_case_train.json")
+if [ "$wordings" -ne "$([ ${#more[@]} -gt 0 ] && echo 8 || echo 2)" ]; then
+  echo "$data has $wordings system wordings per task, against MORE_WORDINGS=${MORE_WORDINGS:-}" >&2
+  exit 1
+fi
 names=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$data/tasks.json")
 added=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))[24:]))" "$data/tasks.json")
 targs=()
