@@ -5,8 +5,11 @@
 //! does not depend on them) and the real all-MiniLM-L6-v2 encoder (`scripts/fetch-assets.sh`).
 //!
 //! Environment: `DND_BENCH_CONFIGS` (comma-separated preset names), `DND_BENCH_REPS` (timed
-//! runs, default 3; 1 for the 1.1 B-parameter preset), `DND_BENCH_BASELINE` (a Python with torch:
-//! runs `crates/dnd-core/benches/pytorch_baseline.py` on the same shapes in the same run and prints the ratio).
+//! runs, default 3; 1 for the 1.1 B-parameter preset), `DND_BENCH_DTYPES` (comma-separated,
+//! default `f32`; `bf16` keeps the weights in bf16 and runs the products on the CPU's bf16 dot
+//! products where it has them), `DND_BENCH_BASELINE` (a Python with torch: runs
+//! `crates/dnd-core/benches/pytorch_baseline.py` on the same shapes and dtype in the same run and
+//! prints the ratio).
 
 #[path = "../../../benches/util/mod.rs"]
 mod util;
@@ -33,16 +36,24 @@ fn prompts(n: usize) -> Vec<String> {
         .collect()
 }
 
-fn run_one(name: &str) {
+fn parse_dtype(name: &str) -> DType {
+    match name {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => panic!("DND_BENCH_DTYPES: unknown dtype {other} (f32 or bf16)"),
+    }
+}
+
+fn run_one(name: &str, dtype: DType) {
     let cfg = presets::by_name(name).expect("known preset").unwrap();
     let reps: usize = std::env::var("DND_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if cfg.num_prompts >= 128 { 1 } else { 3 });
     let dev = Device::Cpu;
-    let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, DType::F32)
+    let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, dtype)
         .expect("encoder (run scripts/fetch-assets.sh)");
-    let (dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
+    let (dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, dtype).unwrap();
     let p = prompts(cfg.num_prompts);
     let refs: Vec<&str> = p.iter().map(String::as_str).collect();
 
@@ -71,7 +82,8 @@ fn run_one(name: &str) {
     let (e, d, k) = (median(te), median(td), median(tk));
     let gmac = dec.decoder().macs() as f64 / 1e9;
     println!(
-        "ROW|{name}|{:.1}|{gmac:.1}|{:.3}|{:.3}|{:.3}|{:.3}|{:.1}|{:.0}|{reps}",
+        "ROW|{name}|{}|{:.1}|{gmac:.1}|{:.3}|{:.3}|{:.3}|{:.3}|{:.1}|{:.0}|{reps}",
+        dtype.as_str(),
         dec.decoder().num_params() as f64 / 1e6,
         e,
         d,
@@ -128,13 +140,84 @@ fn batch_table() {
     }
 }
 
+/// f32 and bf16 products side by side on the generator's shapes (`--products`): GMAC/s of
+/// each, the median of 5 after a warm-up.
+fn products_table() {
+    use dnd_core::matmul::{gemm_in, Operand, Precision};
+    // (m, n, k, what): BERT's projections for 16 prompts of 60 tokens, a Winograd position of
+    // the small config's widest convolution, and one of the authors' config.
+    let shapes = [
+        (960, 1152, 384, "BERT q,k,v"),
+        (960, 1536, 384, "BERT feed-forward in"),
+        (960, 384, 1536, "BERT feed-forward out"),
+        (
+            256,
+            485,
+            256,
+            "Winograd position, small config's last ConvL",
+        ),
+        (1024, 512, 1024, "square-ish 1024"),
+        (64, 200, 64, "narrow 64"),
+    ];
+    let par = dnd_core::generator::conv::gemm_parallelism();
+    println!(
+        "\nMatrix products, f32 (gemm crate) vs bf16 dot products (available: {})\n",
+        dnd_core::matmul::bf16::available()
+    );
+    println!("| m x n x k | what | f32 GMAC/s | bf16 GMAC/s | bf16 / f32 |");
+    println!("|---|---|---|---|---|");
+    for (m, n, k, what) in shapes {
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0)
+            .collect();
+        let mut c = vec![0f32; m * n];
+        let mut rate = |p: Precision| {
+            let mut t = vec![];
+            for _ in 0..6 {
+                let t0 = Instant::now();
+                // SAFETY: row-major a (m, k), b (k, n), c (m, n), all allocated at those sizes.
+                unsafe {
+                    gemm_in(
+                        p,
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        n,
+                        false,
+                        Operand::rows(a.as_ptr(), k),
+                        Operand::rows(b.as_ptr(), n),
+                        1.0,
+                        par,
+                    )
+                };
+                t.push(t0.elapsed().as_secs_f64());
+            }
+            t.remove(0);
+            (m * n * k) as f64 / median(t) / 1e9
+        };
+        let (f, h) = (rate(Precision::F32), rate(Precision::Bf16));
+        println!(
+            "| {m} x {n} x {k} | {what} | {f:.0} | {h:.0} | {:.2} |",
+            h / f
+        );
+    }
+}
+
 fn main() {
     // Relative paths on the command line are the repository root's, as the README writes them
     // (cargo runs a bench in its package's folder).
     std::env::set_current_dir(dnd_core::test_util::repo_root()).expect("the repository root");
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
-        run_one(&args[i + 1]);
+        run_one(&args[i + 1], parse_dtype(&args[i + 2]));
+        return;
+    }
+    if args.iter().any(|a| a == "--products") {
+        products_table();
         return;
     }
     if args.iter().any(|a| a == "--batches") {
@@ -143,29 +226,52 @@ fn main() {
     }
     let configs = std::env::var("DND_BENCH_CONFIGS")
         .unwrap_or_else(|_| "smollm2-135m-small,qwen25-05b-common-sense".into());
+    let dtypes = std::env::var("DND_BENCH_DTYPES").unwrap_or_else(|_| "f32".into());
+    let dtypes: Vec<&str> = dtypes
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    dtypes.iter().for_each(|d| {
+        parse_dtype(d);
+    });
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("DnD adapter generation, CPU f32, {threads} threads (median of timed runs)\n");
     println!(
-        "| config | decoder params (M) | decoder GMAC | encode s | decode s | detokenize s | total s | decoder GMAC/s | peak RSS MiB | runs |"
+        "DnD adapter generation, CPU, {threads} threads (median of timed runs); bf16 dot products: {}\n",
+        if dnd_core::matmul::bf16::available() { "yes" } else { "no (bf16 computes in f32)" }
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| config | dtype | decoder params (M) | decoder GMAC | encode s | decode s | detokenize s | total s | decoder GMAC/s | peak RSS MiB | runs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let exe = std::env::current_exe().unwrap();
     let mut rows = vec![];
-    for name in configs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let out = Command::new(&exe).args(["--one", name]).output().unwrap();
+    let names: Vec<&str> = configs
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    for (name, dtype) in names
+        .iter()
+        .flat_map(|n| dtypes.iter().map(move |d| (*n, *d)))
+    {
+        let out = Command::new(&exe)
+            .args(["--one", name, dtype])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let Some(row) = text.lines().find_map(|l| l.strip_prefix("ROW|")) else {
             eprintln!("{name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
             std::process::exit(1);
         };
         println!("| {} |", row.replace('|', " | "));
-        rows.push((name.to_string(), row.to_string()));
+        rows.push((name.to_string(), dtype.to_string(), row.to_string()));
     }
     if let Ok(python) = std::env::var("DND_BENCH_BASELINE") {
         println!("\nPyTorch baseline (same shapes, same machine, same threads):\n");
-        println!("| config | PyTorch encode s | PyTorch decode s | Rust encode s | Rust decode s | speed-up (encode+decode) |");
-        println!("|---|---|---|---|---|---|");
-        for (name, row) in rows {
+        println!("| config | dtype | PyTorch encode s | PyTorch decode s | Rust encode s | Rust decode s | speed-up (encode+decode) |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, dtype, row) in rows {
             let f: Vec<&str> = row.split('|').collect();
             let out = Command::new(&python)
                 .arg(concat!(
@@ -173,6 +279,7 @@ fn main() {
                     "/benches/pytorch_baseline.py"
                 ))
                 .args(["--config", &name, "--threads", &threads.to_string()])
+                .args(["--dtype", &dtype])
                 .output()
                 .expect("baseline python runs");
             let text = String::from_utf8_lossy(&out.stdout);
@@ -184,9 +291,9 @@ fn main() {
                 continue;
             };
             let b: Vec<f64> = b.split('|').map(|v| v.parse().unwrap()).collect();
-            let (re, rd): (f64, f64) = (f[3].parse().unwrap(), f[4].parse().unwrap());
+            let (re, rd): (f64, f64) = (f[4].parse().unwrap(), f[5].parse().unwrap());
             println!(
-                "| {name} | {:.3} | {:.3} | {re:.3} | {rd:.3} | {:.2}x |",
+                "| {name} | {dtype} | {:.3} | {:.3} | {re:.3} | {rd:.3} | {:.2}x |",
                 b[0],
                 b[1],
                 (b[0] + b[1]) / (re + rd)

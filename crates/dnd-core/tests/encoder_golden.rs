@@ -69,12 +69,15 @@ fn bf16_conditions_follow_f32() {
     let refs: Vec<&str> = p.iter().map(String::as_str).collect();
     let cond: Tensor = enc.encode(&refs, 48).unwrap();
     assert_eq!(cond.dtype(), DType::BF16);
-    assert_close(
-        "bf16",
-        &cond.unsqueeze(0).unwrap(),
-        g.get("condition"),
-        1e-2,
-    );
+    // Where the CPU has bf16 dot products, BERT's projections run in bf16. PyTorch's own bf16
+    // on this fixture is 3.7e-2 from the f32 reference (the model cast to bf16) and 2.8e-2
+    // (autocast); here it is 3.0e-2 with the dot products, under 1e-2 (the output rounded) without.
+    let tol = if dnd_core::matmul::bf16::available() {
+        5e-2
+    } else {
+        1e-2
+    };
+    assert_close("bf16", &cond.unsqueeze(0).unwrap(), g.get("condition"), tol);
 }
 
 #[test]

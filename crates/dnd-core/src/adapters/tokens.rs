@@ -55,13 +55,13 @@ struct Slot {
 impl TokenLayout {
     /// Checks the spec against the model's widths.
     pub fn new(shape: BaseModelShape, mut spec: LoraSpec) -> Result<Self> {
-        if spec.rank == 0 || spec.rank % 2 != 0 {
+        if spec.rank == 0 || !spec.rank.is_multiple_of(2) {
             return Err(DndError::InvalidInput(format!(
                 "LoRA rank {} must be even and positive: token statistics are stored in row pairs",
                 spec.rank
             )));
         }
-        if spec.chunk_width == 0 || spec.chunk_width % 2 != 0 {
+        if spec.chunk_width == 0 || !spec.chunk_width.is_multiple_of(2) {
             return Err(DndError::InvalidInput(format!(
                 "chunk width {} must be even and positive",
                 spec.chunk_width

@@ -1,6 +1,8 @@
 //! A BERT encoder (Sentence-BERT's MiniLM family) returning `last_hidden_state`.
 
 use candle_core::{DType, Module, Result, Tensor};
+
+use crate::matmul::Precision;
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use rayon::prelude::*;
 
@@ -88,6 +90,8 @@ struct Layer {
     /// `[Wq | Wk | Wv]ᵀ` (hidden, 3 hidden) and `[bq | bk | bv]`, for the CPU f32 attention.
     qkv_t: Tensor,
     qkv_bias: Tensor,
+    /// Arithmetic of the CPU path's projections (q, k, v and the feed-forward).
+    precision: Precision,
 }
 
 impl Layer {
@@ -126,6 +130,7 @@ impl Layer {
             exact_gelu,
             qkv_t,
             qkv_bias,
+            precision: Precision::F32,
         })
     }
 
@@ -175,10 +180,10 @@ impl Layer {
         Tensor::cat(&rows, 0)
     }
 
-    /// [`Self::attention`] on the CPU in f32, without the per-head copies: q, k and v come
-    /// from one product with the stacked weights, and every (row, head) pair's scores and
-    /// context are two small products reading q, k, v and writing the context in place
-    /// (strided), one pair per job.
+    /// [`Self::attention`] on the CPU (f32, the q, k, v product in the layer's precision),
+    /// without the per-head copies: q, k and v come from one product with the stacked weights,
+    /// and every (row, head) pair's scores and context are two small products reading q, k, v
+    /// and writing the context in place (strided), one pair per job.
     fn attention_cpu(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let (heads, hd) = (self.heads, h / self.heads);
@@ -189,7 +194,8 @@ impl Layer {
         with_cpu_f32(&self.qkv_t, |w| {
             // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
             unsafe {
-                crate::matmul::gemm_f32(
+                crate::matmul::gemm_in(
+                    self.precision,
                     tokens,
                     3 * h,
                     h,
@@ -267,10 +273,11 @@ impl Layer {
         Tensor::from_vec(ctx, (b, len, h), x.device())
     }
 
-    /// `x + out(gelu(intermediate(x)))` on the CPU in f32 (exact GELU): both products write
-    /// into buffers that start as their bias rows (and, for the second, the residual), the
-    /// GELU runs in place, and the inner activations use the thread's scratch buffer: no
-    /// intermediate tensors, no separate bias, residual or activation passes.
+    /// `x + out(gelu(intermediate(x)))` on the CPU in f32 (exact GELU; the two products in the
+    /// layer's precision): both products write into buffers that start as their bias rows (and,
+    /// for the second, the residual), the GELU runs in place, and the inner activations use the
+    /// thread's scratch buffer: no intermediate tensors, no separate bias, residual or
+    /// activation passes.
     fn feed_forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let tokens = b * len;
@@ -293,7 +300,8 @@ impl Layer {
                     // SAFETY: inner (tokens, I) row-major, xs (tokens, h), the weights (I, h)
                     // read as their transpose (element (k, n) at n*h + k); all in bounds.
                     unsafe {
-                        crate::matmul::gemm_f32(
+                        crate::matmul::gemm_in(
+                            self.precision,
                             tokens,
                             inner_dim,
                             h,
@@ -310,7 +318,8 @@ impl Layer {
                     // SAFETY: out (tokens, h), inner (tokens, I), the weights (h, I) read as
                     // their transpose (element (k, n) at n*I + k); all in bounds.
                     unsafe {
-                        crate::matmul::gemm_f32(
+                        crate::matmul::gemm_in(
+                            self.precision,
                             tokens,
                             h,
                             inner_dim,
@@ -390,6 +399,15 @@ impl BertModel {
             layers,
             max_positions: cfg.max_position_embeddings,
         })
+    }
+
+    /// Runs the CPU path's projections in `precision` (their weights and activations stay f32;
+    /// see [`crate::matmul::Precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        for layer in &mut self.layers {
+            layer.precision = precision;
+        }
+        self
     }
 
     /// The longest sequence one forward pass takes.

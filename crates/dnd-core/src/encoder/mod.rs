@@ -35,7 +35,9 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from a Sentence-BERT folder
     /// (tensor names with or without the `bert.` prefix). Conditions come out in `dtype`; on the
-    /// CPU, which has no bf16 matrix product, BERT itself then runs in f32 (it is small).
+    /// CPU, where candle has no bf16 matrix product, bf16 keeps BERT's weights and activations
+    /// in f32 (it is small) and runs its q, k, v and feed-forward projections on the CPU's bf16
+    /// dot products where it has them ([`crate::matmul::bf16`]).
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         let dir = dir.as_ref();
         let cfg: BertConfig = read_json(&dir.join("config.json"))?;
@@ -65,7 +67,10 @@ impl TextEncoder {
         } else {
             vb
         };
-        let model = BertModel::load(&cfg, vb)?;
+        let mut model = BertModel::load(&cfg, vb)?;
+        if device.is_cpu() && dtype == DType::BF16 {
+            model = model.with_precision(crate::matmul::Precision::Bf16);
+        }
         Ok(Self {
             tokenizer,
             model,
@@ -129,7 +134,7 @@ impl TextEncoder {
         // Long rows are cut into consecutive pieces of `piece` tokens (the reference requires
         // L to be a multiple of it).
         let (rows, row_len) = if len > piece {
-            if len % piece != 0 {
+            if !len.is_multiple_of(piece) {
                 return Err(DndError::InvalidInput(format!(
                     "prompt length {len} exceeds the encoder's {piece} positions and is not a multiple of it"
                 )));

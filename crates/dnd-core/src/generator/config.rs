@@ -130,7 +130,7 @@ impl GeneratorConfig {
                 self.version
             ));
         }
-        if self.kernel_size % 2 == 0 {
+        if self.kernel_size.is_multiple_of(2) {
             return bad(format!("kernel size {} must be odd", self.kernel_size));
         }
         if self.stages.len() < 2 {

@@ -12,6 +12,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::matmul::Precision;
+
 /// A pointer shared by parallel jobs that write disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
@@ -58,6 +60,41 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     }
 }
 
+/// Elements of widened kernel a thread keeps between calls (64 MiB).
+const WIDENED_KEPT: usize = 16 << 20;
+
+thread_local! {
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a contiguous bf16 CPU tensor's elements widened to f32, in a buffer kept per
+/// thread (only its length grows; a call from inside `f` gets a fresh one).
+fn with_cpu_bf16_widened<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    let src = &s.as_slice::<half::bf16>()?[start..end];
+    let widen = |buf: &mut Vec<f32>| {
+        buf.clear();
+        buf.extend(src.iter().map(|v| v.to_f32()));
+        let out = f(buf);
+        // Keep small kernels' room (page faults cost more than they do); give large ones back
+        // (the authors' largest kernel widens to 2.85 GB).
+        if buf.capacity() > WIDENED_KEPT {
+            *buf = Vec::new();
+        }
+        out
+    };
+    Ok(WIDENED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => widen(&mut buf),
+        Err(_) => widen(&mut Vec::new()),
+    }))
+}
+
 /// `(B, Ci, H, W, Co, k)` of an input `(B, Ci, H, W)` and kernel `(Co, Ci, k, k)`, odd k; an
 /// error naming both shapes otherwise.
 fn same_conv_dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
@@ -75,30 +112,55 @@ fn same_conv_dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize,
 
 /// `x (B, Ci, H, W)` convolved with `w (Co, Ci, k, k)`, odd k, padding k/2, no bias.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    conv2d_same_in(x, w, Precision::F32)
+}
+
+/// [`conv2d_same`] with the CPU fast paths' products in `precision`. With bf16 products the
+/// kernel may be bf16 (an f32 input still): it is widened into a buffer kept per thread rather
+/// than a new tensor per call (the authors' configuration has 4.4 GB of them in f32).
+pub fn conv2d_same_in(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
     let k = w.dim(3)?;
     // The fast kernels work on raw slices, outside autograd: training (any operand tracked
     // for gradients) takes the differentiable form below on the CPU.
     let tracked = x.track_op() || w.track_op();
+    // The fast paths read a bf16 kernel as it is; the others want both operands alike.
+    let w_alike;
+    let w = if w.dtype() != x.dtype() && (tracked || !x.device().is_cpu()) {
+        w_alike = w.to_dtype(x.dtype())?;
+        &w_alike
+    } else {
+        w
+    };
     if tracked && x.device().is_cpu() {
         return conv2d_same_differentiable(x, w);
     }
-    if tracked || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    let bf16_kernel = w.dtype() == DType::BF16 && precision == Precision::Bf16;
+    if tracked
+        || !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || !(w.dtype() == DType::F32 || bf16_kernel)
+    {
         return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
     }
     let (b, ci, h, wd, co, k) = same_conv_dims(x, w)?;
     let (xc, wc) = (x.contiguous()?, w.contiguous()?);
     let fft = super::fftconv::worth_it(h, wd, k);
     let winograd = super::winograd::worth_it(ci, co, k);
+    let run = |xs: &[f32], ws: &[f32]| {
+        if fft {
+            super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k, precision)
+        } else if winograd {
+            super::winograd::conv2d_same_winograd(xs, b, ci, h, wd, ws, co, precision)
+        } else {
+            conv2d_same_taps(xs, b, ci, h, wd, ws, co, k, precision)
+        }
+    };
     let out = with_cpu_f32(&xc, |xs| {
-        with_cpu_f32(&wc, |ws| {
-            if fft {
-                super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k)
-            } else if winograd {
-                super::winograd::conv2d_same_winograd(xs, b, ci, h, wd, ws, co)
-            } else {
-                conv2d_same_taps(xs, b, ci, h, wd, ws, co, k)
-            }
-        })
+        if bf16_kernel {
+            with_cpu_bf16_widened(&wc, |ws| run(xs, ws))
+        } else {
+            with_cpu_f32(&wc, |ws| run(xs, ws))
+        }
     })??;
     Tensor::from_vec(out, (b, co, h, wd), x.device())
 }
@@ -147,6 +209,7 @@ fn conv2d_same_taps(
     wts: &[f32],
     co: usize,
     k: usize,
+    precision: Precision,
 ) -> Vec<f32> {
     let p = k / 2;
     let (hp, wp) = (h + 2 * p, wd + 2 * p);
@@ -177,7 +240,8 @@ fn conv2d_same_taps(
                 // with j < n = h*wp, and rhs_off + (ci-1)*plane + n - 1 stays below
                 // b*per_batch + wp, the buffer's length.
                 unsafe {
-                    crate::matmul::gemm_f32(
+                    crate::matmul::gemm_in(
+                        precision,
                         co,
                         n,
                         ci,
@@ -257,6 +321,29 @@ mod tests {
             assert!(max_abs_diff(&gx, &hx) < 1e-4, "input gradient, k {k}");
             assert!(max_abs_diff(&gw, &hw) < 1e-4, "kernel gradient, k {k}");
             assert!(max_abs_diff(&gx, &gx.zeros_like().unwrap()) > 0.1);
+        }
+    }
+
+    #[test]
+    fn bf16_products_follow_f32_on_every_path() {
+        // The GEMM taps (narrow), Winograd (48+ channels) and the FFT path (k = 9), each with
+        // the kernel given in f32 and in bf16. Rounding both operands to bf16 (8 significant
+        // bits) leaves sums of random-signed products within about 1e-2 of f32.
+        let dev = Device::Cpu;
+        for &(ci, co, h, w, k) in &[(5, 4, 6, 7, 3), (64, 56, 6, 9, 3), (4, 3, 20, 24, 9)] {
+            let x = Tensor::randn(0f32, 1.0, (1, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
+            let want = x.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
+            let half = wt.to_dtype(DType::BF16).unwrap();
+            for kernel in [&wt, &half] {
+                let got = conv2d_same_in(&x, kernel, Precision::Bf16).unwrap();
+                let err = crate::test_util::rel_err(&got, &want);
+                assert!(err < 2e-2, "ci{ci} co{co} k{k} {:?}: {err}", kernel.dtype());
+                if crate::matmul::bf16::available() {
+                    // The products really ran in bf16.
+                    assert!(err > 1e-5, "ci{ci} co{co} k{k}: {err}");
+                }
+            }
         }
     }
 

@@ -73,6 +73,7 @@ pub fn conv2d_same_fft(
     wts: &[f32],
     co: usize,
     k: usize,
+    precision: crate::matmul::Precision,
 ) -> Vec<f32> {
     let p = k / 2;
     let (fh, th, nth) = axis(h, k);
@@ -214,25 +215,17 @@ pub fn conv2d_same_fft(
                 let xb = &xs[bin * ci * 2 * ntiles..(bin + 1) * ci * 2 * ntiles];
                 // SAFETY: row-major operands of exactly these sizes.
                 unsafe {
-                    gemm::gemm(
+                    crate::matmul::gemm_in(
+                        precision,
                         2 * cc,
                         2 * ntiles,
                         ci,
                         y.as_mut_ptr(),
-                        1,
-                        (2 * ntiles) as isize,
+                        2 * ntiles,
                         false,
-                        kb.as_ptr(),
-                        1,
-                        ci as isize,
-                        xb.as_ptr(),
-                        1,
-                        (2 * ntiles) as isize,
-                        0.0,
+                        crate::matmul::Operand::rows(kb.as_ptr(), ci),
+                        crate::matmul::Operand::rows(xb.as_ptr(), 2 * ntiles),
                         1.0,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     )
                 };
@@ -309,7 +302,7 @@ mod tests {
             let (co, _, k, _) = w.dims4().unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-            let y = conv2d_same_fft(&xs, b, ci, h, wd, &ws, co, k);
+            let y = conv2d_same_fft(&xs, b, ci, h, wd, &ws, co, k, crate::matmul::Precision::F32);
             Tensor::from_vec(y, (b, co, h, wd), x.device()).unwrap()
         });
     }

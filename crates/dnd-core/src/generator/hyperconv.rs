@@ -13,28 +13,42 @@ use candle_nn::VarBuilder;
 /// Feature shape `(N, H, W)` of one stage boundary.
 pub type Features = [usize; 3];
 
-/// candle's CPU kernels have no bf16 matrix product: there, bf16 weights are computed in f32
-/// and the result rounded back, so bf16 still halves the resident memory.
+/// candle's CPU kernels have no bf16 matrix product (and its bf16 element-wise ops convert
+/// every element): there, a bf16 decoder keeps its weights in bf16 but its activations in f32
+/// (see [`HyperConvDecoder::forward_modulated`]), and the convolutions' products run on the
+/// CPU's bf16 dot products where it has them ([`crate::matmul::bf16`]), in f32 elsewhere.
 fn needs_f32(x: &Tensor) -> bool {
     x.dtype() == DType::BF16 && x.device().is_cpu()
 }
 
+/// `t` in the dtype of the activations `x` (a bf16 weight next to f32 activations on the CPU).
+fn like(t: &Tensor, x: &Tensor) -> Result<Tensor> {
+    t.to_dtype(x.dtype())
+}
+
 /// A "same"-padded, stride-1, bias-free 2-D convolution as the reference uses it.
 fn conv_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if needs_f32(w) && x.dtype() == DType::F32 {
+        return super::conv::conv2d_same_in(x, w, crate::matmul::Precision::Bf16);
+    }
     if needs_f32(x) {
-        let y = super::conv::conv2d_same(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?;
+        let y = super::conv::conv2d_same_in(
+            &x.to_dtype(DType::F32)?,
+            &w.to_dtype(DType::F32)?,
+            crate::matmul::Precision::Bf16,
+        )?;
         return y.to_dtype(DType::BF16);
     }
     super::conv::conv2d_same(x, w)
 }
 
-/// `x W^T + b` with the same CPU bf16 rule as [`conv_same`].
+/// `x W^T + b` with the same CPU bf16 rule as [`conv_same`] (in f32: these are small).
 fn linear(x: &Tensor, l: &candle_nn::Linear) -> Result<Tensor> {
-    if needs_f32(x) {
+    if needs_f32(x) || (needs_f32(l.weight()) && x.dtype() == DType::F32) {
         let w = l.weight().to_dtype(DType::F32)?;
         let b = l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
         let y = candle_nn::Linear::new(w, b).forward(&x.to_dtype(DType::F32)?)?;
-        return y.to_dtype(DType::BF16);
+        return y.to_dtype(x.dtype());
     }
     l.forward(x)
 }
@@ -115,16 +129,16 @@ impl HyperConvStage {
         // LayerNorm over the last two axes, per (batch, prompt) slice.
         let x = candle_nn::ops::layer_norm(
             &x.reshape((b, n, h * w))?,
-            &self.norm_weight.flatten_all()?,
-            &self.norm_bias.flatten_all()?,
+            &like(&self.norm_weight, x)?.flatten_all()?,
+            &like(&self.norm_bias, x)?.flatten_all()?,
             1e-5,
         )?
         .reshape((b, n, h, w))?;
         let x = match modulation {
             Some((gain, shift)) => {
-                let gain = (gain.reshape((b, n, 1, 1))? + 1.0)?;
+                let gain = (like(gain, &x)?.reshape((b, n, 1, 1))? + 1.0)?;
                 x.broadcast_mul(&gain)?
-                    .broadcast_add(&shift.reshape((b, n, 1, 1))?)?
+                    .broadcast_add(&like(shift, &x)?.reshape((b, n, 1, 1))?)?
             }
             None => x,
         };
@@ -139,9 +153,9 @@ impl HyperConvStage {
         let hf = hf.transpose(1, 2)?.transpose(1, 3)?; // (B, W, Ho, N)
         let hf = conv_same(&hf, &self.conv2w)?.transpose(1, 3)?.tanh()?; // (B, N, Ho, Wo)
 
-        let y = ((wf + hf)?.broadcast_add(&self.bias)? / 3.0)?;
+        let y = ((wf + hf)?.broadcast_add(&like(&self.bias, &x)?)? / 3.0)?;
         let y = conv_same(&y, &self.conv_l_weight)?;
-        y.broadcast_add(&self.conv_l_bias.reshape((1, (), 1, 1))?)
+        y.broadcast_add(&like(&self.conv_l_bias, &y)?.reshape((1, (), 1, 1))?)
     }
 
     /// The device the stage's weights live on.
@@ -207,7 +221,7 @@ impl HyperConvDecoder {
         if features.len() < 2 {
             candle_core::bail!("a decoder needs at least two feature shapes, got {features:?}");
         }
-        if kernel_size % 2 == 0 {
+        if kernel_size.is_multiple_of(2) {
             candle_core::bail!("kernel size {kernel_size} must be odd for 'same' padding");
         }
         let vb = vb.pp("module_list");
@@ -240,7 +254,8 @@ impl HyperConvDecoder {
 
 impl HyperConvDecoder {
     /// The forward pass with stage `i`'s input modulated by `modulation[i]` (`(gain, shift)`,
-    /// see [`HyperConvStage::forward_modulated`]); `None`: the paper's decoder.
+    /// see [`HyperConvStage::forward_modulated`]); `None`: the paper's decoder. A bf16 input on
+    /// the CPU runs with f32 activations and comes back in bf16.
     pub fn forward_modulated(
         &self,
         x: &Tensor,
@@ -255,14 +270,19 @@ impl HyperConvDecoder {
                 );
             }
         }
-        let mut x = x.clone();
+        let out_dtype = x.dtype();
+        let mut x = if needs_f32(x) {
+            x.to_dtype(DType::F32)?
+        } else {
+            x.clone()
+        };
         for (i, stage) in self.stages.iter().enumerate() {
             let m = modulation.map(|m| (&m[i].0, &m[i].1));
             let y = stage.forward_modulated(&x, m)?;
             // The reference adds the residual exactly when the shapes agree.
             x = if y.dims() == x.dims() { (x + y)? } else { y };
         }
-        Ok(x)
+        x.to_dtype(out_dtype)
     }
 }
 

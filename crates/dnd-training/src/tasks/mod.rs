@@ -342,7 +342,7 @@ pub fn all_tasks() -> Vec<TaskSpec> {
             ],
             make: Box::new(|r| {
                 let n: u32 = r.random_range(0..1000);
-                (n.to_string(), yes_no(n % 2 == 0))
+                (n.to_string(), yes_no(n.is_multiple_of(2)))
             }),
         },
         TaskSpec {

@@ -1,5 +1,19 @@
-//! The strided f32 matrix product that the CPU fast paths (convolutions, BERT, the training
-//! kernels) call, over the `gemm` crate's kernels: its 19 positional arguments in one place.
+//! The strided matrix products that the CPU fast paths (convolutions, BERT, the training
+//! kernels) call: f32 over the `gemm` crate's kernels (its 19 positional arguments in one
+//! place), and bf16 over the CPU's AVX512-BF16 dot products where it has them ([`bf16`]).
+
+pub mod bf16;
+
+/// The arithmetic of a product: operands and sums in f32, or operands rounded to bf16 and
+/// multiplied by the CPU's bf16 dot products (sums still in f32), where [`bf16::available`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums; f32 where the CPU lacks AVX512-BF16.
+    Bf16,
+}
 
 /// A matrix operand in memory: its first element, and the element steps to the next row and to
 /// the next column (a transpose is the same memory with the two steps swapped).
@@ -12,6 +26,11 @@ pub struct Operand {
     /// Elements from (i, j) to (i, j + 1).
     pub col_stride: isize,
 }
+
+// SAFETY: an operand is a read-only view; the products that share it between threads only
+// read through it, under the callers' contract that nothing writes it meanwhile.
+unsafe impl Send for Operand {}
+unsafe impl Sync for Operand {}
 
 impl Operand {
     /// An operand with explicit steps.
@@ -76,6 +95,52 @@ pub unsafe fn gemm_f32(
         false,
         par,
     )
+}
+
+/// [`gemm_f32`] or [`bf16::gemm_bf16`], as `precision` says.
+///
+/// # Safety
+/// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_in(
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    match precision {
+        Precision::F32 => gemm_f32(
+            m,
+            n,
+            k,
+            dst,
+            dst_row_stride,
+            accumulate,
+            lhs,
+            rhs,
+            scale,
+            par,
+        ),
+        Precision::Bf16 => bf16::gemm_bf16(
+            m,
+            n,
+            k,
+            dst,
+            dst_row_stride,
+            accumulate,
+            lhs,
+            rhs,
+            scale,
+            par,
+        ),
+    }
 }
 
 #[cfg(test)]
