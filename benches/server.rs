@@ -184,6 +184,7 @@ async fn main() {
             abstain_distance: None,
             reuse_distance: None,
             host_cache_bytes: None,
+            generator_dtype: candle_core::DType::F32,
             generation: Default::default(),
         },
     )

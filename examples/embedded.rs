@@ -57,6 +57,7 @@ async fn main() -> Result<()> {
             abstain_distance: None,
             reuse_distance: None,
             host_cache_bytes: None,
+            generator_dtype: candle_core::DType::F32,
             generation: Default::default(),
         },
     )?;

@@ -14,6 +14,7 @@ for) is an error, not a score. Writes OUT/TASK.replies.json and OUT/TASK.json (`
 OUT/summary.md.
 
   scripts/serve_eval.py --generator G [--tasks a b ...] [--limit 50] [--out DIR]
+                        [--server-arg=--dnd-dtype --server-arg=bf16 ...]
 Needs a built target/debug/mistralrs-server (cargo build --features server) and dnd
 (cargo build --manifest-path crates/Cargo.toml --bin dnd).
 """
@@ -23,6 +24,7 @@ import concurrent.futures
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +38,7 @@ def start_server(args):
     cmd = [args.server, "--port", "0", "--cpu", "--max-seqs", str(args.concurrency),
            "--adapter-provider", "dnd", "--dnd-generator", args.generator,
            "--dnd-encoder", args.encoder, "--dnd-cache-entries", "64", "--dnd-cache-size", "2GiB",
+           *args.server_arg,
            "gguf", "-m", os.path.dirname(args.model), "-f", os.path.basename(args.model)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     for line in proc.stdout:
@@ -70,6 +73,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs/serve-eval"))
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="an extra server option (repeatable; --server-arg=--dnd-dtype --server-arg=bf16)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     names = args.tasks or [t["name"] for t in json.load(open(os.path.join(args.data, "tasks.json")))]
@@ -91,6 +96,7 @@ def main():
     print(f"server at {url}; {len(jobs)} requests over {len(names)} tasks", file=sys.stderr)
     replies = {t: {c: [None] * len(picked[t]) for c in ("base", "system", "examples")} for t in names}
     sources = collections.Counter()
+    generation_ms = []
     errors = []
     start = time.time()
     try:
@@ -101,6 +107,8 @@ def main():
                 text, info = f.result()
                 src = info.get("source")
                 sources[(c, src)] += 1
+                if src == "generated" and info.get("generation_ms") is not None:
+                    generation_ms.append(info["generation_ms"])
                 if (c == "base") != (src == "base"):
                     errors.append(f"{t} #{j} {c}: adapter source {src!r}")
                 replies[t][c][j] = text
@@ -129,6 +137,9 @@ def main():
     src = ", ".join(f"{c}: {s} x{n}" for (c, s), n in sorted(sources.items(), key=str))
     rows += ["", f"{len(jobs)} requests in {elapsed:.0f} s ({len(jobs) / elapsed:.1f}/s, {args.concurrency} concurrent); "
              f"adapter sources: {src}."]
+    if generation_ms:
+        rows.append(f"Generation on a miss (the generating request's wait): median "
+                    f"{statistics.median(generation_ms):.0f} ms over {len(generation_ms)} misses.")
     open(os.path.join(args.out, "summary.md"), "w").write("\n".join(rows) + "\n")
     print("\n".join(rows))
 

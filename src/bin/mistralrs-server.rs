@@ -74,6 +74,15 @@ enum LoraDtype {
     Bf16,
 }
 
+/// The dtype the generator runs in (`--dnd-dtype`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GeneratorDtype {
+    /// The reference numerics.
+    F32,
+    /// Half the generator's weights; on a CPU with AVX512-BF16 its products run in bf16.
+    Bf16,
+}
+
 #[derive(clap::Args)]
 struct DndArgs {
     /// Generator checkpoint (.safetensors) made for this base model.
@@ -116,6 +125,10 @@ struct DndArgs {
     /// distance. Off when absent; README "Semantic reuse" gives the measured trade-off.
     #[arg(long)]
     dnd_reuse_distance: Option<f32>,
+    /// The dtype the generator runs in: f32, or bf16 (half its weights; faster misses on a CPU
+    /// with AVX512-BF16, README "Speed"; skill measured in README "Skill results").
+    #[arg(long, value_enum, default_value = "f32")]
+    dnd_dtype: GeneratorDtype,
     /// The dtype adapters (generated and named) are kept in. Half-width adapters take half
     /// the cache budget, their weights rounded to f16 or bf16 (README "Adapter dtype").
     #[arg(long, value_enum, default_value = "auto")]
@@ -360,6 +373,10 @@ fn build_provider(
             abstain_distance: d.dnd_abstain_distance,
             reuse_distance: d.dnd_reuse_distance,
             host_cache_bytes: d.dnd_host_cache_size,
+            generator_dtype: match d.dnd_dtype {
+                GeneratorDtype::F32 => DType::F32,
+                GeneratorDtype::Bf16 => DType::BF16,
+            },
             generation: GenerationShare {
                 threads: d.dnd_generation_threads,
                 nice: d.dnd_generation_nice,

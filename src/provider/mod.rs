@@ -94,6 +94,11 @@ pub struct ProviderOptions {
     /// instead of being generated or loaded again (source `restored`). `None`: no host tier.
     /// On a CPU device the tier holds the same tensors, so it only adds a second budget.
     pub host_cache_bytes: Option<usize>,
+    /// The dtype the generator runs in: f32 (the reference numerics) or bf16 (half its
+    /// weights; on a CPU with AVX512-BF16 its largest products run on the bf16 dot products,
+    /// README "Speed"). Adapters come out in [`Self::dtype`] either way. Read by
+    /// [`DndProvider::load`]; a generator handed to [`DndProvider::new`] keeps its own.
+    pub generator_dtype: DType,
 }
 
 /// Which adapter a request got.
@@ -177,7 +182,8 @@ pub struct DndProvider {
 const NEAREST_MEMO: usize = 4096;
 
 impl DndProvider {
-    /// Loads a generator checkpoint and encoder folder (on the model's device, f32) and checks
+    /// Loads a generator checkpoint and encoder folder (on the model's device, in
+    /// `opts.generator_dtype`) and checks
     /// that it makes adapters for `base_shape` when given.
     pub fn load(
         checkpoint: impl AsRef<Path>,
@@ -192,7 +198,7 @@ impl DndProvider {
             encoder_dir,
             &LoadOptions {
                 device: opts.device.clone(),
-                dtype: DType::F32,
+                dtype: opts.generator_dtype,
             },
         )?;
         if let Some(shape) = base_shape {

@@ -80,6 +80,7 @@ fn options(entries: usize) -> ProviderOptions {
         abstain_distance: None,
         reuse_distance: None,
         host_cache_bytes: None,
+        generator_dtype: candle_core::DType::F32,
         generation: Default::default(),
     }
 }
@@ -387,6 +388,7 @@ async fn a_similar_condition_reuses_the_cached_adapter_within_the_distance() {
     let opts = |reuse| ProviderOptions {
         reuse_distance: reuse,
         host_cache_bytes: None,
+        generator_dtype: candle_core::DType::F32,
         ..options(4)
     };
     let ([first, para, other], d_para, d_other) = reuse_conditions();
@@ -428,6 +430,7 @@ async fn a_similar_condition_reuses_an_adapter_from_the_host_tier() {
         ProviderOptions {
             reuse_distance: Some((d_para + d_other) / 2.0),
             host_cache_bytes: Some(2 * options(1).limits.max_bytes),
+            generator_dtype: candle_core::DType::F32,
             ..options(1)
         },
     )
@@ -508,6 +511,7 @@ async fn adapters_evicted_to_the_host_tier_come_back_as_the_same_adapter() {
         "gen",
         ProviderOptions {
             host_cache_bytes: Some(2 * options(1).limits.max_bytes),
+            generator_dtype: candle_core::DType::F32,
             ..options(1)
         },
     )
@@ -547,4 +551,51 @@ async fn adapters_evicted_to_the_host_tier_come_back_as_the_same_adapter() {
         Some(Source::Restored)
     );
     assert_eq!(p.cache().stats().generations.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_bf16_generator_makes_the_f32_generators_adapters_within_bf16_rounding() {
+    // The tiny-qwen2 generator of `generator(false)`, as a checkpoint the provider loads.
+    let shape = BaseModelShape::from_path(root().join("tests/fixtures/golden/tiny-qwen2")).unwrap();
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        chunk_width: 32,
+        target_modules: Module::ALL.to_vec(),
+    };
+    let cfg =
+        GeneratorConfig::new(shape.clone(), spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
+    let (_, tensors) = ConditionDecoder::random(cfg.clone(), 7, &Device::Cpu, DType::F32).unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "dnd-provider-bf16-{}.safetensors",
+        std::process::id()
+    ));
+    crate::generator::checkpoint::save(&path, &cfg, &tensors).unwrap();
+    let load = |dtype| {
+        DndProvider::load(
+            &path,
+            root().join(".assets/all-MiniLM-L6-v2"),
+            Some(&shape),
+            ProviderOptions {
+                generator_dtype: dtype,
+                ..options(2)
+            },
+        )
+        .unwrap()
+    };
+    let (full, half) = (load(DType::F32), load(DType::BF16));
+    let p = [
+        "Answer in capital letters.",
+        "Say whether the review is positive.",
+    ];
+    assert_eq!(half.generator().condition(&p).unwrap().dtype(), DType::BF16);
+    assert_eq!(full.generator().condition(&p).unwrap().dtype(), DType::F32);
+    let (a, b) = (
+        full.generator().generate(&p).unwrap(),
+        half.generator().generate(&p).unwrap(),
+    );
+    let cos = a.inner(&b).unwrap() / (a.inner(&a).unwrap() * b.inner(&b).unwrap()).sqrt();
+    // The same adapter up to bf16 rounding: close, but not the f32 one.
+    assert!(cos > 0.99 && cos < 1.0 - 1e-6, "cosine {cos}");
+    std::fs::remove_file(&path).ok();
 }

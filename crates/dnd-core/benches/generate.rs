@@ -1,6 +1,7 @@
 //! Time and memory to generate one adapter, per configuration, encoder and decoder apart.
 //!
-//! `cargo bench --manifest-path crates/Cargo.toml --bench generate` measures every preset, each in a child process of its own
+//! `cargo bench --manifest-path crates/Cargo.toml --bench generate` measures every preset (or, in
+//! `DND_BENCH_CONFIGS`, a trained checkpoint's path), each in a child process of its own
 //! so that peak memory is per configuration, and prints a table. Random decoder weights (timing
 //! does not depend on them) and the real all-MiniLM-L6-v2 encoder (`scripts/fetch-assets.sh`).
 //!
@@ -44,7 +45,46 @@ fn parse_dtype(name: &str) -> DType {
     }
 }
 
+/// A trained generator checkpoint (a config named by its path): encode, decode and detokenize
+/// timed by [`dnd_core::Generator::generate_timed`], modulation and token offset included.
+fn run_checkpoint(path: &str, dtype: DType) {
+    let opts = dnd_core::LoadOptions {
+        device: Device::Cpu,
+        dtype,
+    };
+    let g = dnd_core::Generator::load(path, dnd_core::test_util::encoder_dir(), &opts)
+        .expect("generator checkpoint and encoder");
+    let reps: usize = std::env::var("DND_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let p = prompts(g.config().num_prompts);
+    let (mut te, mut td, mut tk) = (vec![], vec![], vec![]);
+    for i in 0..=reps {
+        let (_, t) = g.generate_timed(&p).unwrap();
+        if i > 0 {
+            te.push(t.encode.as_secs_f64());
+            td.push(t.decode.as_secs_f64());
+            tk.push(t.detokenize.as_secs_f64());
+        }
+    }
+    let (e, d, k) = (median(te), median(td), median(tk));
+    let dec = g.condition_decoder().decoder();
+    let gmac = dec.macs() as f64 / 1e9;
+    println!(
+        "ROW|{path}|{}|{:.1}|{gmac:.1}|{e:.3}|{d:.3}|{k:.3}|{:.3}|{:.1}|{:.0}|{reps}",
+        dtype.as_str(),
+        dec.num_params() as f64 / 1e6,
+        e + d + k,
+        gmac / d,
+        peak_rss_mib()
+    );
+}
+
 fn run_one(name: &str, dtype: DType) {
+    if name.ends_with(".safetensors") {
+        return run_checkpoint(name, dtype);
+    }
     let cfg = presets::by_name(name).expect("known preset").unwrap();
     let reps: usize = std::env::var("DND_BENCH_REPS")
         .ok()
