@@ -25,8 +25,8 @@ fn encoder() -> TextEncoder {
         .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-assets.sh first"))
 }
 
-/// A random generator for tiny-qwen2; `poison` sets one decoder weight to NaN.
-fn generator(poison: bool) -> Generator {
+/// The golden tiny Qwen2's shape and a small generator config for it (rank 2, 4 prompts).
+fn tiny_config() -> (BaseModelShape, GeneratorConfig) {
     let shape = BaseModelShape::from_path(root().join("tests/fixtures/golden/tiny-qwen2")).unwrap();
     let spec = LoraSpec {
         rank: 2,
@@ -34,7 +34,14 @@ fn generator(poison: bool) -> Generator {
         chunk_width: 32,
         target_modules: Module::ALL.to_vec(),
     };
-    let cfg = GeneratorConfig::new(shape, spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
+    let cfg =
+        GeneratorConfig::new(shape.clone(), spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
+    (shape, cfg)
+}
+
+/// A random generator for tiny-qwen2; `poison` sets one decoder weight to NaN.
+fn generator(poison: bool) -> Generator {
+    let (_, cfg) = tiny_config();
     let (dec, tensors) =
         ConditionDecoder::random(cfg.clone(), 7, &Device::Cpu, DType::F32).unwrap();
     let dec = if poison {
@@ -556,15 +563,7 @@ async fn adapters_evicted_to_the_host_tier_come_back_as_the_same_adapter() {
 #[test]
 fn a_bf16_generator_makes_the_f32_generators_adapters_within_bf16_rounding() {
     // The tiny-qwen2 generator of `generator(false)`, as a checkpoint the provider loads.
-    let shape = BaseModelShape::from_path(root().join("tests/fixtures/golden/tiny-qwen2")).unwrap();
-    let spec = LoraSpec {
-        rank: 2,
-        alpha: 4.0,
-        chunk_width: 32,
-        target_modules: Module::ALL.to_vec(),
-    };
-    let cfg =
-        GeneratorConfig::new(shape.clone(), spec, presets::minilm(), 4, 16, None, &[], 3).unwrap();
+    let (shape, cfg) = tiny_config();
     let (_, tensors) = ConditionDecoder::random(cfg.clone(), 7, &Device::Cpu, DType::F32).unwrap();
     let path = std::env::temp_dir().join(format!(
         "dnd-provider-bf16-{}.safetensors",

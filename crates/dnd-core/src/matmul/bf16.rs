@@ -279,17 +279,30 @@ mod x86 {
                 }
             }
         };
-        let panels = &mut out[..mc.div_ceil(MR) * MR * kcp];
+        each_panel(
+            &mut out[..mc.div_ceil(MR) * MR * kcp],
+            MR * kcp,
+            parallel,
+            panel_job,
+        );
+    }
+
+    /// Runs `job(i, panel)` on each `size`-word panel of `out`, on the rayon pool when
+    /// `parallel`.
+    fn each_panel(
+        out: &mut [u32],
+        size: usize,
+        parallel: bool,
+        job: impl Fn(usize, &mut [u32]) + Sync + Send,
+    ) {
         if parallel {
-            panels
-                .par_chunks_mut(MR * kcp)
+            out.par_chunks_mut(size)
                 .enumerate()
-                .for_each(|(ip, panel)| panel_job(ip, panel));
+                .for_each(|(i, panel)| job(i, panel));
         } else {
-            panels
-                .chunks_mut(MR * kcp)
+            out.chunks_mut(size)
                 .enumerate()
-                .for_each(|(ip, panel)| panel_job(ip, panel));
+                .for_each(|(i, panel)| job(i, panel));
         }
     }
 
@@ -367,15 +380,7 @@ mod x86 {
                 }
             }
         };
-        if parallel {
-            out.par_chunks_mut(kcp * NR)
-                .enumerate()
-                .for_each(|(jp, panel)| panel_job(jp, panel));
-        } else {
-            out.chunks_mut(kcp * NR)
-                .enumerate()
-                .for_each(|(jp, panel)| panel_job(jp, panel));
-        }
+        each_panel(out, kcp * NR, parallel, panel_job);
     }
 
     /// 32 contiguous f32 to 16 words of consecutive pairs.
