@@ -46,18 +46,26 @@ pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     })
 }
 
-/// Runs `f` on the elements of a contiguous f32 CPU tensor, borrowed (no copy).
-pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// Runs `f` on the elements of a contiguous CPU tensor of element type `T`, borrowed (no copy).
+fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(s) => {
             let (start, end) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
-            Ok(f(&s.as_slice::<f32>()?[start..end]))
+            Ok(f(&s.as_slice::<T>()?[start..end]))
         }
         _ => candle_core::bail!("expected a CPU tensor"),
     }
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor, borrowed (no copy).
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    with_cpu_slice(t, f)
 }
 
 /// Elements of widened kernel a thread keeps between calls (64 MiB).
@@ -70,29 +78,23 @@ thread_local! {
 /// Runs `f` on a contiguous bf16 CPU tensor's elements widened to f32, in a buffer kept per
 /// thread (only its length grows; a call from inside `f` gets a fresh one).
 fn with_cpu_bf16_widened<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("expected a CPU tensor")
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
-    let src = &s.as_slice::<half::bf16>()?[start..end];
-    let widen = |buf: &mut Vec<f32>| {
-        buf.clear();
-        buf.extend(src.iter().map(|v| v.to_f32()));
-        let out = f(buf);
-        // Keep small kernels' room (page faults cost more than they do); give large ones back
-        // (the authors' largest kernel widens to 2.85 GB).
-        if buf.capacity() > WIDENED_KEPT {
-            *buf = Vec::new();
-        }
-        out
-    };
-    Ok(WIDENED.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => widen(&mut buf),
-        Err(_) => widen(&mut Vec::new()),
-    }))
+    with_cpu_slice(t, |src: &[half::bf16]| {
+        let widen = |buf: &mut Vec<f32>| {
+            buf.clear();
+            buf.extend(src.iter().map(|v| v.to_f32()));
+            let out = f(buf);
+            // Keep small kernels' room (page faults cost more than they do); give large ones
+            // back (the authors' largest kernel widens to 2.85 GB).
+            if buf.capacity() > WIDENED_KEPT {
+                *buf = Vec::new();
+            }
+            out
+        };
+        WIDENED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => widen(&mut buf),
+            Err(_) => widen(&mut Vec::new()),
+        })
+    })
 }
 
 /// `(B, Ci, H, W, Co, k)` of an input `(B, Ci, H, W)` and kernel `(Co, Ci, k, k)`, odd k; an

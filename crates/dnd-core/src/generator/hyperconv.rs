@@ -28,23 +28,21 @@ fn like(t: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// A "same"-padded, stride-1, bias-free 2-D convolution as the reference uses it.
 fn conv_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if needs_f32(w) && x.dtype() == DType::F32 {
-        return super::conv::conv2d_same_in(x, w, crate::matmul::Precision::Bf16);
-    }
-    if needs_f32(x) {
+    if needs_f32(x) || needs_f32(w) {
+        // f32 input (a no-op for the decoder's f32 activations); a bf16 kernel is read as it is.
         let y = super::conv::conv2d_same_in(
             &x.to_dtype(DType::F32)?,
-            &w.to_dtype(DType::F32)?,
+            w,
             crate::matmul::Precision::Bf16,
         )?;
-        return y.to_dtype(DType::BF16);
+        return y.to_dtype(x.dtype());
     }
     super::conv::conv2d_same(x, w)
 }
 
 /// `x W^T + b` with the same CPU bf16 rule as [`conv_same`] (in f32: these are small).
 fn linear(x: &Tensor, l: &candle_nn::Linear) -> Result<Tensor> {
-    if needs_f32(x) || (needs_f32(l.weight()) && x.dtype() == DType::F32) {
+    if needs_f32(x) || needs_f32(l.weight()) {
         let w = l.weight().to_dtype(DType::F32)?;
         let b = l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
         let y = candle_nn::Linear::new(w, b).forward(&x.to_dtype(DType::F32)?)?;
