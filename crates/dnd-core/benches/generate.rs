@@ -10,7 +10,8 @@
 //! default `f32`; `bf16` keeps the weights in bf16 and runs the products on the CPU's bf16 dot
 //! products where it has them), `DND_BENCH_BASELINE` (a Python with torch: runs
 //! `crates/dnd-core/benches/pytorch_baseline.py` on the same shapes and dtype in the same run and
-//! prints the ratio).
+//! prints the ratio), `DND_BENCH_ROUNDS` (default 1: rounds of every configuration and dtype,
+//! each Rust run followed by its PyTorch run, and the median ratio over the rounds).
 
 #[path = "../../../benches/util/mod.rs"]
 mod util;
@@ -93,7 +94,11 @@ fn run_one(name: &str, dtype: DType) {
     let dev = Device::Cpu;
     let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, dtype)
         .expect("encoder (run scripts/fetch-assets.sh)");
-    let (dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, dtype).unwrap();
+    let (mut dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, dtype).unwrap();
+    // As a loaded generator is (`Generator::load`); DND_BENCH_PREPARE=0 times it without.
+    if std::env::var("DND_BENCH_PREPARE").as_deref() != Ok("0") {
+        dec.prepare().unwrap();
+    }
     let p = prompts(cfg.num_prompts);
     let refs: Vec<&str> = p.iter().map(String::as_str).collect();
 
@@ -285,59 +290,104 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let exe = std::env::current_exe().unwrap();
-    let mut rows = vec![];
     let names: Vec<&str> = configs
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    for (name, dtype) in names
-        .iter()
-        .flat_map(|n| dtypes.iter().map(move |d| (*n, *d)))
-    {
-        let out = Command::new(&exe)
-            .args(["--one", name, dtype])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let Some(row) = text.lines().find_map(|l| l.strip_prefix("ROW|")) else {
-            eprintln!("{name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-            std::process::exit(1);
-        };
-        println!("| {} |", row.replace('|', " | "));
-        rows.push((name.to_string(), dtype.to_string(), row.to_string()));
-    }
-    if let Ok(python) = std::env::var("DND_BENCH_BASELINE") {
-        println!("\nPyTorch baseline (same shapes, same machine, same threads):\n");
-        println!("| config | dtype | PyTorch encode s | PyTorch decode s | Rust encode s | Rust decode s | speed-up (encode+decode) |");
-        println!("|---|---|---|---|---|---|---|");
-        for (name, dtype, row) in rows {
-            let f: Vec<&str> = row.split('|').collect();
-            let out = Command::new(&python)
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/benches/pytorch_baseline.py"
-                ))
-                .args(["--config", &name, "--threads", &threads.to_string()])
-                .args(["--dtype", &dtype])
+    let python = std::env::var("DND_BENCH_BASELINE").ok();
+    // Each round times every (config, dtype) in Rust and, right after it, in PyTorch: on a
+    // shared machine whose speed drifts, a ratio is only fair between neighbouring runs.
+    let rounds: usize = std::env::var("DND_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut paired: Vec<(String, String, String, Option<[f64; 2]>)> = vec![];
+    for _ in 0..rounds {
+        for (name, dtype) in names
+            .iter()
+            .flat_map(|n| dtypes.iter().map(move |d| (*n, *d)))
+        {
+            let out = Command::new(&exe)
+                .args(["--one", name, dtype])
                 .output()
-                .expect("baseline python runs");
+                .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
-            let Some(b) = text.lines().find_map(|l| l.strip_prefix("ROW|")) else {
-                eprintln!(
-                    "baseline {name} failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                continue;
+            let Some(row) = text.lines().find_map(|l| l.strip_prefix("ROW|")) else {
+                eprintln!("{name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+                std::process::exit(1);
             };
-            let b: Vec<f64> = b.split('|').map(|v| v.parse().unwrap()).collect();
-            let (re, rd): (f64, f64) = (f[4].parse().unwrap(), f[5].parse().unwrap());
-            println!(
-                "| {name} | {dtype} | {:.3} | {:.3} | {re:.3} | {rd:.3} | {:.2}x |",
-                b[0],
-                b[1],
-                (b[0] + b[1]) / (re + rd)
-            );
+            println!("| {} |", row.replace('|', " | "));
+            let base = python
+                .as_ref()
+                .and_then(|py| pytorch_row(py, name, dtype, threads));
+            paired.push((name.to_string(), dtype.to_string(), row.to_string(), base));
         }
     }
+    if python.is_none() {
+        return;
+    }
+    println!("\nPyTorch baseline (same shapes, same machine, same threads; each run right after its Rust run):\n");
+    println!("| config | dtype | PyTorch encode s | PyTorch decode s | Rust encode s | Rust decode s | speed-up (encode+decode) |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios: Vec<(String, String, f64)> = vec![];
+    for (name, dtype, row, base) in &paired {
+        let Some(b) = base else { continue };
+        let f: Vec<&str> = row.split('|').collect();
+        let (re, rd): (f64, f64) = (f[4].parse().unwrap(), f[5].parse().unwrap());
+        let ratio = (b[0] + b[1]) / (re + rd);
+        println!(
+            "| {name} | {dtype} | {:.3} | {:.3} | {re:.3} | {rd:.3} | {ratio:.2}x |",
+            b[0], b[1]
+        );
+        ratios.push((name.clone(), dtype.clone(), ratio));
+    }
+    if rounds > 1 {
+        println!("\n| config | dtype | speed-up, median of {rounds} rounds | lowest | highest |");
+        println!("|---|---|---|---|---|");
+        for name in &names {
+            for dtype in &dtypes {
+                let r: Vec<f64> = ratios
+                    .iter()
+                    .filter(|(n, d, _)| n == name && d == dtype)
+                    .map(|(_, _, r)| *r)
+                    .collect();
+                if r.is_empty() {
+                    continue;
+                }
+                let (lo, hi) = r
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                println!(
+                    "| {name} | {dtype} | {:.2}x | {lo:.2}x | {hi:.2}x |",
+                    median(r.clone())
+                );
+            }
+        }
+    }
+}
+
+/// PyTorch's encode and decode seconds for one configuration and dtype
+/// (`pytorch_baseline.py`), or `None` (with its error printed) if it failed.
+fn pytorch_row(python: &str, name: &str, dtype: &str, threads: usize) -> Option<[f64; 2]> {
+    let out = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/pytorch_baseline.py"
+        ))
+        .args(["--config", name, "--threads", &threads.to_string()])
+        .args(["--dtype", dtype])
+        .output()
+        .expect("baseline python runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(b) = text.lines().find_map(|l| l.strip_prefix("ROW|")) else {
+        eprintln!(
+            "baseline {name} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    };
+    let b: Vec<f64> = b.split('|').map(|v| v.parse().unwrap()).collect();
+    Some([b[0], b[1]])
 }

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod convert;
 pub mod encoder;
 pub mod error;
+pub mod fastmath;
 pub mod generator;
 pub mod matmul;
 pub mod policy;

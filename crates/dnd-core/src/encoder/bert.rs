@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 
+use crate::matmul::bf16::{Input, Packed};
 use crate::matmul::Precision;
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use rayon::prelude::*;
@@ -90,8 +91,55 @@ struct Layer {
     /// `[Wq | Wk | Wv]ᵀ` (hidden, 3 hidden) and `[bq | bk | bv]`, for the CPU f32 attention.
     qkv_t: Tensor,
     qkv_bias: Tensor,
-    /// Arithmetic of the CPU path's projections (q, k, v and the feed-forward).
+    /// Arithmetic of the CPU path's projections (q, k, v, the attention output and the
+    /// feed-forward).
     precision: Precision,
+    /// Their weights packed once for bf16 products ([`Layer::pack`]), where the CPU has them.
+    packed: Option<std::sync::Arc<PackedWeights>>,
+}
+
+/// A layer's projection weights as bf16 products read them: `[Wq|Wk|Wv]ᵀ` (hidden, 3 hidden),
+/// the attention output's transpose (hidden, hidden), `Wiᵀ` (hidden, intermediate), `Woᵀ`
+/// (intermediate, hidden).
+struct PackedWeights {
+    qkv: Packed,
+    attn_out: Packed,
+    intermediate: Packed,
+    out: Packed,
+}
+
+/// One projection `dst (tokens, n) (+)= x (tokens, k) @ w (k, n)` in `precision`, with `w`
+/// packed beforehand when given.
+///
+/// # Safety
+/// As [`crate::matmul::gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn project(
+    precision: Precision,
+    packed: Option<&Packed>,
+    tokens: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    x: crate::matmul::Operand,
+    w: crate::matmul::Operand,
+) {
+    let par = crate::generator::conv::gemm_parallelism();
+    match packed {
+        Some(p) => crate::matmul::bf16::gemm_bf16_with(
+            tokens,
+            n,
+            k,
+            dst,
+            n,
+            true,
+            Input::Strided(x),
+            Input::Packed(p),
+            1.0,
+            par,
+        ),
+        None => crate::matmul::gemm_in(precision, tokens, n, k, dst, n, true, x, w, 1.0, par),
+    }
 }
 
 impl Layer {
@@ -131,7 +179,57 @@ impl Layer {
             qkv_t,
             qkv_bias,
             precision: Precision::F32,
+            packed: None,
         })
+    }
+
+    /// Sets the projections' precision; for bf16 on a CPU with the instructions, packs their
+    /// f32 weights once (the encoder's weights never change).
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.precision = precision;
+        self.packed = None;
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if precision != Precision::Bf16
+            || !crate::matmul::bf16::available()
+            || ![
+                &self.qkv_t,
+                self.attn_out.weight(),
+                self.intermediate.weight(),
+                self.out.weight(),
+            ]
+            .iter()
+            .all(|t| cpu_f32(t))
+        {
+            return Ok(());
+        }
+        let (h, three_h) = self.qkv_t.dims2()?;
+        let (inner, _) = self.intermediate.weight().dims2()?;
+        let (wa, wi, wo) = (
+            self.attn_out.weight().contiguous()?,
+            self.intermediate.weight().contiguous()?,
+            self.out.weight().contiguous()?,
+        );
+        // `t` stored row-major as (k, n), or as (n, k) when `transposed`, packed as (k, n).
+        let pack = |t: &Tensor, transposed: bool, k: usize, n: usize| -> Result<Packed> {
+            with_cpu_f32(t, |s| {
+                let w = if transposed {
+                    crate::matmul::Operand::transposed(s.as_ptr(), k)
+                } else {
+                    crate::matmul::Operand::rows(s.as_ptr(), n)
+                };
+                // SAFETY: `w` addresses the k x n elements of `s`.
+                unsafe { Packed::rhs(w, k, n) }
+            })?
+            .ok_or_else(|| candle_core::Error::Msg("bf16 packing unavailable".into()))
+        };
+        let packed = PackedWeights {
+            qkv: pack(&self.qkv_t, false, h, three_h)?,
+            attn_out: pack(&wa, true, h, h)?,
+            intermediate: pack(&wi, true, h, inner)?,
+            out: pack(&wo, true, inner, h)?,
+        };
+        self.packed = Some(std::sync::Arc::new(packed));
+        Ok(())
     }
 
     /// Self-attention context for every position, (batch, len, hidden).
@@ -189,23 +287,20 @@ impl Layer {
         let (heads, hd) = (self.heads, h / self.heads);
         let tokens = b * len;
         // qkv (tokens, 3h) = bias rows + x (tokens, h) @ [Wq|Wk|Wv]ᵀ.
-        let mut qkv = bias_rows(Some(&self.qkv_bias), tokens, 3 * h)?;
+        let mut qkv = bias_rows(Some(&self.qkv_bias), None, tokens, 3 * h)?;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         with_cpu_f32(&self.qkv_t, |w| {
             // SAFETY: qkv is (tokens, 3h) row-major, xs (tokens, h), w (h, 3h); all in bounds.
             unsafe {
-                crate::matmul::gemm_in(
+                project(
                     self.precision,
+                    self.packed.as_ref().map(|p| &p.qkv),
                     tokens,
                     3 * h,
                     h,
                     qkv.as_mut_ptr(),
-                    3 * h,
-                    true,
                     crate::matmul::Operand::rows(xs.as_ptr(), h),
                     crate::matmul::Operand::rows(w.as_ptr(), 3 * h),
-                    1.0,
-                    crate::generator::conv::gemm_parallelism(),
                 );
             }
         })?;
@@ -244,11 +339,10 @@ impl Layer {
             }
             for s in scores.chunks_exact_mut(n) {
                 let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for e in s.iter_mut() {
-                    *e = (*e - max).exp();
-                    sum += *e;
-                }
+                // Apart from the sum, so that the exponentials vectorise.
+                s.iter_mut()
+                    .for_each(|e| *e = crate::fastmath::exp(*e - max));
+                let sum: f32 = s.iter().sum();
                 let inv = 1.0 / sum;
                 s.iter_mut().for_each(|e| *e *= inv);
             }
@@ -288,59 +382,85 @@ impl Layer {
         let inner_dim = wi.dim(0)?;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         // out starts as bias + x (the residual).
-        let mut out = bias_rows(self.out.bias(), tokens, h)?;
-        out.iter_mut().zip(&xs).for_each(|(o, v)| *o += v);
-        let bias_i = bias_rows(self.intermediate.bias(), tokens, inner_dim)?;
+        let mut out = bias_rows(self.out.bias(), Some(&xs), tokens, h)?;
         with_cpu_f32(&wi, |wi_s| {
             with_cpu_f32(&wo, |wo_s| {
                 with_scratch(|inner| {
-                    inner.clear();
-                    inner.extend_from_slice(&bias_i);
-                    let par = crate::generator::conv::gemm_parallelism();
+                    fill_bias_rows(inner, self.intermediate.bias(), None, tokens, inner_dim)?;
+                    let packed = self.packed.as_deref();
                     // SAFETY: inner (tokens, I) row-major, xs (tokens, h), the weights (I, h)
                     // read as their transpose (element (k, n) at n*h + k); all in bounds.
                     unsafe {
-                        crate::matmul::gemm_in(
+                        project(
                             self.precision,
+                            packed.map(|p| &p.intermediate),
                             tokens,
                             inner_dim,
                             h,
                             inner.as_mut_ptr(),
-                            inner_dim,
-                            true,
                             crate::matmul::Operand::rows(xs.as_ptr(), h),
                             crate::matmul::Operand::transposed(wi_s.as_ptr(), h),
-                            1.0,
-                            par,
                         );
                     }
                     super::gelu::gelu_erf_in_place(inner);
                     // SAFETY: out (tokens, h), inner (tokens, I), the weights (h, I) read as
                     // their transpose (element (k, n) at n*I + k); all in bounds.
                     unsafe {
-                        crate::matmul::gemm_in(
+                        project(
                             self.precision,
+                            packed.map(|p| &p.out),
                             tokens,
                             h,
                             inner_dim,
                             out.as_mut_ptr(),
-                            h,
-                            true,
                             crate::matmul::Operand::rows(inner.as_ptr(), inner_dim),
                             crate::matmul::Operand::transposed(wo_s.as_ptr(), inner_dim),
-                            1.0,
-                            par,
                         );
                     }
+                    Ok::<(), candle_core::Error>(())
                 })
             })
-        })??;
+        })???;
+        Tensor::from_vec(out, (b, len, h), x.device())
+    }
+
+    /// `x + attn_out(ctx)` on the CPU in f32 (the product in the layer's precision): the
+    /// product accumulates into a buffer that starts as the bias rows plus the residual.
+    fn attention_output_cpu(&self, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let (b, len, h) = x.dims3()?;
+        let tokens = b * len;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = bias_rows(self.attn_out.bias(), Some(&xs), tokens, h)?;
+        let cs = ctx.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let w = self.attn_out.weight().contiguous()?;
+        with_cpu_f32(&w, |ws| {
+            // SAFETY: out (tokens, h), cs (tokens, h), the weights (h, h) read as their
+            // transpose; all in bounds.
+            unsafe {
+                project(
+                    self.precision,
+                    self.packed.as_ref().map(|p| &p.attn_out),
+                    tokens,
+                    h,
+                    h,
+                    out.as_mut_ptr(),
+                    crate::matmul::Operand::rows(cs.as_ptr(), h),
+                    crate::matmul::Operand::transposed(ws.as_ptr(), h),
+                );
+            }
+        })?;
         Tensor::from_vec(out, (b, len, h), x.device())
     }
 
     fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
         let ctx = self.attention(x, valid)?;
-        let x = self.attn_norm.forward(&(lin(&self.attn_out, &ctx)? + x)?)?;
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let x = if cpu_f32(x) && cpu_f32(self.attn_out.weight()) {
+            self.attn_norm
+                .forward(&self.attention_output_cpu(&ctx, x)?)?
+        } else {
+            self.attn_norm.forward(&(lin(&self.attn_out, &ctx)? + x)?)?
+        };
         if self.exact_gelu && x.device().is_cpu() && x.dtype() == DType::F32 {
             return self.out_norm.forward(&self.feed_forward_cpu(&x)?);
         }
@@ -354,16 +474,54 @@ impl Layer {
     }
 }
 
-/// `bias` (width) repeated for `tokens` rows, row-major; zeros without a bias.
-fn bias_rows(bias: Option<&Tensor>, tokens: usize, width: usize) -> Result<Vec<f32>> {
-    match bias {
-        Some(bias) => bias
-            .unsqueeze(0)?
-            .broadcast_as((tokens, width))?
-            .flatten_all()?
-            .to_vec1::<f32>(),
-        None => Ok(vec![0f32; tokens * width]),
+/// `dst` set to `bias` (width) repeated for `tokens` rows, row-major (zeros without a bias),
+/// plus `residual` (tokens, width) when given; rows filled on the rayon pool.
+fn fill_bias_rows(
+    dst: &mut Vec<f32>,
+    bias: Option<&Tensor>,
+    residual: Option<&[f32]>,
+    tokens: usize,
+    width: usize,
+) -> Result<()> {
+    let row = match bias {
+        Some(b) => b.to_vec1::<f32>()?,
+        None => vec![0f32; width],
+    };
+    if row.len() != width || residual.is_some_and(|r| r.len() != tokens * width) {
+        candle_core::bail!("bias of {} for rows of {width}", row.len());
     }
+    dst.clear();
+    dst.resize(tokens * width, 0.0);
+    // Blocks of rows, so that each job copies a few hundred KB.
+    let rows = (1 << 16) / width.max(1) + 1;
+    dst.par_chunks_mut(rows * width)
+        .enumerate()
+        .for_each(|(i, block)| match residual {
+            Some(r) => {
+                let r = &r[i * rows * width..][..block.len()];
+                for (d, x) in block.chunks_exact_mut(width).zip(r.chunks_exact(width)) {
+                    d.iter_mut()
+                        .zip(row.iter().zip(x))
+                        .for_each(|(d, (b, x))| *d = b + x);
+                }
+            }
+            None => block
+                .chunks_exact_mut(width)
+                .for_each(|d| d.copy_from_slice(&row)),
+        });
+    Ok(())
+}
+
+/// [`fill_bias_rows`] into a new buffer.
+fn bias_rows(
+    bias: Option<&Tensor>,
+    residual: Option<&[f32]>,
+    tokens: usize,
+    width: usize,
+) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    fill_bias_rows(&mut v, bias, residual, tokens, width)?;
+    Ok(v)
 }
 
 /// A BERT encoder without pooler.
@@ -403,11 +561,11 @@ impl BertModel {
 
     /// Runs the CPU path's projections in `precision` (their weights and activations stay f32;
     /// see [`crate::matmul::Precision`]).
-    pub fn with_precision(mut self, precision: Precision) -> Self {
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
         for layer in &mut self.layers {
-            layer.precision = precision;
+            layer.set_precision(precision)?;
         }
-        self
+        Ok(self)
     }
 
     /// The longest sequence one forward pass takes.
@@ -486,6 +644,32 @@ mod tests {
     }
 
     #[test]
+    fn bias_rows_repeat_the_bias_and_add_the_residual() {
+        // Several blocks of rows, the last one partial.
+        let (tokens, width) = (700, 130);
+        let bias = Tensor::arange(0f32, width as f32, &Device::Cpu).unwrap();
+        let residual: Vec<f32> = (0..tokens * width).map(|i| (i % 97) as f32).collect();
+        let got = bias_rows(Some(&bias), Some(&residual), tokens, width).unwrap();
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(*v, (i % width) as f32 + (i % 97) as f32, "{i}");
+        }
+        let mut buf = vec![7f32; 3];
+        fill_bias_rows(&mut buf, None, None, tokens, width).unwrap();
+        assert!(buf.len() == tokens * width && buf.iter().all(|&v| v == 0.0));
+        assert!(bias_rows(Some(&bias), None, tokens, width + 1).is_err());
+    }
+
+    #[test]
+    fn cpu_attention_output_matches_the_tensor_path() {
+        let layer = random_layer();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
+        let ctx = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
+        let want = (lin(&layer.attn_out, &ctx).unwrap() + &x).unwrap();
+        let got = layer.attention_output_cpu(&ctx, &x).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    }
+
+    #[test]
     fn cpu_attention_matches_the_tensor_path_with_padding_and_empty_rows() {
         let layer = random_layer();
         let x = Tensor::randn(0f32, 1.0, (3, 5, 12), &Device::Cpu).unwrap();
@@ -503,5 +687,56 @@ mod tests {
             .sum_all()
             .unwrap();
         assert_eq!(empty.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn packed_bf16_weights_give_the_per_call_products() {
+        let mut per_call = random_layer();
+        per_call.precision = Precision::Bf16;
+        let mut packed = random_layer();
+        // Same weights: random_layer draws them anew, so copy them over before packing.
+        packed.qkv_t = per_call.qkv_t.clone();
+        packed.qkv_bias = per_call.qkv_bias.clone();
+        packed.intermediate = per_call.intermediate.clone();
+        packed.out = per_call.out.clone();
+        packed.set_precision(Precision::Bf16).unwrap();
+        assert_eq!(packed.packed.is_some(), crate::matmul::bf16::available());
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
+        let same = |a: Tensor, b: Tensor| {
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        assert!(same(
+            packed.feed_forward_cpu(&x).unwrap(),
+            per_call.feed_forward_cpu(&x).unwrap()
+        ));
+        let valid = [5, 3];
+        assert!(same(
+            packed.attention_cpu(&x, &valid).unwrap(),
+            per_call.attention_cpu(&x, &valid).unwrap()
+        ));
+        packed.attn_out = per_call.attn_out.clone();
+        packed.attn_norm = per_call.attn_norm.clone();
+        packed.out_norm = per_call.out_norm.clone();
+        packed.set_precision(Precision::Bf16).unwrap();
+        assert!(same(
+            packed.forward(&x, &valid).unwrap(),
+            per_call.forward(&x, &valid).unwrap()
+        ));
+        // And bf16 is really in use: the f32 products differ.
+        let mut f32_layer = random_layer();
+        f32_layer.qkv_t = per_call.qkv_t.clone();
+        f32_layer.qkv_bias = per_call.qkv_bias.clone();
+        f32_layer.intermediate = per_call.intermediate.clone();
+        f32_layer.out = per_call.out.clone();
+        let f = f32_layer.feed_forward_cpu(&x).unwrap();
+        let b = packed.feed_forward_cpu(&x).unwrap();
+        let d = max_diff(&f, &b);
+        if crate::matmul::bf16::available() {
+            assert!(d > 0.0 && d < 5e-2, "bf16 vs f32 feed-forward: {d}");
+        }
     }
 }

@@ -69,7 +69,7 @@ impl TextEncoder {
         };
         let mut model = BertModel::load(&cfg, vb)?;
         if device.is_cpu() && dtype == DType::BF16 {
-            model = model.with_precision(crate::matmul::Precision::Bf16);
+            model = model.with_precision(crate::matmul::Precision::Bf16)?;
         }
         Ok(Self {
             tokenizer,

@@ -11,6 +11,7 @@
 //! Other devices and dtypes use candle's kernel.
 
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 use crate::matmul::Precision;
 
@@ -97,6 +98,40 @@ fn with_cpu_bf16_widened<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R
     })
 }
 
+/// `x` in row-major order: a strided 4-D f32 CPU tensor (the decoder's transposed stage
+/// inputs) is gathered plane by plane on the rayon pool, where candle's copy runs on one
+/// thread; anything else as [`Tensor::contiguous`].
+pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() || !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
+        return x.contiguous();
+    }
+    let (d0, d1, d2, d3) = x.dims4()?;
+    let st: [usize; 4] = x.stride().try_into().expect("four strides for four dims");
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+    let mut out = vec![0f32; d0 * d1 * d2 * d3];
+    out.par_chunks_mut(d2 * d3)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let base = (plane / d1) * st[0] + (plane % d1) * st[1];
+            for (i2, row) in dst.chunks_exact_mut(d3).enumerate() {
+                let start = base + i2 * st[2];
+                if st[3] == 1 {
+                    row.copy_from_slice(&src[start..start + d3]);
+                } else {
+                    for (i3, v) in row.iter_mut().enumerate() {
+                        *v = src[start + i3 * st[3]];
+                    }
+                }
+            }
+        });
+    drop(storage);
+    Tensor::from_vec(out, (d0, d1, d2, d3), x.device())
+}
+
 /// `(B, Ci, H, W, Co, k)` of an input `(B, Ci, H, W)` and kernel `(Co, Ci, k, k)`, odd k; an
 /// error naming both shapes otherwise.
 fn same_conv_dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
@@ -145,14 +180,22 @@ pub fn conv2d_same_in(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Te
         return x.contiguous()?.conv2d(w, k / 2, 1, 1, 1);
     }
     let (b, ci, h, wd, co, k) = same_conv_dims(x, w)?;
-    let (xc, wc) = (x.contiguous()?, w.contiguous()?);
+    let (xc, wc) = (contiguous(x)?, w.contiguous()?);
     let fft = super::fftconv::worth_it(h, wd, k);
     let winograd = super::winograd::worth_it(ci, co, k);
     let run = |xs: &[f32], ws: &[f32]| {
         if fft {
             super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k, precision)
         } else if winograd {
-            super::winograd::conv2d_same_winograd(xs, b, ci, h, wd, ws, co, precision)
+            super::winograd::conv2d_same_winograd_with(
+                xs,
+                b,
+                ci,
+                h,
+                wd,
+                co,
+                super::winograd::Kernels::Raw(ws, precision),
+            )
         } else {
             conv2d_same_taps(xs, b, ci, h, wd, ws, co, k, precision)
         }
@@ -164,6 +207,87 @@ pub fn conv2d_same_in(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Te
             with_cpu_f32(&wc, |ws| run(xs, ws))
         }
     })??;
+    Tensor::from_vec(out, (b, co, h, wd), x.device())
+}
+
+/// A kernel readied once for weights that stay the same between calls (a loaded generator's):
+/// [`conv2d_same_prepared`] then skips what [`conv2d_same_in`] redoes on every call. Only the
+/// wide 3x3 kernels that go through Winograd's transform have anything to ready (their
+/// transform, and in bf16 their packing; the bf16 kernel is then never widened to f32);
+/// [`PreparedKernel::new`] returns `None` for the others.
+#[derive(Debug)]
+pub struct PreparedKernel {
+    winograd: super::winograd::WinogradKernels,
+    k: usize,
+    precision: Precision,
+}
+
+impl PreparedKernel {
+    /// Readies `w` (`(Co, Ci, k, k)`, f32 or bf16, on the CPU) for products in `precision`;
+    /// `None` where that buys nothing (another device, or a kernel that is not Winograd's).
+    pub fn new(w: &Tensor, precision: Precision) -> Result<Option<Self>> {
+        let (co, ci, kh, kw) = w.dims4()?;
+        if !w.device().is_cpu() || kh != kw || !super::winograd::worth_it(ci, co, kh) {
+            return Ok(None);
+        }
+        let ws = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(Self {
+            winograd: super::winograd::WinogradKernels::new(&ws, co, ci, precision),
+            k: kh,
+            precision,
+        }))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.winograd.bytes()
+    }
+
+    /// Whether it stands for `w` multiplied in `precision` (same shape and precision; the
+    /// values are the caller's to keep unchanged).
+    fn fits(&self, w: &Tensor, precision: Precision) -> bool {
+        let (co, ci) = self.winograd.channels();
+        precision == self.precision && w.dims() == [co, ci, self.k, self.k]
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Convolutions this thread ran with a readied kernel (tests check the path is taken).
+    pub(crate) static PREPARED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// [`conv2d_same_in`] with `w` readied beforehand as `prepared` (made from `w`'s current
+/// values: the caller keeps them unchanged). Without one, or where it does not apply (a
+/// tracked operand, another device or dtype, another shape or precision), the same as
+/// [`conv2d_same_in`].
+pub fn conv2d_same_prepared(
+    x: &Tensor,
+    w: &Tensor,
+    prepared: Option<&PreparedKernel>,
+    precision: Precision,
+) -> Result<Tensor> {
+    let Some(p) = prepared.filter(|p| p.fits(w, precision)) else {
+        return conv2d_same_in(x, w, precision);
+    };
+    if x.track_op() || w.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return conv2d_same_in(x, w, precision);
+    }
+    let (b, ci, h, wd, co, _) = same_conv_dims(x, w)?;
+    #[cfg(test)]
+    PREPARED_RUNS.with(|n| n.set(n.get() + 1));
+    let xc = contiguous(x)?;
+    let out = with_cpu_f32(&xc, |xs| {
+        super::winograd::conv2d_same_winograd_with(
+            xs,
+            b,
+            ci,
+            h,
+            wd,
+            co,
+            super::winograd::Kernels::Prepared(&p.winograd),
+        )
+    })?;
     Tensor::from_vec(out, (b, co, h, wd), x.device())
 }
 
@@ -360,5 +484,35 @@ mod tests {
         let want = x.contiguous().unwrap().conv2d(&wt, 1, 1, 1, 1).unwrap();
         let got = conv2d_same(&x, &wt).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-4);
+    }
+
+    #[test]
+    fn the_parallel_gather_copies_as_candle_does() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 4, 3), &dev).unwrap();
+        let views = [
+            x.transpose(1, 3).unwrap(),
+            x.transpose(1, 2).unwrap(),
+            x.transpose(1, 3).unwrap().transpose(1, 2).unwrap(),
+            // A view that starts inside its storage, rows still contiguous.
+            x.narrow(1, 1, 3).unwrap().narrow(3, 1, 2).unwrap(),
+            x.narrow(0, 1, 1).unwrap().transpose(2, 3).unwrap(),
+        ];
+        for v in views {
+            assert!(!v.is_contiguous() || v.layout().start_offset() > 0);
+            let got = contiguous(&v).unwrap();
+            assert!(got.is_contiguous());
+            assert_eq!(got.dims(), v.dims());
+            let (a, b) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                v.contiguous()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            assert_eq!(a, b, "{:?} strides {:?}", v.dims(), v.stride());
+        }
     }
 }

@@ -7,8 +7,13 @@
 //! then a convolution over the prompt axis (`ConvL`). Key names follow the reference state dict
 //! (`decoder.module_list.{i}.linear1.conv1w.weight`...).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module as _, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::conv::PreparedKernel;
+use crate::matmul::Precision;
 
 /// Feature shape `(N, H, W)` of one stage boundary.
 pub type Features = [usize; 3];
@@ -26,18 +31,33 @@ fn like(t: &Tensor, x: &Tensor) -> Result<Tensor> {
     t.to_dtype(x.dtype())
 }
 
-/// A "same"-padded, stride-1, bias-free 2-D convolution as the reference uses it.
-fn conv_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if needs_f32(x) || needs_f32(w) {
-        // f32 input (a no-op for the decoder's f32 activations); a bf16 kernel is read as it is.
-        let y = super::conv::conv2d_same_in(
-            &x.to_dtype(DType::F32)?,
-            w,
-            crate::matmul::Precision::Bf16,
-        )?;
-        return y.to_dtype(x.dtype());
+/// The precision of a convolution's products: bf16 where the activations or the weights are
+/// bf16 on the CPU (see [`needs_f32`]), f32 otherwise.
+fn conv_precision(x_dtype_bf16_cpu: bool, w: &Tensor) -> Precision {
+    if x_dtype_bf16_cpu || needs_f32(w) {
+        Precision::Bf16
+    } else {
+        Precision::F32
     }
-    super::conv::conv2d_same(x, w)
+}
+
+/// A "same"-padded, stride-1, bias-free 2-D convolution as the reference uses it, with `w`
+/// readied beforehand when `prepared` (see [`HyperConvStage::prepare`]).
+fn conv_same(x: &Tensor, w: &Tensor, prepared: Option<&PreparedKernel>) -> Result<Tensor> {
+    match conv_precision(needs_f32(x), w) {
+        Precision::Bf16 => {
+            // f32 input (a no-op for the decoder's f32 activations); a bf16 kernel is read as
+            // it is.
+            let y = super::conv::conv2d_same_prepared(
+                &x.to_dtype(DType::F32)?,
+                w,
+                prepared,
+                Precision::Bf16,
+            )?;
+            y.to_dtype(x.dtype())
+        }
+        Precision::F32 => super::conv::conv2d_same_prepared(x, w, prepared, Precision::F32),
+    }
 }
 
 /// `x W^T + b` with the same CPU bf16 rule as [`conv_same`] (in f32: these are small).
@@ -49,6 +69,96 @@ fn linear(x: &Tensor, l: &candle_nn::Linear) -> Result<Tensor> {
         return y.to_dtype(x.dtype());
     }
     l.forward(x)
+}
+
+/// `(wf + tanh(hf) + bias) / 3`, the two branches of a stage joined (`(B, N, Ho, Wo)` each,
+/// `bias` `(Ho, Wo)`). On the CPU in f32 outside autograd, one parallel pass over the planes
+/// reading both branches through their strides (they are transposed views); candle's ops take
+/// four single-threaded passes.
+fn mix_branches(wf: &Tensor, hf: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let plain = wf.device().is_cpu()
+        && [wf, hf, bias]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && !t.track_op());
+    if !plain {
+        return (wf + hf.tanh()?)?.broadcast_add(bias)? / 3.0;
+    }
+    let (b, n, h, w) = wf.dims4()?;
+    if hf.dims() != [b, n, h, w] || bias.dims() != [h, w] {
+        candle_core::bail!(
+            "branches {:?} and {:?} with bias {:?}",
+            wf.dims(),
+            hf.dims(),
+            bias.dims()
+        );
+    }
+    let bias = bias.contiguous()?;
+    let (ws, hs) = (wf.stride().to_vec(), hf.stride().to_vec());
+    let (wst, wl) = wf.storage_and_layout();
+    let (hst, hl) = hf.storage_and_layout();
+    let (bst, bl) = bias.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(wc),
+        candle_core::Storage::Cpu(hc),
+        candle_core::Storage::Cpu(bc),
+    ) = (&*wst, &*hst, &*bst)
+    else {
+        candle_core::bail!("expected CPU tensors")
+    };
+    let wsrc = &wc.as_slice::<f32>()?[wl.start_offset()..];
+    let hsrc = &hc.as_slice::<f32>()?[hl.start_offset()..];
+    let bsrc = &bc.as_slice::<f32>()?[bl.start_offset()..][..h * w];
+    let third = (1.0f64 / 3.0) as f32;
+    let mut out = vec![0f32; b * n * h * w];
+    use rayon::prelude::*;
+    out.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let (i0, i1) = (plane / n, plane % n);
+            let wb = i0 * ws[0] + i1 * ws[1];
+            let hb = i0 * hs[0] + i1 * hs[1];
+            for (y, row) in dst.chunks_exact_mut(w).enumerate() {
+                for (x, v) in row.iter_mut().enumerate() {
+                    let a = wsrc[wb + y * ws[2] + x * ws[3]];
+                    let t = crate::fastmath::tanh(hsrc[hb + y * hs[2] + x * hs[3]]);
+                    // The order candle's ops take: the sum, the bias, then a scale by 1/3.
+                    *v = ((a + t) + bsrc[y * w + x]) * third;
+                }
+            }
+        });
+    drop((wst, hst, bst));
+    Tensor::from_vec(out, (b, n, h, w), wf.device())
+}
+
+/// `y (B, C, H, W) + bias (C)` per channel: on the CPU in f32 outside autograd one parallel
+/// pass (candle's broadcast add is one thread).
+fn add_channel_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let plain = y.device().is_cpu()
+        && y.is_contiguous()
+        && [y, bias]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && !t.track_op());
+    if !plain {
+        return y.broadcast_add(&bias.reshape((1, (), 1, 1))?);
+    }
+    let (_, c, h, w) = y.dims4()?;
+    let b = bias.to_vec1::<f32>()?;
+    if b.len() != c {
+        candle_core::bail!("bias of {} for {c} channels", b.len());
+    }
+    let out = super::conv::with_cpu_f32(y, |ys| {
+        use rayon::prelude::*;
+        let mut out = vec![0f32; ys.len()];
+        out.par_chunks_mut(h * w)
+            .zip(ys.par_chunks(h * w))
+            .enumerate()
+            .for_each(|(plane, (o, src))| {
+                let bc = b[plane % c];
+                o.iter_mut().zip(src).for_each(|(o, v)| *o = v + bc);
+            });
+        out
+    })?;
+    Tensor::from_vec(out, y.dims(), y.device())
 }
 
 /// One stage of the decoder (`HyperConvLayer` in the reference).
@@ -65,6 +175,8 @@ pub struct HyperConvStage {
     bias: Tensor,
     conv_l_weight: Tensor,
     conv_l_bias: Tensor,
+    /// The five kernels readied by [`Self::prepare`] (conv1w, conv1h, conv2h, conv2w, ConvL).
+    prepared: Option<Arc<[Option<PreparedKernel>; 5]>>,
 }
 
 impl HyperConvStage {
@@ -108,7 +220,32 @@ impl HyperConvStage {
                     up: 1.0 / ((ni * k * k) as f64).sqrt(),
                 },
             )?,
+            prepared: None,
         })
+    }
+
+    /// Readies the convolution kernels once for inference ([`PreparedKernel`]): later forward
+    /// passes skip the per-call kernel transforms (and, in bf16, the kernels' packing and
+    /// widening). For weights that stay as they are now: a stage whose weights are trained
+    /// must not be prepared (its gradients flow through the unprepared path regardless).
+    /// Returns the bytes the readied kernels hold.
+    pub fn prepare(&mut self) -> Result<usize> {
+        let ready = |w: &Tensor| PreparedKernel::new(w, conv_precision(false, w));
+        let kernels = [
+            ready(&self.conv1w)?,
+            ready(&self.conv1h)?,
+            ready(&self.conv2h)?,
+            ready(&self.conv2w)?,
+            ready(&self.conv_l_weight)?,
+        ];
+        let bytes = kernels.iter().flatten().map(PreparedKernel::bytes).sum();
+        self.prepared = Some(Arc::new(kernels));
+        Ok(bytes)
+    }
+
+    /// The readied kernel `i` (conv1w, conv1h, conv2h, conv2w, ConvL), if any.
+    fn kernel(&self, i: usize) -> Option<&PreparedKernel> {
+        self.prepared.as_ref().and_then(|p| p[i].as_ref())
     }
 
     /// `(B, Ni, Hi, Wi)` to `(B, No, Ho, Wo)`, residual not included.
@@ -142,18 +279,18 @@ impl HyperConvStage {
         };
 
         // Width-first: W is the channel axis over (H, N), then H over (N, W').
-        let wf = conv_same(&x.transpose(1, 3)?, &self.conv1w)?; // (B, Wo, H, N)
+        let wf = conv_same(&x.transpose(1, 3)?, &self.conv1w, self.kernel(0))?; // (B, Wo, H, N)
         let wf = wf.transpose(1, 3)?.transpose(1, 2)?; // (B, H, N, Wo)
-        let wf = conv_same(&wf, &self.conv1h)?.transpose(1, 2)?; // (B, N, Ho, Wo)
+        let wf = conv_same(&wf, &self.conv1h, self.kernel(1))?.transpose(1, 2)?; // (B, N, Ho, Wo)
 
         // Height-first: H is the channel axis over (N, W), then W over (H', N).
-        let hf = conv_same(&x.transpose(1, 2)?, &self.conv2h)?; // (B, Ho, N, W)
+        let hf = conv_same(&x.transpose(1, 2)?, &self.conv2h, self.kernel(2))?; // (B, Ho, N, W)
         let hf = hf.transpose(1, 2)?.transpose(1, 3)?; // (B, W, Ho, N)
-        let hf = conv_same(&hf, &self.conv2w)?.transpose(1, 3)?.tanh()?; // (B, N, Ho, Wo)
+        let hf = conv_same(&hf, &self.conv2w, self.kernel(3))?.transpose(1, 3)?; // (B, N, Ho, Wo)
 
-        let y = ((wf + hf)?.broadcast_add(&like(&self.bias, &x)?)? / 3.0)?;
-        let y = conv_same(&y, &self.conv_l_weight)?;
-        y.broadcast_add(&like(&self.conv_l_bias, &y)?.reshape((1, (), 1, 1))?)
+        let y = mix_branches(&wf, &hf, &like(&self.bias, &x)?)?;
+        let y = conv_same(&y, &self.conv_l_weight, self.kernel(4))?;
+        add_channel_bias(&y, &like(&self.conv_l_bias, &y)?)
     }
 
     /// The device the stage's weights live on.
@@ -248,6 +385,12 @@ impl HyperConvDecoder {
     pub fn num_params(&self) -> usize {
         self.stages.iter().map(HyperConvStage::num_params).sum()
     }
+
+    /// [`HyperConvStage::prepare`] for every stage: for a decoder whose weights stay as they
+    /// are (loaded for inference). Returns the bytes the readied kernels hold.
+    pub fn prepare(&mut self) -> Result<usize> {
+        self.stages.iter_mut().map(HyperConvStage::prepare).sum()
+    }
 }
 
 impl HyperConvDecoder {
@@ -317,5 +460,83 @@ impl candle_core::Module for ConditionProjection {
         let x = x.contiguous()?.reshape((b, n, c, l))?;
         let y = linear(&linear(&x, &self.down)?, &self.gate)?;
         y.contiguous()?.reshape((b, n, self.modified_length, c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn joining_the_branches_in_one_pass_matches_candle() {
+        let dev = Device::Cpu;
+        let wf = Tensor::randn(0f32, 1.0, (2, 6, 3, 5), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap(); // (2, 3, 6, 5), strided
+        let hf = Tensor::randn(0f32, 2.0, (2, 5, 6, 3), &dev)
+            .unwrap()
+            .transpose(1, 3)
+            .unwrap(); // (2, 3, 6, 5), strided
+        let bias = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let want = ((&wf + hf.tanh().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            / 3.0)
+            .unwrap();
+        let got = mix_branches(&wf, &hf, &bias).unwrap();
+        assert!(crate::test_util::max_abs_diff(&got, &want) < 1e-6);
+        assert!(mix_branches(&wf, &hf, &bias.narrow(0, 0, 5).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_parallel_channel_bias_matches_candle() {
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+        let want = y
+            .broadcast_add(&bias.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap();
+        let got = add_channel_bias(&y, &bias).unwrap();
+        assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
+        assert!(add_channel_bias(&y, &bias.narrow(0, 0, 2).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_prepared_decoder_computes_what_the_unprepared_one_does() {
+        // Channel counts of at least 48 on both sides of every convolution but the narrow
+        // ones, so that Winograd's kernels are readied; one stage with a residual.
+        let features = [[48, 56, 64], [48, 56, 64], [64, 50, 52]];
+        for dtype in [DType::F32, DType::BF16] {
+            let (vb, _) = super::super::init::SeededInit::builder(3, dtype, &Device::Cpu);
+            let plain = HyperConvDecoder::new(&features, 3, vb).unwrap();
+            let mut prepared = plain.clone();
+            let bytes = prepared.prepare().unwrap();
+            // Two stages of five 3x3 kernels, each 16/9 of its weights, f32 or bf16 packed.
+            assert!(bytes > 0, "{dtype:?}: nothing readied");
+            let x = Tensor::randn(0f32, 1.0, (1, 48, 56, 64), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let want = plain.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+            let runs = super::super::conv::PREPARED_RUNS.with(|n| n.get());
+            let got = prepared.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+            let ran = super::super::conv::PREPARED_RUNS.with(|n| n.get()) - runs;
+            assert_eq!(
+                ran, 10,
+                "{dtype:?}: readied kernels used by {ran} of 10 convolutions"
+            );
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(diff <= 1e-5 * scale, "{dtype:?}: {diff} of {scale}");
+        }
     }
 }

@@ -149,6 +149,13 @@ impl ConditionDecoder {
         self.token_offset.as_ref()
     }
 
+    /// Readies the decoder's convolution kernels once for inference
+    /// ([`HyperConvDecoder::prepare`]): for weights that stay as they are, as a loaded
+    /// generator's do ([`Generator::load`] calls it). Returns the bytes they hold.
+    pub fn prepare(&mut self) -> Result<usize> {
+        Ok(self.decoder.prepare()?)
+    }
+
     /// `(B, N, L, C)` condition to `(B, T, r+2, c+2)` tokens.
     pub fn forward(&self, condition: &Tensor) -> Result<Tensor> {
         let x = match &self.projection {
@@ -219,7 +226,9 @@ impl Generator {
         } else {
             None
         };
-        let decoder = ConditionDecoder::new(config, vb)?;
+        let mut decoder = ConditionDecoder::new(config, vb)?;
+        // A checkpoint's weights never change once loaded.
+        decoder.prepare()?;
         let encoder = TextEncoder::load(encoder_dir, &opts.device, opts.dtype)?;
         let mut g = Self::from_parts(encoder, decoder)?;
         g.anchors = anchors;

@@ -84,25 +84,128 @@ fn transform_kernels(wts: &[f32], ci: usize, o0: usize, n: usize, u: &mut [f32])
 const TILE_CHUNK: usize = 512;
 const CO_CHUNK: usize = 256;
 
-/// `x (b, ci, h, w)` convolved with `wts (co, ci, 3, 3)`, padding 1; returns `(b, co, h, w)`.
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d_same_winograd(
+/// A kernel `(co, ci, 3, 3)` transformed once, for weights that do not change between calls
+/// (a loaded generator's): the 16 matrices `(co, ci)` of `G g Gᵀ`, in f32 or, for bf16
+/// products where the CPU has them, rounded and packed as the product reads its left operand
+/// (per chunk of output channels, as the calls multiply them). A call with it skips the kernel
+/// transform and, in bf16, the kernels' packing.
+pub struct WinogradKernels {
+    co: usize,
+    ci: usize,
+    form: KernelForm,
+}
+
+enum KernelForm {
+    /// `u[pos]` `(co, ci)`, position-major.
+    F32(Vec<f32>),
+    /// `[chunk of CO_CHUNK output channels][pos]`.
+    Bf16(Vec<Vec<crate::matmul::bf16::Packed>>),
+}
+
+impl WinogradKernels {
+    /// Transforms `wts` (`(co, ci, 3, 3)`, row-major) for products in `precision`.
+    pub fn new(wts: &[f32], co: usize, ci: usize, precision: crate::matmul::Precision) -> Self {
+        let mut u = vec![0f32; POS * co * ci];
+        transform_kernels(wts, ci, 0, co, &mut u);
+        let packed = match precision {
+            crate::matmul::Precision::Bf16 => (0..co)
+                .step_by(CO_CHUNK)
+                .map(|o0| {
+                    let n = CO_CHUNK.min(co - o0);
+                    (0..POS)
+                        .map(|pos| {
+                            let rows = u[(pos * co + o0) * ci..].as_ptr();
+                            // SAFETY: rows o0..o0+n of u[pos], a row-major (co, ci) block.
+                            unsafe {
+                                crate::matmul::bf16::Packed::lhs(
+                                    crate::matmul::Operand::rows(rows, ci),
+                                    n,
+                                    ci,
+                                )
+                            }
+                        })
+                        .collect::<Option<Vec<_>>>()
+                })
+                .collect::<Option<Vec<_>>>(),
+            crate::matmul::Precision::F32 => None,
+        };
+        let form = match packed {
+            Some(p) => KernelForm::Bf16(p),
+            // f32 products, or bf16 ones where the CPU computes them in f32 anyway.
+            None => KernelForm::F32(u),
+        };
+        Self { co, ci, form }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.form {
+            KernelForm::F32(u) => u.len() * 4,
+            KernelForm::Bf16(p) => p.iter().flatten().map(|p| p.bytes()).sum(),
+        }
+    }
+
+    /// `(co, ci)`.
+    pub fn channels(&self) -> (usize, usize) {
+        (self.co, self.ci)
+    }
+}
+
+impl std::fmt::Debug for WinogradKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let form = match self.form {
+            KernelForm::F32(_) => "f32",
+            KernelForm::Bf16(_) => "bf16 packed",
+        };
+        write!(f, "WinogradKernels({}x{}x3x3, {form})", self.co, self.ci)
+    }
+}
+
+/// The kernels of a call: as stored (transformed per call, in chunks of output channels), or
+/// transformed once ([`WinogradKernels`]).
+#[derive(Clone, Copy)]
+pub enum Kernels<'a> {
+    /// `(co, ci, 3, 3)` row-major, multiplied in the given precision.
+    Raw(&'a [f32], crate::matmul::Precision),
+    /// Transformed beforehand, in the precision they were made for.
+    Prepared(&'a WinogradKernels),
+}
+
+/// `x (b, ci, h, w)` convolved with kernels `(co, ci, 3, 3)`, as stored or transformed
+/// beforehand, padding 1; returns `(b, co, h, w)`.
+pub fn conv2d_same_winograd_with(
     src: &[f32],
     b: usize,
     ci: usize,
     h: usize,
     wd: usize,
-    wts: &[f32],
     co: usize,
-    precision: crate::matmul::Precision,
+    kernels: Kernels<'_>,
 ) -> Vec<f32> {
+    if let Kernels::Prepared(k) = kernels {
+        assert_eq!(k.channels(), (co, ci), "prepared kernels of another shape");
+    }
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let mut out = vec![0f32; b * co * h * wd];
     // Whole tile rows per pass, at least one.
     let rows_per_pass = (TILE_CHUNK / tw).max(1);
-    let most = rows_per_pass.min(th) * tw;
     let co_c = CO_CHUNK.min(co);
-    let (un, vn, mn) = (POS * co_c * ci, POS * ci * most, POS * co_c * most);
+    let most = rows_per_pass.min(th) * tw;
+    let un = match kernels {
+        Kernels::Raw(..) => POS * co_c * ci,
+        Kernels::Prepared(_) => 0,
+    };
+    let (vn, mn) = (POS * ci * most, POS * co_c * most);
+    // With bf16-packed kernels in several chunks of output channels, each pass's transformed
+    // inputs are packed once for all the chunks' products instead of once per product.
+    let pack_inputs = co > co_c
+        && matches!(kernels, Kernels::Prepared(k) if matches!(k.form, KernelForm::Bf16(_)));
+    let mut packed_inputs = if pack_inputs {
+        PACKED_INPUTS.with(|cell| cell.take())
+    } else {
+        Vec::new()
+    };
+    packed_inputs.resize_with(POS, crate::matmul::bf16::Packed::empty_rhs);
     super::conv::with_scratch(|buf| {
         if buf.len() < un + vn + mn {
             buf.resize(un + vn + mn, 0.0);
@@ -115,9 +218,25 @@ pub fn conv2d_same_winograd(
                 let nty = rows_per_pass.min(th - ty0);
                 let tiles = nty * tw;
                 transform_inputs(planes, ci, h, wd, ty0, nty, &mut v[..POS * ci * tiles]);
+                if pack_inputs {
+                    let v = &v[..];
+                    packed_inputs
+                        .par_iter_mut()
+                        .enumerate()
+                        .for_each(|(pos, p)| {
+                            let rows =
+                                crate::matmul::Operand::rows(v[pos * ci * tiles..].as_ptr(), tiles);
+                            // SAFETY: v[pos] is a row-major (ci, tiles) block of v.
+                            let packed = unsafe { p.repack_rhs(rows, ci, tiles) };
+                            debug_assert!(packed, "bf16-packed kernels imply the instructions");
+                        });
+                }
+                let packed_inputs = &packed_inputs;
                 for o0 in (0..co).step_by(co_c) {
                     let n = co_c.min(co - o0);
-                    transform_kernels(wts, ci, o0, n, &mut u[..POS * n * ci]);
+                    if let Kernels::Raw(wts, _) = kernels {
+                        transform_kernels(wts, ci, o0, n, &mut u[..POS * n * ci]);
+                    }
                     let (up, vp, mp) = (
                         SyncPtr(u.as_mut_ptr()),
                         SyncPtr(v.as_mut_ptr()),
@@ -135,21 +254,62 @@ pub fn conv2d_same_winograd(
                     (0..POS).into_par_iter().for_each(|pos| {
                         // SAFETY: m[pos], u[pos] and v[pos] are row-major blocks of their
                         // buffers of the shapes above, all in bounds; each position writes
-                        // its own m[pos].
+                        // its own m[pos]. Prepared kernels are (co x ci) per position.
                         unsafe {
-                            crate::matmul::gemm_in(
-                                precision,
-                                n,
-                                tiles,
-                                ci,
-                                mp.at(pos * n * tiles),
-                                tiles,
-                                false,
-                                crate::matmul::Operand::rows(up.at(pos * n * ci), ci),
-                                crate::matmul::Operand::rows(vp.at(pos * ci * tiles), tiles),
-                                1.0,
-                                inner,
-                            );
+                            let dst = mp.at(pos * n * tiles);
+                            let rhs = crate::matmul::Operand::rows(vp.at(pos * ci * tiles), tiles);
+                            match kernels {
+                                Kernels::Raw(_, precision) => crate::matmul::gemm_in(
+                                    precision,
+                                    n,
+                                    tiles,
+                                    ci,
+                                    dst,
+                                    tiles,
+                                    false,
+                                    crate::matmul::Operand::rows(up.at(pos * n * ci), ci),
+                                    rhs,
+                                    1.0,
+                                    inner,
+                                ),
+                                Kernels::Prepared(WinogradKernels {
+                                    form: KernelForm::F32(uf),
+                                    ..
+                                }) => crate::matmul::gemm_f32(
+                                    n,
+                                    tiles,
+                                    ci,
+                                    dst,
+                                    tiles,
+                                    false,
+                                    crate::matmul::Operand::rows(
+                                        uf[(pos * co + o0) * ci..].as_ptr(),
+                                        ci,
+                                    ),
+                                    rhs,
+                                    1.0,
+                                    inner,
+                                ),
+                                Kernels::Prepared(WinogradKernels {
+                                    form: KernelForm::Bf16(packed),
+                                    ..
+                                }) => crate::matmul::bf16::gemm_bf16_with(
+                                    n,
+                                    tiles,
+                                    ci,
+                                    dst,
+                                    tiles,
+                                    false,
+                                    crate::matmul::bf16::Input::Packed(&packed[o0 / CO_CHUNK][pos]),
+                                    if pack_inputs {
+                                        crate::matmul::bf16::Input::Packed(&packed_inputs[pos])
+                                    } else {
+                                        crate::matmul::bf16::Input::Strided(rhs)
+                                    },
+                                    1.0,
+                                    inner,
+                                ),
+                            }
                         }
                     });
                     let planes_out = (bi * co + o0) * h * wd..(bi * co + o0 + n) * h * wd;
@@ -166,7 +326,17 @@ pub fn conv2d_same_winograd(
             }
         }
     });
+    if pack_inputs {
+        PACKED_INPUTS.with(|cell| cell.replace(packed_inputs));
+    }
     out
+}
+
+thread_local! {
+    /// The 16 packed transformed inputs of [`conv2d_same_winograd_with`], kept per thread
+    /// between calls (their memory, not their contents).
+    static PACKED_INPUTS: std::cell::RefCell<Vec<crate::matmul::bf16::Packed>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Input patches of tile rows `ty0..ty0+nty` transformed, `v[pos][i][tile]`: `Bᵀ d B` with
@@ -302,7 +472,15 @@ mod tests {
         let co = w.dim(0).unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let out = conv2d_same_winograd(&xs, b, ci, h, wd, &ws, co, crate::matmul::Precision::F32);
+        let out = conv2d_same_winograd_with(
+            &xs,
+            b,
+            ci,
+            h,
+            wd,
+            co,
+            Kernels::Raw(&ws, crate::matmul::Precision::F32),
+        );
         Tensor::from_vec(out, (b, co, h, wd), x.device()).unwrap()
     }
 
@@ -322,5 +500,32 @@ mod tests {
             (3, 16, 10, 10, 13, 3),
         ];
         check_conv_same(&cases, 1e-5, run);
+    }
+
+    #[test]
+    fn prepared_kernels_match_candle_conv2d() {
+        // 300 output channels at once (two tile passes at 40x60, one tile row a pass at 2000
+        // wide); a single partial tile.
+        let cases = [
+            (2, 4, 300, 40, 60, 3),
+            (1, 2, 3, 3, 2000, 3),
+            (1, 2, 2, 1, 1, 3),
+            (3, 16, 10, 10, 13, 3),
+        ];
+        let prepared = |precision| {
+            move |x: &Tensor, w: &Tensor| {
+                let (b, ci, h, wd) = x.dims4().unwrap();
+                let co = w.dim(0).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let k = WinogradKernels::new(&ws, co, ci, precision);
+                assert_eq!(k.channels(), (co, ci));
+                let out = conv2d_same_winograd_with(&xs, b, ci, h, wd, co, Kernels::Prepared(&k));
+                Tensor::from_vec(out, (b, co, h, wd), x.device()).unwrap()
+            }
+        };
+        check_conv_same(&cases, 1e-5, prepared(crate::matmul::Precision::F32));
+        // bf16 operands: within bf16 rounding of the f32 convolution.
+        check_conv_same(&cases, 2e-2, prepared(crate::matmul::Precision::Bf16));
     }
 }

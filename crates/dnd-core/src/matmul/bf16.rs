@@ -87,6 +87,172 @@ pub unsafe fn gemm_bf16(
     scale: f32,
     par: gemm::Parallelism,
 ) {
+    gemm_bf16_with(
+        m,
+        n,
+        k,
+        dst,
+        dst_row_stride,
+        accumulate,
+        Input::Strided(lhs),
+        Input::Strided(rhs),
+        scale,
+        par,
+    )
+}
+
+/// Which operand of a product a [`Packed`] matrix is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The left operand, `(m, k)`.
+    Lhs,
+    /// The right operand, `(k, n)`.
+    Rhs,
+}
+
+/// A matrix rounded to bf16 and packed into the product's panel layout once, for an operand
+/// that stays the same over many products (a weight): [`gemm_bf16_with`] then reads it as it
+/// is instead of packing it per call. Holds half the bytes of the f32 matrix (plus the padding
+/// of its last panel).
+pub struct Packed {
+    /// The k-blocks one after another, each as the product packs it per call.
+    words: Vec<u32>,
+    side: Side,
+    /// m for a left operand, n for a right one.
+    len: usize,
+    k: usize,
+}
+
+impl Packed {
+    /// Packs a left operand `(m, k)`; `None` where the CPU lacks the instructions.
+    ///
+    /// # Safety
+    /// Every element `(i, j)`, `i < m`, `j < k`, that `a`'s steps address lies in its
+    /// allocation.
+    pub unsafe fn lhs(a: Operand, m: usize, k: usize) -> Option<Self> {
+        Self::pack(Side::Lhs, a, m, k)
+    }
+
+    /// Packs a right operand `(k, n)`; `None` where the CPU lacks the instructions.
+    ///
+    /// # Safety
+    /// Every element `(i, j)`, `i < k`, `j < n`, that `b`'s steps address lies in its
+    /// allocation.
+    pub unsafe fn rhs(b: Operand, k: usize, n: usize) -> Option<Self> {
+        Self::pack(Side::Rhs, b, n, k)
+    }
+
+    #[allow(unused_variables)]
+    unsafe fn pack(side: Side, op: Operand, len: usize, k: usize) -> Option<Self> {
+        if !available() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            Some(x86::pack_whole(side, op, len, k))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// An empty right operand for [`Self::repack_rhs`] to fill.
+    pub fn empty_rhs() -> Self {
+        Self {
+            words: Vec::new(),
+            side: Side::Rhs,
+            len: 0,
+            k: 0,
+        }
+    }
+
+    /// Packs `b` `(k, n)` into this right operand, reusing its memory (for a right operand
+    /// that several products share, packed anew for each batch of them); `false`, leaving it
+    /// as it was, where the CPU lacks the instructions.
+    ///
+    /// # Safety
+    /// As [`Self::rhs`].
+    #[allow(unused_variables)]
+    pub unsafe fn repack_rhs(&mut self, b: Operand, k: usize, n: usize) -> bool {
+        if !available() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut words = std::mem::take(&mut self.words);
+            x86::pack_whole_into(Side::Rhs, b, n, k, &mut words, false);
+            *self = Self {
+                words,
+                side: Side::Rhs,
+                len: n,
+                k,
+            };
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Which operand it is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Its shape as the product sees it: `(m, k)` or `(k, n)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self.side {
+            Side::Lhs => (self.len, self.k),
+            Side::Rhs => (self.k, self.len),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 4
+    }
+}
+
+/// An operand of [`gemm_bf16_with`]: a matrix in memory (rounded and packed by the call), or
+/// one [`Packed`] beforehand.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// Read through its steps.
+    Strided(Operand),
+    /// Packed once, of the side and shape the call names.
+    Packed(&'a Packed),
+}
+
+/// [`gemm_bf16`] with either operand possibly [`Packed`] beforehand.
+///
+/// # Safety
+/// As [`super::gemm_f32`] for the strided operands. A packed operand must be of its side and
+/// of the call's shape (checked: a mismatch panics).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Input<'_>,
+    rhs: Input<'_>,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    for (input, side, shape) in [(lhs, Side::Lhs, (m, k)), (rhs, Side::Rhs, (k, n))] {
+        if let Input::Packed(p) = input {
+            assert!(
+                p.side == side && p.shape() == shape,
+                "packed {:?} operand of shape {:?} used as the {side:?} of a {m}x{n}x{k} product",
+                p.side,
+                p.shape()
+            );
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if available() {
         let run = |bufs: &mut (Vec<u32>, Vec<u32>)| {
@@ -112,6 +278,10 @@ pub unsafe fn gemm_bf16(
         });
         return;
     }
+    // Without the instructions no operand can have been packed.
+    let (Input::Strided(lhs), Input::Strided(rhs)) = (lhs, rhs) else {
+        unreachable!("a Packed operand exists only where the instructions do")
+    };
     super::gemm_f32(
         m,
         n,
@@ -140,8 +310,8 @@ mod x86 {
         dst: *mut f32,
         ldd: usize,
         accumulate: bool,
-        lhs: Operand,
-        rhs: Operand,
+        lhs: Input<'_>,
+        rhs: Input<'_>,
         scale: f32,
         parallel: bool,
         bufs: &mut (Vec<u32>, Vec<u32>),
@@ -163,39 +333,38 @@ mod x86 {
         let most = KCP.min(pairs);
         let b_len = n_panels * most * NR;
         let a_len = MC.min(m).div_ceil(MR) * MR * most;
-        if bpack.len() < b_len {
+        if matches!(rhs, Input::Strided(_)) && bpack.len() < b_len {
             bpack.resize(b_len, 0);
         }
-        if apack.len() < a_len {
+        if matches!(lhs, Input::Strided(_)) && apack.len() < a_len {
             apack.resize(a_len, 0);
         }
+        let m_pad = m.div_ceil(MR) * MR;
         let out = SyncPtr(dst);
         for p0 in (0..pairs).step_by(KCP) {
             let kcp = KCP.min(pairs - p0);
-            pack_rhs(
-                rhs,
-                k,
-                n,
-                2 * p0,
-                kcp,
-                &mut bpack[..n_panels * kcp * NR],
-                parallel,
-            );
+            // A packed operand holds its k-blocks one after another, each laid out as the
+            // per-call packing lays it out.
+            let bp: &[u32] = match rhs {
+                Input::Packed(p) => &p.words[n_panels * NR * p0..][..n_panels * NR * kcp],
+                Input::Strided(b) => {
+                    let dst = &mut bpack[..n_panels * kcp * NR];
+                    pack_rhs(b, k, n, 2 * p0, kcp, dst, parallel);
+                    dst
+                }
+            };
             for i0 in (0..m).step_by(MC) {
                 let mc = MC.min(m - i0);
                 let m_panels = mc.div_ceil(MR);
-                pack_lhs(
-                    lhs,
-                    k,
-                    i0,
-                    mc,
-                    2 * p0,
-                    kcp,
-                    &mut apack[..m_panels * MR * kcp],
-                    parallel,
-                );
+                let ap: &[u32] = match lhs {
+                    Input::Packed(p) => &p.words[m_pad * p0 + i0 * kcp..][..m_panels * MR * kcp],
+                    Input::Strided(a) => {
+                        let dst = &mut apack[..m_panels * MR * kcp];
+                        pack_lhs(a, k, i0, mc, 2 * p0, kcp, dst, parallel);
+                        dst
+                    }
+                };
                 let load = accumulate || p0 > 0;
-                let (ap, bp) = (&apack[..], &bpack[..]);
                 let tile = |ip: usize, jp: usize| {
                     let rows = MR.min(mc - ip * MR);
                     let cols = NR.min(n - jp * NR);
@@ -230,6 +399,46 @@ mod x86 {
                         .into_par_iter()
                         .for_each(|ip| (0..n_panels).for_each(|jp| tile(ip, jp)));
                 }
+            }
+        }
+    }
+
+    /// A whole operand packed as [`super::Packed`] keeps it: its k-blocks one after another,
+    /// each as [`gemm`] packs it per call (all rows of a left operand, all columns of a right
+    /// one), the blocks in parallel.
+    pub(super) unsafe fn pack_whole(side: Side, op: Operand, len: usize, k: usize) -> Packed {
+        let mut words = Vec::new();
+        pack_whole_into(side, op, len, k, &mut words, true);
+        Packed {
+            words,
+            side,
+            len,
+            k,
+        }
+    }
+
+    /// [`pack_whole`]'s words into `words` (resized; every word written), on the rayon pool
+    /// when `parallel`.
+    pub(super) unsafe fn pack_whole_into(
+        side: Side,
+        op: Operand,
+        len: usize,
+        k: usize,
+        words: &mut Vec<u32>,
+        parallel: bool,
+    ) {
+        let pairs = k.div_ceil(2);
+        let width = match side {
+            Side::Lhs => len.div_ceil(MR) * MR,
+            Side::Rhs => len.div_ceil(NR) * NR,
+        };
+        words.resize(width * pairs, 0);
+        for p0 in (0..pairs).step_by(KCP) {
+            let kcp = KCP.min(pairs - p0);
+            let block = &mut words[width * p0..][..width * kcp];
+            match side {
+                Side::Lhs => pack_lhs(op, k, 0, len, 2 * p0, kcp, block, parallel),
+                Side::Rhs => pack_rhs(op, k, len, 2 * p0, kcp, block, parallel),
             }
         }
     }
@@ -581,6 +790,83 @@ mod tests {
             check(m, n, k, false, false, true, true);
             check(m, n, k, true, true, true, true);
         }
+    }
+
+    #[test]
+    fn packed_operands_give_the_per_call_product_bit_for_bit() {
+        if !available() {
+            let a = [1f32];
+            assert!(unsafe { Packed::lhs(Operand::rows(a.as_ptr(), 1), 1, 1) }.is_none());
+            return;
+        }
+        // Several k blocks (k > 384), several row blocks (m > 192), ragged panels; operands
+        // stored plainly and transposed.
+        for &(m, n, k, transposed) in &[
+            (3, 5, 7, false),
+            (201, 45, 801, false),
+            (201, 45, 801, true),
+            (64, 300, 100, true),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| value(4, i)).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(5, i)).collect();
+            let (lhs, rhs) = if transposed {
+                (
+                    Operand::transposed(a.as_ptr(), m),
+                    Operand::transposed(b.as_ptr(), k),
+                )
+            } else {
+                (Operand::rows(a.as_ptr(), k), Operand::rows(b.as_ptr(), n))
+            };
+            let (pl, pr) = unsafe { (Packed::lhs(lhs, m, k), Packed::rhs(rhs, k, n)) };
+            let (pl, pr) = (pl.unwrap(), pr.unwrap());
+            assert_eq!((pl.shape(), pr.shape()), ((m, k), (k, n)));
+            for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
+                let run = |l: Input, r: Input| {
+                    let mut dst: Vec<f32> = (0..m * n).map(|i| value(6, i)).collect();
+                    unsafe { gemm_bf16_with(m, n, k, dst.as_mut_ptr(), n, true, l, r, 0.5, par) };
+                    dst
+                };
+                let want = run(Input::Strided(lhs), Input::Strided(rhs));
+                for (l, r) in [
+                    (Input::Packed(&pl), Input::Strided(rhs)),
+                    (Input::Strided(lhs), Input::Packed(&pr)),
+                    (Input::Packed(&pl), Input::Packed(&pr)),
+                ] {
+                    let got = run(l, r);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{m}x{n}x{k} transposed={transposed}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "used as the Rhs")]
+    fn a_packed_operand_of_the_wrong_side_is_refused() {
+        let a = vec![0.5f32; 64 * 64];
+        let Some(p) = (unsafe { Packed::lhs(Operand::rows(a.as_ptr(), 64), 64, 64) }) else {
+            // Nothing to refuse without the instructions; the assertion above is what fails.
+            panic!("used as the Rhs (no AVX512-BF16 here)");
+        };
+        let mut dst = vec![0f32; 64 * 64];
+        unsafe {
+            gemm_bf16_with(
+                64,
+                64,
+                64,
+                dst.as_mut_ptr(),
+                64,
+                false,
+                Input::Strided(Operand::rows(a.as_ptr(), 64)),
+                Input::Packed(&p),
+                1.0,
+                gemm::Parallelism::None,
+            )
+        };
     }
 
     #[test]
