@@ -11,7 +11,9 @@
 //! products where it has them), `DND_BENCH_BASELINE` (a Python with torch: runs
 //! `crates/dnd-core/benches/pytorch_baseline.py` on the same shapes and dtype in the same run and
 //! prints the ratio), `DND_BENCH_ROUNDS` (default 1: rounds of every configuration and dtype,
-//! each Rust run followed by its PyTorch run, and the median ratio over the rounds).
+//! each Rust run followed by its PyTorch run, and the median ratio over the rounds),
+//! `DND_BENCH_PREPARE=0` (a preset's decoder without its kernels readied once, as
+//! `Generator::load` readies a checkpoint's: what `ConditionDecoder::prepare` buys).
 
 #[path = "../../../benches/util/mod.rs"]
 mod util;
@@ -147,7 +149,9 @@ fn batch_table() {
     let dev = Device::Cpu;
     let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, DType::F32)
         .expect("encoder (run scripts/fetch-assets.sh)");
-    let (dec, _) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
+    let (mut dec, _) = ConditionDecoder::random(cfg.clone(), 0, &dev, DType::F32).unwrap();
+    // As the server's generator, loaded by `Generator::load`, is.
+    dec.prepare().unwrap();
     let g = dnd_core::Generator::from_parts(encoder, dec).unwrap();
     let set = |i: usize| -> Vec<String> {
         prompts(cfg.num_prompts)

@@ -108,8 +108,8 @@ struct PackedWeights {
     out: Packed,
 }
 
-/// One projection `dst (tokens, n) (+)= x (tokens, k) @ w (k, n)` in `precision`, with `w`
-/// packed beforehand when given.
+/// One projection `dst (tokens, n) += x (tokens, k) @ w (k, n)` in `precision`, with `w`
+/// packed beforehand when given, on the threads `par` allows.
 ///
 /// # Safety
 /// As [`crate::matmul::gemm_f32`].
@@ -123,8 +123,8 @@ unsafe fn project(
     dst: *mut f32,
     x: crate::matmul::Operand,
     w: crate::matmul::Operand,
+    par: gemm::Parallelism,
 ) {
-    let par = crate::generator::conv::gemm_parallelism();
     match packed {
         Some(p) => crate::matmul::bf16::gemm_bf16_with(
             tokens,
@@ -188,7 +188,6 @@ impl Layer {
     fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.precision = precision;
         self.packed = None;
-        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         if precision != Precision::Bf16
             || !crate::matmul::bf16::available()
             || ![
@@ -239,9 +238,9 @@ impl Layer {
     /// same context at a fraction of the cost (prompts are often far shorter than L). Queries at
     /// padding positions are still computed: their outputs are part of the condition. A row with
     /// no valid key gets a zero context, as PyTorch's attention returns for fully masked rows.
-    fn attention(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
+    fn attention(&self, x: &Tensor, valid: &[usize], par: gemm::Parallelism) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 && self.qkv_t.dtype() == DType::F32 {
-            return self.attention_cpu(x, valid);
+            return self.attention_cpu(x, valid, par);
         }
         self.attention_tensors(x, valid)
     }
@@ -282,7 +281,7 @@ impl Layer {
     /// without the per-head copies: q, k and v come from one product with the stacked weights,
     /// and every (row, head) pair's scores and context are two small products reading q, k, v
     /// and writing the context in place (strided), one pair per job.
-    fn attention_cpu(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
+    fn attention_cpu(&self, x: &Tensor, valid: &[usize], par: gemm::Parallelism) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let (heads, hd) = (self.heads, h / self.heads);
         let tokens = b * len;
@@ -301,6 +300,7 @@ impl Layer {
                     qkv.as_mut_ptr(),
                     crate::matmul::Operand::rows(xs.as_ptr(), h),
                     crate::matmul::Operand::rows(w.as_ptr(), 3 * h),
+                    par,
                 );
             }
         })?;
@@ -372,7 +372,7 @@ impl Layer {
     /// for the second, the residual), the GELU runs in place, and the inner activations use the
     /// thread's scratch buffer: no intermediate tensors, no separate bias, residual or
     /// activation passes.
-    fn feed_forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
+    fn feed_forward_cpu(&self, x: &Tensor, par: gemm::Parallelism) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let tokens = b * len;
         let (wi, wo) = (
@@ -400,6 +400,7 @@ impl Layer {
                             inner.as_mut_ptr(),
                             crate::matmul::Operand::rows(xs.as_ptr(), h),
                             crate::matmul::Operand::transposed(wi_s.as_ptr(), h),
+                            par,
                         );
                     }
                     super::gelu::gelu_erf_in_place(inner);
@@ -415,6 +416,7 @@ impl Layer {
                             out.as_mut_ptr(),
                             crate::matmul::Operand::rows(inner.as_ptr(), inner_dim),
                             crate::matmul::Operand::transposed(wo_s.as_ptr(), inner_dim),
+                            par,
                         );
                     }
                     Ok::<(), candle_core::Error>(())
@@ -426,7 +428,12 @@ impl Layer {
 
     /// `x + attn_out(ctx)` on the CPU in f32 (the product in the layer's precision): the
     /// product accumulates into a buffer that starts as the bias rows plus the residual.
-    fn attention_output_cpu(&self, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn attention_output_cpu(
+        &self,
+        ctx: &Tensor,
+        x: &Tensor,
+        par: gemm::Parallelism,
+    ) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let tokens = b * len;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -446,23 +453,24 @@ impl Layer {
                     out.as_mut_ptr(),
                     crate::matmul::Operand::rows(cs.as_ptr(), h),
                     crate::matmul::Operand::transposed(ws.as_ptr(), h),
+                    par,
                 );
             }
         })?;
         Tensor::from_vec(out, (b, len, h), x.device())
     }
 
-    fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<Tensor> {
-        let ctx = self.attention(x, valid)?;
-        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    /// The layer's output, its CPU products on the threads `par` allows.
+    fn forward(&self, x: &Tensor, valid: &[usize], par: gemm::Parallelism) -> Result<Tensor> {
+        let ctx = self.attention(x, valid, par)?;
         let x = if cpu_f32(x) && cpu_f32(self.attn_out.weight()) {
             self.attn_norm
-                .forward(&self.attention_output_cpu(&ctx, x)?)?
+                .forward(&self.attention_output_cpu(&ctx, x, par)?)?
         } else {
             self.attn_norm.forward(&(lin(&self.attn_out, &ctx)? + x)?)?
         };
-        if self.exact_gelu && x.device().is_cpu() && x.dtype() == DType::F32 {
-            return self.out_norm.forward(&self.feed_forward_cpu(&x)?);
+        if self.exact_gelu && cpu_f32(&x) {
+            return self.out_norm.forward(&self.feed_forward_cpu(&x, par)?);
         }
         let inner = lin(&self.intermediate, &x)?;
         let inner = if self.exact_gelu {
@@ -472,6 +480,11 @@ impl Layer {
         };
         self.out_norm.forward(&(lin(&self.out, &inner)? + x)?)
     }
+}
+
+/// Whether the CPU fast paths take `t`: an f32 tensor on the CPU.
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// `dst` set to `bias` (width) repeated for `tokens` rows, row-major (zeros without a bias),
@@ -487,8 +500,11 @@ fn fill_bias_rows(
         Some(b) => b.to_vec1::<f32>()?,
         None => vec![0f32; width],
     };
-    if row.len() != width || residual.is_some_and(|r| r.len() != tokens * width) {
+    if row.len() != width {
         candle_core::bail!("bias of {} for rows of {width}", row.len());
+    }
+    if let Some(r) = residual.filter(|r| r.len() != tokens * width) {
+        candle_core::bail!("residual of {} for {tokens} rows of {width}", r.len());
     }
     dst.clear();
     dst.resize(tokens * width, 0.0);
@@ -560,7 +576,8 @@ impl BertModel {
     }
 
     /// Runs the CPU path's projections in `precision` (their weights and activations stay f32;
-    /// see [`crate::matmul::Precision`]).
+    /// see [`crate::matmul::Precision`]); for bf16 on a CPU with the instructions, each layer
+    /// also keeps its projection weights packed for them (about half the f32 weights' bytes).
     pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
         for layer in &mut self.layers {
             layer.set_precision(precision)?;
@@ -584,9 +601,42 @@ impl BertModel {
                 valid.len()
             );
         }
+        // On a CPU, rows are independent all the way through: each thread runs a share of
+        // them through every layer with one-thread products, instead of every product being
+        // split over the threads and joined again (dozens of hand-offs per layer).
+        let threads = rayon::current_num_threads();
+        let cpu_f32 =
+            ids.device().is_cpu() && self.embeddings.word.embeddings().dtype() == DType::F32;
+        if !cpu_f32 || threads < 2 || b < 2 {
+            return self.forward_rows(ids, valid, crate::generator::conv::gemm_parallelism());
+        }
+        let groups = threads.min(b);
+        let bounds: Vec<(usize, usize)> = (0..groups)
+            .map(|g| (g * b / groups, (g + 1) * b / groups))
+            .collect();
+        let parts = bounds
+            .par_iter()
+            .map(|&(lo, hi)| {
+                self.forward_rows(
+                    &ids.narrow(0, lo, hi - lo)?,
+                    &valid[lo..hi],
+                    gemm::Parallelism::None,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// [`Self::forward`] of some rows, the CPU products on the threads `par` allows.
+    fn forward_rows(
+        &self,
+        ids: &Tensor,
+        valid: &[usize],
+        par: gemm::Parallelism,
+    ) -> Result<Tensor> {
         let mut x = self.embeddings.forward(ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, valid)?;
+            x = layer.forward(&x, valid, par)?;
         }
         Ok(x)
     }
@@ -598,13 +648,22 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
+    /// The layers' products split over two threads (the one-thread form is the row-split
+    /// forward's, checked against the golden fixtures).
+    const PAR: gemm::Parallelism = gemm::Parallelism::Rayon(2);
+
+    /// A tiny config: hidden 12, three heads, intermediate 16, 8 positions.
+    fn tiny_config(layers: usize, vocab: usize) -> BertConfig {
+        serde_json::from_str(&format!(
+            r#"{{"vocab_size": {vocab}, "hidden_size": 12, "num_hidden_layers": {layers},
+                "num_attention_heads": 3, "intermediate_size": 16, "max_position_embeddings": 8}}"#
+        ))
+        .unwrap()
+    }
+
     /// A one-layer config and a layer with random weights and biases.
     fn random_layer() -> Layer {
-        let cfg: BertConfig = serde_json::from_str(
-            r#"{"vocab_size": 10, "hidden_size": 12, "num_hidden_layers": 1,
-                "num_attention_heads": 3, "intermediate_size": 16, "max_position_embeddings": 8}"#,
-        )
-        .unwrap();
+        let cfg = tiny_config(1, 10);
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         // The first load creates the variables; biases start at zero, so give them values
@@ -638,7 +697,7 @@ mod tests {
         let want = (lin(&layer.out, &inner).unwrap() + &x).unwrap();
         // Twice: the second call reuses the thread's buffer.
         for _ in 0..2 {
-            let got = layer.feed_forward_cpu(&x).unwrap();
+            let got = layer.feed_forward_cpu(&x, PAR).unwrap();
             assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
         }
     }
@@ -665,7 +724,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
         let ctx = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
         let want = (lin(&layer.attn_out, &ctx).unwrap() + &x).unwrap();
-        let got = layer.attention_output_cpu(&ctx, &x).unwrap();
+        let got = layer.attention_output_cpu(&ctx, &x, PAR).unwrap();
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     }
 
@@ -675,7 +734,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (3, 5, 12), &Device::Cpu).unwrap();
         // A full row, a padded one and one without any valid key.
         let valid = [5, 2, 0];
-        let fast = layer.attention_cpu(&x, &valid).unwrap();
+        let fast = layer.attention_cpu(&x, &valid, PAR).unwrap();
         let slow = layer.attention_tensors(&x, &valid).unwrap();
         let diff = max_diff(&fast, &slow);
         assert!(diff < 1e-5, "max difference {diff}");
@@ -710,21 +769,21 @@ mod tests {
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
         };
         assert!(same(
-            packed.feed_forward_cpu(&x).unwrap(),
-            per_call.feed_forward_cpu(&x).unwrap()
+            packed.feed_forward_cpu(&x, PAR).unwrap(),
+            per_call.feed_forward_cpu(&x, PAR).unwrap()
         ));
         let valid = [5, 3];
         assert!(same(
-            packed.attention_cpu(&x, &valid).unwrap(),
-            per_call.attention_cpu(&x, &valid).unwrap()
+            packed.attention_cpu(&x, &valid, PAR).unwrap(),
+            per_call.attention_cpu(&x, &valid, PAR).unwrap()
         ));
         packed.attn_out = per_call.attn_out.clone();
         packed.attn_norm = per_call.attn_norm.clone();
         packed.out_norm = per_call.out_norm.clone();
         packed.set_precision(Precision::Bf16).unwrap();
         assert!(same(
-            packed.forward(&x, &valid).unwrap(),
-            per_call.forward(&x, &valid).unwrap()
+            packed.forward(&x, &valid, PAR).unwrap(),
+            per_call.forward(&x, &valid, PAR).unwrap()
         ));
         // And bf16 is really in use: the f32 products differ.
         let mut f32_layer = random_layer();
@@ -732,11 +791,36 @@ mod tests {
         f32_layer.qkv_bias = per_call.qkv_bias.clone();
         f32_layer.intermediate = per_call.intermediate.clone();
         f32_layer.out = per_call.out.clone();
-        let f = f32_layer.feed_forward_cpu(&x).unwrap();
-        let b = packed.feed_forward_cpu(&x).unwrap();
+        let f = f32_layer.feed_forward_cpu(&x, PAR).unwrap();
+        let b = packed.feed_forward_cpu(&x, PAR).unwrap();
         let d = max_diff(&f, &b);
         if crate::matmul::bf16::available() {
             assert!(d > 0.0 && d < 5e-2, "bf16 vs f32 feed-forward: {d}");
         }
+    }
+
+    #[test]
+    fn rows_split_over_threads_give_the_whole_batch_forward() {
+        let cfg = tiny_config(2, 20);
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let model = BertModel::load(&cfg, vb).unwrap();
+        let ids: Vec<u32> = (0..5 * 7).map(|i| (i * 7 % 20) as u32).collect();
+        let ids = Tensor::from_vec(ids, (5, 7), &Device::Cpu).unwrap();
+        let valid = [7, 3, 0, 5, 1];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        // Three threads: groups of 1, 2 and 2 rows.
+        let split = pool.install(|| model.forward(&ids, &valid)).unwrap();
+        let whole = model.forward_rows(&ids, &valid, PAR).unwrap();
+        assert_eq!(split.dims(), [5, 7, 12]);
+        // Same arithmetic up to the products' blocking (rows of layer-normed values, ~1).
+        assert!(
+            max_diff(&split, &whole) < 1e-5,
+            "{}",
+            max_diff(&split, &whole)
+        );
     }
 }

@@ -106,6 +106,9 @@ pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
         return x.contiguous();
     }
     let (d0, d1, d2, d3) = x.dims4()?;
+    if x.elem_count() == 0 {
+        return x.contiguous();
+    }
     let st: [usize; 4] = x.stride().try_into().expect("four strides for four dims");
     let (storage, layout) = x.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -183,28 +186,30 @@ pub fn conv2d_same_in(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Te
     let (xc, wc) = (contiguous(x)?, w.contiguous()?);
     let fft = super::fftconv::worth_it(h, wd, k);
     let winograd = super::winograd::worth_it(ci, co, k);
-    let run = |xs: &[f32], ws: &[f32]| {
-        if fft {
-            super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, ws, co, k, precision)
-        } else if winograd {
-            super::winograd::conv2d_same_winograd_with(
-                xs,
-                b,
-                ci,
-                h,
-                wd,
-                co,
-                super::winograd::Kernels::Raw(ws, precision),
-            )
-        } else {
-            conv2d_same_taps(xs, b, ci, h, wd, ws, co, k, precision)
-        }
+    let run = |xs: &[f32], taps: super::fftconv::Taps<'_>| match taps {
+        // The FFT path widens a bf16 kernel a chunk of output channels at a time.
+        _ if fft => super::fftconv::conv2d_same_fft(xs, b, ci, h, wd, taps, co, k, precision),
+        super::fftconv::Taps::F32(ws) if winograd => super::winograd::conv2d_same_winograd_with(
+            xs,
+            b,
+            ci,
+            h,
+            wd,
+            co,
+            super::winograd::Kernels::Raw(ws, precision),
+        ),
+        super::fftconv::Taps::F32(ws) => conv2d_same_taps(xs, b, ci, h, wd, ws, co, k, precision),
+        super::fftconv::Taps::Bf16(_) => unreachable!("bf16 taps are widened below"),
     };
     let out = with_cpu_f32(&xc, |xs| {
-        if bf16_kernel {
-            with_cpu_bf16_widened(&wc, |ws| run(xs, ws))
+        if fft && bf16_kernel {
+            with_cpu_slice(&wc, |ws: &[half::bf16]| {
+                run(xs, super::fftconv::Taps::Bf16(ws))
+            })
+        } else if bf16_kernel {
+            with_cpu_bf16_widened(&wc, |ws| run(xs, super::fftconv::Taps::F32(ws)))
         } else {
-            with_cpu_f32(&wc, |ws| run(xs, ws))
+            with_cpu_f32(&wc, |ws| run(xs, super::fftconv::Taps::F32(ws)))
         }
     })??;
     Tensor::from_vec(out, (b, co, h, wd), x.device())
@@ -220,6 +225,8 @@ pub struct PreparedKernel {
     winograd: super::winograd::WinogradKernels,
     k: usize,
     precision: Precision,
+    /// The kernel tensor it was made from.
+    source: candle_core::TensorId,
 }
 
 impl PreparedKernel {
@@ -230,11 +237,17 @@ impl PreparedKernel {
         if !w.device().is_cpu() || kh != kw || !super::winograd::worth_it(ci, co, kh) {
             return Ok(None);
         }
+        // Without the bf16 instructions the readied form would be f32, several times the bf16
+        // weights that were chosen to save memory.
+        if precision == Precision::Bf16 && !crate::matmul::bf16::available() {
+            return Ok(None);
+        }
         let ws = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Ok(Some(Self {
             winograd: super::winograd::WinogradKernels::new(&ws, co, ci, precision),
             k: kh,
             precision,
+            source: w.id(),
         }))
     }
 
@@ -243,11 +256,11 @@ impl PreparedKernel {
         self.winograd.bytes()
     }
 
-    /// Whether it stands for `w` multiplied in `precision` (same shape and precision; the
-    /// values are the caller's to keep unchanged).
+    /// Whether it stands for `w` multiplied in `precision`: made from that very tensor (whose
+    /// values the caller keeps unchanged), for that precision.
     fn fits(&self, w: &Tensor, precision: Precision) -> bool {
         let (co, ci) = self.winograd.channels();
-        precision == self.precision && w.dims() == [co, ci, self.k, self.k]
+        w.id() == self.source && precision == self.precision && w.dims() == [co, ci, self.k, self.k]
     }
 }
 

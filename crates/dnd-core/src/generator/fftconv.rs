@@ -62,6 +62,16 @@ struct Plans {
     inv_h: Arc<dyn Fft<f32>>,
 }
 
+/// A kernel's taps `(co, ci, k, k)` row-major, in f32 or bf16.
+#[derive(Clone, Copy)]
+pub enum Taps<'a> {
+    /// f32 taps.
+    F32(&'a [f32]),
+    /// bf16 taps, widened to f32 one chunk of output channels at a time (a whole kernel of the
+    /// authors' configuration widens to 2.85 GB).
+    Bf16(&'a [half::bf16]),
+}
+
 /// `x (b, ci, h, w)` row-major, `wts (co, ci, k, k)`: returns `(b, co, h, w)`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_same_fft(
@@ -70,7 +80,7 @@ pub fn conv2d_same_fft(
     ci: usize,
     h: usize,
     w: usize,
-    wts: &[f32],
+    wts: Taps<'_>,
     co: usize,
     k: usize,
     precision: crate::matmul::Precision,
@@ -170,6 +180,7 @@ pub fn conv2d_same_fft(
     let scale = 1.0 / (fh * fw) as f32;
     // Reused by every chunk: fresh multi-megabyte buffers cost page faults each time.
     let mut ks = vec![0f32; 2 * nb * chunk * ci];
+    let mut widened = Vec::new();
     let mut ys = vec![0f32; nb * 4 * chunk * ntiles];
     for c0 in (0..co).step_by(chunk) {
         let cc = chunk.min(co - c0);
@@ -177,7 +188,15 @@ pub fn conv2d_same_fft(
 
         // 2. Kernel spectra, planar: K[bin][re|im][o][ci] = (M^T @ W^T), W the chunk's kernels
         //    as (pairs x k^2).
-        let wc = &wts[c0 * ci * kk..(c0 + cc) * ci * kk];
+        let taps = c0 * ci * kk..(c0 + cc) * ci * kk;
+        let wc: &[f32] = match wts {
+            Taps::F32(w) => &w[taps],
+            Taps::Bf16(w) => {
+                widened.clear();
+                widened.extend(w[taps].iter().map(|v| v.to_f32()));
+                &widened
+            }
+        };
         // SAFETY: dst (2nb x pairs) row-major; lhs M^T read from M (k^2 x 2nb) row-major;
         // rhs W^T read from W (pairs x k^2) row-major.
         unsafe {
@@ -302,7 +321,17 @@ mod tests {
             let (co, _, k, _) = w.dims4().unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-            let y = conv2d_same_fft(&xs, b, ci, h, wd, &ws, co, k, crate::matmul::Precision::F32);
+            let y = conv2d_same_fft(
+                &xs,
+                b,
+                ci,
+                h,
+                wd,
+                Taps::F32(&ws),
+                co,
+                k,
+                crate::matmul::Precision::F32,
+            );
             Tensor::from_vec(y, (b, co, h, wd), x.device()).unwrap()
         });
     }

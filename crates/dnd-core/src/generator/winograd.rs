@@ -200,12 +200,11 @@ pub fn conv2d_same_winograd_with(
     // inputs are packed once for all the chunks' products instead of once per product.
     let pack_inputs = co > co_c
         && matches!(kernels, Kernels::Prepared(k) if matches!(k.form, KernelForm::Bf16(_)));
-    let mut packed_inputs = if pack_inputs {
-        PACKED_INPUTS.with(|cell| cell.take())
-    } else {
-        Vec::new()
-    };
-    packed_inputs.resize_with(POS, crate::matmul::bf16::Packed::empty_rhs);
+    let mut packed_inputs = Vec::new();
+    if pack_inputs {
+        packed_inputs = PACKED_INPUTS.with(|cell| cell.take());
+        packed_inputs.resize_with(POS, crate::matmul::bf16::Packed::empty_rhs);
+    }
     super::conv::with_scratch(|buf| {
         if buf.len() < un + vn + mn {
             buf.resize(un + vn + mn, 0.0);
@@ -254,46 +253,41 @@ pub fn conv2d_same_winograd_with(
                     (0..POS).into_par_iter().for_each(|pos| {
                         // SAFETY: m[pos], u[pos] and v[pos] are row-major blocks of their
                         // buffers of the shapes above, all in bounds; each position writes
-                        // its own m[pos]. Prepared kernels are (co x ci) per position.
+                        // its own m[pos]. Prepared f32 kernels are (co x ci) per position,
+                        // read from row o0; packed ones (n x ci) per chunk and position.
                         unsafe {
                             let dst = mp.at(pos * n * tiles);
                             let rhs = crate::matmul::Operand::rows(vp.at(pos * ci * tiles), tiles);
-                            match kernels {
-                                Kernels::Raw(_, precision) => crate::matmul::gemm_in(
-                                    precision,
-                                    n,
-                                    tiles,
-                                    ci,
-                                    dst,
-                                    tiles,
-                                    false,
+                            // The left operand of the f32-form products (and its precision).
+                            let plain = match kernels {
+                                Kernels::Raw(_, precision) => Some((
                                     crate::matmul::Operand::rows(up.at(pos * n * ci), ci),
-                                    rhs,
-                                    1.0,
-                                    inner,
-                                ),
+                                    precision,
+                                )),
                                 Kernels::Prepared(WinogradKernels {
                                     form: KernelForm::F32(uf),
                                     ..
-                                }) => crate::matmul::gemm_f32(
-                                    n,
-                                    tiles,
-                                    ci,
-                                    dst,
-                                    tiles,
-                                    false,
+                                }) => Some((
                                     crate::matmul::Operand::rows(
                                         uf[(pos * co + o0) * ci..].as_ptr(),
                                         ci,
                                     ),
-                                    rhs,
-                                    1.0,
+                                    crate::matmul::Precision::F32,
+                                )),
+                                Kernels::Prepared(_) => None,
+                            };
+                            match (plain, kernels) {
+                                (Some((lhs, precision)), _) => crate::matmul::gemm_in(
+                                    precision, n, tiles, ci, dst, tiles, false, lhs, rhs, 1.0,
                                     inner,
                                 ),
-                                Kernels::Prepared(WinogradKernels {
-                                    form: KernelForm::Bf16(packed),
-                                    ..
-                                }) => crate::matmul::bf16::gemm_bf16_with(
+                                (
+                                    None,
+                                    Kernels::Prepared(WinogradKernels {
+                                        form: KernelForm::Bf16(packed),
+                                        ..
+                                    }),
+                                ) => crate::matmul::bf16::gemm_bf16_with(
                                     n,
                                     tiles,
                                     ci,
@@ -309,6 +303,7 @@ pub fn conv2d_same_winograd_with(
                                     1.0,
                                     inner,
                                 ),
+                                (None, _) => unreachable!("only packed kernels lack an f32 form"),
                             }
                         }
                     });
@@ -520,6 +515,9 @@ mod tests {
                 let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let k = WinogradKernels::new(&ws, co, ci, precision);
                 assert_eq!(k.channels(), (co, ci));
+                let packed =
+                    precision == crate::matmul::Precision::Bf16 && crate::matmul::bf16::available();
+                assert_eq!(format!("{k:?}").contains("bf16 packed"), packed);
                 let out = conv2d_same_winograd_with(&xs, b, ci, h, wd, co, Kernels::Prepared(&k));
                 Tensor::from_vec(out, (b, co, h, wd), x.device()).unwrap()
             }

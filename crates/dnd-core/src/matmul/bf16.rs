@@ -845,28 +845,38 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "used as the Rhs")]
-    fn a_packed_operand_of_the_wrong_side_is_refused() {
+    fn packed_operands_of_the_wrong_side_or_shape_are_refused() {
         let a = vec![0.5f32; 64 * 64];
         let Some(p) = (unsafe { Packed::lhs(Operand::rows(a.as_ptr(), 64), 64, 64) }) else {
-            // Nothing to refuse without the instructions; the assertion above is what fails.
-            panic!("used as the Rhs (no AVX512-BF16 here)");
+            return; // nothing can be packed without the instructions
         };
-        let mut dst = vec![0f32; 64 * 64];
-        unsafe {
-            gemm_bf16_with(
-                64,
-                64,
-                64,
-                dst.as_mut_ptr(),
-                64,
-                false,
-                Input::Strided(Operand::rows(a.as_ptr(), 64)),
-                Input::Packed(&p),
-                1.0,
-                gemm::Parallelism::None,
-            )
+        let run = |m: usize, lhs: Input, rhs: Input| {
+            std::panic::catch_unwind(|| {
+                let mut dst = vec![0f32; 64 * 64];
+                unsafe {
+                    gemm_bf16_with(
+                        m,
+                        64,
+                        64,
+                        dst.as_mut_ptr(),
+                        64,
+                        false,
+                        lhs,
+                        rhs,
+                        1.0,
+                        gemm::Parallelism::None,
+                    )
+                };
+            })
         };
+        let strided = Input::Strided(Operand::rows(a.as_ptr(), 64));
+        assert!(run(64, Input::Packed(&p), strided).is_ok());
+        let err = |r: std::thread::Result<()>| {
+            let e = r.unwrap_err();
+            e.downcast_ref::<String>().cloned().unwrap_or_default()
+        };
+        assert!(err(run(64, strided, Input::Packed(&p))).contains("used as the Rhs"));
+        assert!(err(run(32, Input::Packed(&p), strided)).contains("of a 32x64x64 product"));
     }
 
     #[test]
