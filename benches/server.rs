@@ -153,7 +153,9 @@ async fn main() {
         .await
         .unwrap();
     let cfg = presets::smollm2_135m_small().unwrap();
-    let (dec, _) = ConditionDecoder::random(cfg, 0, &Device::Cpu, DType::F32).unwrap();
+    let (mut dec, _) = ConditionDecoder::random(cfg, 0, &Device::Cpu, DType::F32).unwrap();
+    // Kernels readied once, as `Generator::load` readies a served checkpoint's.
+    dec.prepare().unwrap();
     let encoder = mistralrs_dnd::encoder::TextEncoder::load(
         root.join(".assets/all-MiniLM-L6-v2"),
         &Device::Cpu,
