@@ -94,7 +94,7 @@ struct Layer {
     /// Arithmetic of the CPU path's projections (q, k, v, the attention output and the
     /// feed-forward).
     precision: Precision,
-    /// Their weights packed once for bf16 products ([`Layer::pack`]), where the CPU has them.
+    /// Their weights packed once for bf16 products ([`Layer::set_precision`]), where the CPU has them.
     packed: Option<std::sync::Arc<PackedWeights>>,
 }
 

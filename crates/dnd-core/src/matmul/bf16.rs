@@ -404,7 +404,7 @@ mod x86 {
     }
 
     /// A whole operand packed as [`super::Packed`] keeps it: its k-blocks one after another,
-    /// each as [`gemm`] packs it per call (all rows of a left operand, all columns of a right
+    /// each as [`gemm()`] packs it per call (all rows of a left operand, all columns of a right
     /// one), the blocks in parallel.
     pub(super) unsafe fn pack_whole(side: Side, op: Operand, len: usize, k: usize) -> Packed {
         let mut words = Vec::new();
