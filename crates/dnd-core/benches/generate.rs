@@ -48,24 +48,24 @@ fn parse_dtype(name: &str) -> DType {
     }
 }
 
-/// A trained generator checkpoint (a config named by its path): encode, decode and detokenize
-/// timed by [`dnd_core::Generator::generate_timed`], modulation and token offset included.
-fn run_checkpoint(path: &str, dtype: DType) {
-    let opts = dnd_core::LoadOptions {
-        device: Device::Cpu,
-        dtype,
-    };
-    let g = dnd_core::Generator::load(path, dnd_core::test_util::encoder_dir(), &opts)
-        .expect("generator checkpoint and encoder");
-    let reps: usize = std::env::var("DND_BENCH_REPS")
+/// `DND_BENCH_REPS`, or `default`.
+fn bench_reps(default: usize) -> usize {
+    std::env::var("DND_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(default)
+}
+
+/// Times `reps` generations (after one untimed warm-up when `warmup`: allocator, page faults)
+/// split into encode, decode and detokenize by [`dnd_core::Generator::generate_timed`], and
+/// prints the row the parent process collects (medians).
+fn time_generator(name: &str, dtype: DType, g: &dnd_core::Generator, reps: usize, warmup: bool) {
     let p = prompts(g.config().num_prompts);
     let (mut te, mut td, mut tk) = (vec![], vec![], vec![]);
-    for i in 0..=reps {
-        let (_, t) = g.generate_timed(&p).unwrap();
-        if i > 0 {
+    for i in 0..reps + usize::from(warmup) {
+        let (adapter, t) = g.generate_timed(&p).unwrap();
+        assert!(adapter.size_in_bytes() > 0);
+        if !warmup || i > 0 {
             te.push(t.encode.as_secs_f64());
             td.push(t.decode.as_secs_f64());
             tk.push(t.detokenize.as_secs_f64());
@@ -75,7 +75,7 @@ fn run_checkpoint(path: &str, dtype: DType) {
     let dec = g.condition_decoder().decoder();
     let gmac = dec.macs() as f64 / 1e9;
     println!(
-        "ROW|{path}|{}|{:.1}|{gmac:.1}|{e:.3}|{d:.3}|{k:.3}|{:.3}|{:.1}|{:.0}|{reps}",
+        "ROW|{name}|{}|{:.1}|{gmac:.1}|{e:.3}|{d:.3}|{k:.3}|{:.3}|{:.1}|{:.0}|{reps}",
         dtype.as_str(),
         dec.num_params() as f64 / 1e6,
         e + d + k,
@@ -84,61 +84,35 @@ fn run_checkpoint(path: &str, dtype: DType) {
     );
 }
 
+/// A trained generator checkpoint (a config named by its path), modulation and token offset
+/// included.
+fn run_checkpoint(path: &str, dtype: DType) {
+    let opts = dnd_core::LoadOptions {
+        device: Device::Cpu,
+        dtype,
+    };
+    let g = dnd_core::Generator::load(path, dnd_core::test_util::encoder_dir(), &opts)
+        .expect("generator checkpoint and encoder");
+    time_generator(path, dtype, &g, bench_reps(5), true);
+}
+
 fn run_one(name: &str, dtype: DType) {
     if name.ends_with(".safetensors") {
         return run_checkpoint(name, dtype);
     }
     let cfg = presets::by_name(name).expect("known preset").unwrap();
-    let reps: usize = std::env::var("DND_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if cfg.num_prompts >= 128 { 1 } else { 3 });
+    let reps = bench_reps(if cfg.num_prompts >= 128 { 1 } else { 3 });
     let dev = Device::Cpu;
     let encoder = TextEncoder::load(dnd_core::test_util::encoder_dir(), &dev, dtype)
         .expect("encoder (run scripts/fetch-assets.sh)");
-    let (mut dec, _weights) = ConditionDecoder::random(cfg.clone(), 0, &dev, dtype).unwrap();
+    let (mut dec, _weights) = ConditionDecoder::random(cfg, 0, &dev, dtype).unwrap();
     // As a loaded generator is (`Generator::load`); DND_BENCH_PREPARE=0 times it without.
     if std::env::var("DND_BENCH_PREPARE").as_deref() != Ok("0") {
         dec.prepare().unwrap();
     }
-    let p = prompts(cfg.num_prompts);
-    let refs: Vec<&str> = p.iter().map(String::as_str).collect();
-
-    let (mut te, mut td, mut tk) = (vec![], vec![], vec![]);
-    // One untimed warm-up for the small presets (allocator, page faults).
-    let runs = if reps > 1 { reps + 1 } else { reps };
-    for i in 0..runs {
-        let t0 = Instant::now();
-        let cond = encoder
-            .encode(&refs, cfg.max_length)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let t1 = Instant::now();
-        let tokens = dec.forward(&cond).unwrap().squeeze(0).unwrap();
-        let t2 = Instant::now();
-        let adapter = dec.layout().detokenize(&tokens, &dev).unwrap();
-        let t3 = Instant::now();
-        assert!(adapter.size_in_bytes() > 0);
-        if runs == reps || i > 0 {
-            te.push((t1 - t0).as_secs_f64());
-            td.push((t2 - t1).as_secs_f64());
-            tk.push((t3 - t2).as_secs_f64());
-        }
-    }
-    let (e, d, k) = (median(te), median(td), median(tk));
-    let gmac = dec.decoder().macs() as f64 / 1e9;
-    println!(
-        "ROW|{name}|{}|{:.1}|{gmac:.1}|{:.3}|{:.3}|{:.3}|{:.3}|{:.1}|{:.0}|{reps}",
-        dtype.as_str(),
-        dec.decoder().num_params() as f64 / 1e6,
-        e,
-        d,
-        k,
-        e + d + k,
-        gmac / d,
-        peak_rss_mib()
-    );
+    let g = dnd_core::Generator::from_parts(encoder, dec).unwrap();
+    // The 1.1 B-parameter preset runs once, without a warm-up.
+    time_generator(name, dtype, &g, reps, reps > 1);
 }
 
 /// Batched misses: `b` prompt sets generated one after another and as one batch

@@ -239,7 +239,7 @@ impl Layer {
     /// padding positions are still computed: their outputs are part of the condition. A row with
     /// no valid key gets a zero context, as PyTorch's attention returns for fully masked rows.
     fn attention(&self, x: &Tensor, valid: &[usize], par: gemm::Parallelism) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.qkv_t.dtype() == DType::F32 {
+        if cpu_f32(x) && cpu_f32(&self.qkv_t) {
             return self.attention_cpu(x, valid, par);
         }
         self.attention_tensors(x, valid)
@@ -436,27 +436,35 @@ impl Layer {
     ) -> Result<Tensor> {
         let (b, len, h) = x.dims3()?;
         let tokens = b * len;
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = bias_rows(self.attn_out.bias(), Some(&xs), tokens, h)?;
-        let cs = ctx.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let w = self.attn_out.weight().contiguous()?;
-        with_cpu_f32(&w, |ws| {
-            // SAFETY: out (tokens, h), cs (tokens, h), the weights (h, h) read as their
-            // transpose; all in bounds.
-            unsafe {
-                project(
-                    self.precision,
-                    self.packed.as_ref().map(|p| &p.attn_out),
-                    tokens,
-                    h,
-                    h,
-                    out.as_mut_ptr(),
-                    crate::matmul::Operand::rows(cs.as_ptr(), h),
-                    crate::matmul::Operand::transposed(ws.as_ptr(), h),
-                    par,
-                );
-            }
-        })?;
+        let (x, ctx, w) = (
+            x.contiguous()?,
+            ctx.contiguous()?,
+            self.attn_out.weight().contiguous()?,
+        );
+        // Read in place: the context and the residual are already contiguous buffers.
+        let out = with_cpu_f32(&x, |xs| {
+            let mut out = bias_rows(self.attn_out.bias(), Some(xs), tokens, h)?;
+            with_cpu_f32(&ctx, |cs| {
+                with_cpu_f32(&w, |ws| {
+                    // SAFETY: out (tokens, h), cs (tokens, h), the weights (h, h) read as
+                    // their transpose; all in bounds.
+                    unsafe {
+                        project(
+                            self.precision,
+                            self.packed.as_ref().map(|p| &p.attn_out),
+                            tokens,
+                            h,
+                            h,
+                            out.as_mut_ptr(),
+                            crate::matmul::Operand::rows(cs.as_ptr(), h),
+                            crate::matmul::Operand::transposed(ws.as_ptr(), h),
+                            par,
+                        );
+                    }
+                })
+            })??;
+            Ok::<_, candle_core::Error>(out)
+        })??;
         Tensor::from_vec(out, (b, len, h), x.device())
     }
 
@@ -605,9 +613,7 @@ impl BertModel {
         // them through every layer with one-thread products, instead of every product being
         // split over the threads and joined again (dozens of hand-offs per layer).
         let threads = rayon::current_num_threads();
-        let cpu_f32 =
-            ids.device().is_cpu() && self.embeddings.word.embeddings().dtype() == DType::F32;
-        if !cpu_f32 || threads < 2 || b < 2 {
+        if !cpu_f32(self.embeddings.word.embeddings()) || threads < 2 || b < 2 {
             return self.forward_rows(ids, valid, crate::generator::conv::gemm_parallelism());
         }
         let groups = threads.min(b);

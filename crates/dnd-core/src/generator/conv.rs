@@ -109,30 +109,43 @@ pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
     if x.elem_count() == 0 {
         return x.contiguous();
     }
-    let st: [usize; 4] = x.stride().try_into().expect("four strides for four dims");
-    let (storage, layout) = x.storage_and_layout();
+    let out = with_cpu_strided_f32(x, |src, st| {
+        let mut out = vec![0f32; d0 * d1 * d2 * d3];
+        out.par_chunks_mut(d2 * d3)
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let base = (plane / d1) * st[0] + (plane % d1) * st[1];
+                for (i2, row) in dst.chunks_exact_mut(d3).enumerate() {
+                    let start = base + i2 * st[2];
+                    if st[3] == 1 {
+                        row.copy_from_slice(&src[start..start + d3]);
+                    } else {
+                        for (i3, v) in row.iter_mut().enumerate() {
+                            *v = src[start + i3 * st[3]];
+                        }
+                    }
+                }
+            });
+        out
+    })?;
+    Tensor::from_vec(out, (d0, d1, d2, d3), x.device())
+}
+
+/// Runs `f` on a 4-D f32 CPU tensor's storage from its first element, and its strides: any
+/// layout (a transposed view), borrowed.
+pub(crate) fn with_cpu_strided_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], [usize; 4]) -> R,
+) -> Result<R> {
+    let st: [usize; 4] = t
+        .stride()
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("expected 4-D, got {:?}", t.dims())))?;
+    let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("expected a CPU tensor")
     };
-    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-    let mut out = vec![0f32; d0 * d1 * d2 * d3];
-    out.par_chunks_mut(d2 * d3)
-        .enumerate()
-        .for_each(|(plane, dst)| {
-            let base = (plane / d1) * st[0] + (plane % d1) * st[1];
-            for (i2, row) in dst.chunks_exact_mut(d3).enumerate() {
-                let start = base + i2 * st[2];
-                if st[3] == 1 {
-                    row.copy_from_slice(&src[start..start + d3]);
-                } else {
-                    for (i3, v) in row.iter_mut().enumerate() {
-                        *v = src[start + i3 * st[3]];
-                    }
-                }
-            }
-        });
-    drop(storage);
-    Tensor::from_vec(out, (d0, d1, d2, d3), x.device())
+    Ok(f(&cpu.as_slice::<f32>()?[layout.start_offset()..], st))
 }
 
 /// `(B, Ci, H, W, Co, k)` of an input `(B, Ci, H, W)` and kernel `(Co, Ci, k, k)`, odd k; an

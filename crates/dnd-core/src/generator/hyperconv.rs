@@ -12,8 +12,9 @@ use std::sync::Arc;
 use candle_core::{DType, Module as _, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::PreparedKernel;
+use super::conv::{with_cpu_f32, with_cpu_strided_f32, PreparedKernel};
 use crate::matmul::Precision;
+use rayon::prelude::*;
 
 /// Feature shape `(N, H, W)` of one stage boundary.
 pub type Features = [usize; 3];
@@ -94,40 +95,30 @@ fn mix_branches(wf: &Tensor, hf: &Tensor, bias: &Tensor) -> Result<Tensor> {
         );
     }
     let bias = bias.contiguous()?;
-    let (ws, hs) = (wf.stride().to_vec(), hf.stride().to_vec());
-    let (wst, wl) = wf.storage_and_layout();
-    let (hst, hl) = hf.storage_and_layout();
-    let (bst, bl) = bias.storage_and_layout();
-    let (
-        candle_core::Storage::Cpu(wc),
-        candle_core::Storage::Cpu(hc),
-        candle_core::Storage::Cpu(bc),
-    ) = (&*wst, &*hst, &*bst)
-    else {
-        candle_core::bail!("expected CPU tensors")
-    };
-    let wsrc = &wc.as_slice::<f32>()?[wl.start_offset()..];
-    let hsrc = &hc.as_slice::<f32>()?[hl.start_offset()..];
-    let bsrc = &bc.as_slice::<f32>()?[bl.start_offset()..][..h * w];
     let third = (1.0f64 / 3.0) as f32;
-    let mut out = vec![0f32; b * n * h * w];
-    use rayon::prelude::*;
-    out.par_chunks_mut(h * w)
-        .enumerate()
-        .for_each(|(plane, dst)| {
-            let (i0, i1) = (plane / n, plane % n);
-            let wb = i0 * ws[0] + i1 * ws[1];
-            let hb = i0 * hs[0] + i1 * hs[1];
-            for (y, row) in dst.chunks_exact_mut(w).enumerate() {
-                for (x, v) in row.iter_mut().enumerate() {
-                    let a = wsrc[wb + y * ws[2] + x * ws[3]];
-                    let t = crate::fastmath::tanh(hsrc[hb + y * hs[2] + x * hs[3]]);
-                    // The order candle's ops take: the sum, the bias, then a scale by 1/3.
-                    *v = ((a + t) + bsrc[y * w + x]) * third;
-                }
-            }
-        });
-    drop((wst, hst, bst));
+    let out = with_cpu_strided_f32(wf, |wsrc, ws| {
+        with_cpu_strided_f32(hf, |hsrc, hs| {
+            with_cpu_f32(&bias, |bsrc| {
+                let mut out = vec![0f32; b * n * h * w];
+                out.par_chunks_mut(h * w)
+                    .enumerate()
+                    .for_each(|(plane, dst)| {
+                        let (i0, i1) = (plane / n, plane % n);
+                        let wb = i0 * ws[0] + i1 * ws[1];
+                        let hb = i0 * hs[0] + i1 * hs[1];
+                        for (y, row) in dst.chunks_exact_mut(w).enumerate() {
+                            for (x, v) in row.iter_mut().enumerate() {
+                                let a = wsrc[wb + y * ws[2] + x * ws[3]];
+                                let t = crate::fastmath::tanh(hsrc[hb + y * hs[2] + x * hs[3]]);
+                                // The order candle's ops take: the sum, the bias, then 1/3.
+                                *v = ((a + t) + bsrc[y * w + x]) * third;
+                            }
+                        }
+                    });
+                out
+            })
+        })
+    })???;
     Tensor::from_vec(out, (b, n, h, w), wf.device())
 }
 
@@ -148,8 +139,7 @@ fn add_channel_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if b.len() != c {
         candle_core::bail!("bias of {} for {c} channels", b.len());
     }
-    let out = super::conv::with_cpu_f32(y, |ys| {
-        use rayon::prelude::*;
+    let out = with_cpu_f32(y, |ys| {
         let mut out = vec![0f32; ys.len()];
         out.par_chunks_mut(h * w)
             .zip(ys.par_chunks(h * w))

@@ -258,36 +258,31 @@ pub fn conv2d_same_winograd_with(
                         unsafe {
                             let dst = mp.at(pos * n * tiles);
                             let rhs = crate::matmul::Operand::rows(vp.at(pos * ci * tiles), tiles);
-                            // The left operand of the f32-form products (and its precision).
-                            let plain = match kernels {
-                                Kernels::Raw(_, precision) => Some((
+                            let f32_form = |lhs, precision| {
+                                crate::matmul::gemm_in(
+                                    precision, n, tiles, ci, dst, tiles, false, lhs, rhs, 1.0,
+                                    inner,
+                                )
+                            };
+                            match kernels {
+                                Kernels::Raw(_, precision) => f32_form(
                                     crate::matmul::Operand::rows(up.at(pos * n * ci), ci),
                                     precision,
-                                )),
+                                ),
                                 Kernels::Prepared(WinogradKernels {
                                     form: KernelForm::F32(uf),
                                     ..
-                                }) => Some((
+                                }) => f32_form(
                                     crate::matmul::Operand::rows(
                                         uf[(pos * co + o0) * ci..].as_ptr(),
                                         ci,
                                     ),
                                     crate::matmul::Precision::F32,
-                                )),
-                                Kernels::Prepared(_) => None,
-                            };
-                            match (plain, kernels) {
-                                (Some((lhs, precision)), _) => crate::matmul::gemm_in(
-                                    precision, n, tiles, ci, dst, tiles, false, lhs, rhs, 1.0,
-                                    inner,
                                 ),
-                                (
-                                    None,
-                                    Kernels::Prepared(WinogradKernels {
-                                        form: KernelForm::Bf16(packed),
-                                        ..
-                                    }),
-                                ) => crate::matmul::bf16::gemm_bf16_with(
+                                Kernels::Prepared(WinogradKernels {
+                                    form: KernelForm::Bf16(packed),
+                                    ..
+                                }) => crate::matmul::bf16::gemm_bf16_with(
                                     n,
                                     tiles,
                                     ci,
@@ -303,7 +298,6 @@ pub fn conv2d_same_winograd_with(
                                     1.0,
                                     inner,
                                 ),
-                                (None, _) => unreachable!("only packed kernels lack an f32 form"),
                             }
                         }
                     });

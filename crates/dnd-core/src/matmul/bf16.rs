@@ -142,19 +142,14 @@ impl Packed {
         Self::pack(Side::Rhs, b, n, k)
     }
 
-    #[allow(unused_variables)]
     unsafe fn pack(side: Side, op: Operand, len: usize, k: usize) -> Option<Self> {
-        if !available() {
-            return None;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            Some(x86::pack_whole(side, op, len, k))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            None
-        }
+        let mut p = Self {
+            words: Vec::new(),
+            side,
+            len: 0,
+            k: 0,
+        };
+        p.repack(side, op, len, k, true).then_some(p)
     }
 
     /// An empty right operand for [`Self::repack_rhs`] to fill.
@@ -173,21 +168,29 @@ impl Packed {
     ///
     /// # Safety
     /// As [`Self::rhs`].
-    #[allow(unused_variables)]
     pub unsafe fn repack_rhs(&mut self, b: Operand, k: usize, n: usize) -> bool {
+        self.repack(Side::Rhs, b, n, k, false)
+    }
+
+    /// Packs `op` as a `side` operand of `len` rows (left) or columns (right) and depth `k`
+    /// into this one, reusing its memory, on the rayon pool when `parallel`; `false`, leaving
+    /// it as it was, where the CPU lacks the instructions.
+    #[allow(unused_variables)]
+    unsafe fn repack(
+        &mut self,
+        side: Side,
+        op: Operand,
+        len: usize,
+        k: usize,
+        parallel: bool,
+    ) -> bool {
         if !available() {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let mut words = std::mem::take(&mut self.words);
-            x86::pack_whole_into(Side::Rhs, b, n, k, &mut words, false);
-            *self = Self {
-                words,
-                side: Side::Rhs,
-                len: n,
-                k,
-            };
+            x86::pack_whole_into(side, op, len, k, &mut self.words, parallel);
+            (self.side, self.len, self.k) = (side, len, k);
             true
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -403,22 +406,9 @@ mod x86 {
         }
     }
 
-    /// A whole operand packed as [`super::Packed`] keeps it: its k-blocks one after another,
-    /// each as [`gemm()`] packs it per call (all rows of a left operand, all columns of a right
-    /// one), the blocks in parallel.
-    pub(super) unsafe fn pack_whole(side: Side, op: Operand, len: usize, k: usize) -> Packed {
-        let mut words = Vec::new();
-        pack_whole_into(side, op, len, k, &mut words, true);
-        Packed {
-            words,
-            side,
-            len,
-            k,
-        }
-    }
-
-    /// [`pack_whole`]'s words into `words` (resized; every word written), on the rayon pool
-    /// when `parallel`.
+    /// A whole operand as [`super::Packed`] keeps it, into `words` (resized; every word
+    /// written): its k-blocks one after another, each as [`gemm()`] packs it per call (all rows
+    /// of a left operand, all columns of a right one), on the rayon pool when `parallel`.
     pub(super) unsafe fn pack_whole_into(
         side: Side,
         op: Operand,
