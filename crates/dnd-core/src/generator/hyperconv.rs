@@ -523,15 +523,8 @@ mod tests {
                 ran, want_ran,
                 "{dtype:?}: readied kernels used by {ran} convolutions"
             );
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = crate::test_util::max_abs_diff(&got, &want);
-            assert!(diff <= 1e-5 * scale, "{dtype:?}: {diff} of {scale}");
+            let err = crate::test_util::rel_err(&got, &want);
+            assert!(err <= 1e-5, "{dtype:?}: relative error {err}");
         }
     }
 }
