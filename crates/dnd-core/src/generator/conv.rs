@@ -197,7 +197,7 @@ pub fn conv2d_same_in(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Te
     }
     let (b, ci, h, wd, co, k) = same_conv_dims(x, w)?;
     let (xc, wc) = (contiguous(x)?, w.contiguous()?);
-    let fft = super::fftconv::worth_it(h, wd, k);
+    let fft = super::fftconv::worth_it(b, ci, co, h, wd, k);
     let winograd = super::winograd::worth_it(ci, co, k);
     let run = |xs: &[f32], taps: super::fftconv::Taps<'_>| match taps {
         // The FFT path widens a bf16 kernel a chunk of output channels at a time.

@@ -26,31 +26,69 @@ use rustfft::{Fft, FftPlanner};
 const MAX_TILE: usize = 32;
 /// Bytes of kernel spectra (and of output spectra) held at once.
 const CHUNK_BYTES: usize = 64 << 20;
+/// Cost of a per-bin product's multiply-add relative to one of the kernel-spectra product: the
+/// per-bin products are only `2 * tiles` columns wide and run at under half the speed.
+const PRODUCT_WEIGHT: usize = 2;
 
 /// Tiling of one spatial axis: FFT length, valid outputs per tile, tile count.
-fn axis(len: usize, k: usize) -> (usize, usize, usize) {
+type Axis = (usize, usize, usize);
+
+/// The tilings of an axis of `len` outputs under a `k`-tap kernel: one tile of the whole padded
+/// axis where it fits (or where nothing else does), and tiles of every 5-smooth length between
+/// `k + 1` and [`MAX_TILE`].
+fn axis_choices(len: usize, k: usize) -> Vec<Axis> {
     let full = len + k - 1;
-    if full <= MAX_TILE {
-        (full, len, 1)
-    } else {
-        let t = MAX_TILE - k + 1;
-        (MAX_TILE, t, len.div_ceil(t))
+    let smooth = |mut n: usize| {
+        for f in [2, 3, 5] {
+            while n.is_multiple_of(f) {
+                n /= f;
+            }
+        }
+        n == 1
+    };
+    let mut out: Vec<Axis> = (k + 1..=MAX_TILE.min(full - 1))
+        .filter(|&n| smooth(n))
+        .map(|n| (n, n - k + 1, len.div_ceil(n - k + 1)))
+        .collect();
+    if full <= MAX_TILE || out.is_empty() {
+        out.push((full, len, 1));
     }
+    out
+}
+
+/// The tiling of both axes with the least estimated work, and that work in multiply-adds. The
+/// kernel spectra cost `2 k^2` per bin and channel pair whatever the tile count, so a layer of
+/// few tiles and many channel pairs (the authors' last ConvL: 10 x 130, 2048 x 4296) is cheaper
+/// with smaller tiles (fewer bins) than with the largest.
+fn tiling(b: usize, ci: usize, co: usize, h: usize, w: usize, k: usize) -> (Axis, Axis, usize) {
+    let pairs = ci * co;
+    let mut best: Option<(Axis, Axis, usize)> = None;
+    for ah in axis_choices(h, k) {
+        for aw in axis_choices(w, k) {
+            let nb = ah.0 * (aw.0 / 2 + 1);
+            let tiles = b * ah.2 * aw.2;
+            let spectra = 2 * k * k * nb * pairs;
+            let products = PRODUCT_WEIGHT * 4 * nb * tiles * pairs;
+            // A transform of n points: about 5 n log2 n flops, per input and output channel.
+            let log = (ah.0 * aw.0).ilog2() as usize + 1;
+            let transforms = (ci + co) * tiles * nb * 5 * log;
+            let cost = spectra + products + transforms;
+            if best.is_none_or(|(_, _, c)| cost < c) {
+                best = Some((ah, aw, cost));
+            }
+        }
+    }
+    best.expect("every axis has at least one tiling")
 }
 
 /// Whether the FFT path is cheaper than `k^2` accumulated GEMMs for this shape.
-pub fn worth_it(h: usize, w: usize, k: usize) -> bool {
+pub fn worth_it(b: usize, ci: usize, co: usize, h: usize, w: usize, k: usize) -> bool {
     if !(5..=MAX_TILE / 2).contains(&k) {
         return false;
     }
-    let (fh, _, nth) = axis(h, k);
-    let (fw, _, ntw) = axis(w, k);
-    let bins = fh * (fw / 2 + 1);
-    // Complex MAC = 4 real ones; the transforms and the lower efficiency of narrow complex
-    // GEMMs are covered by requiring a 3x saving.
-    let fft = 4 * bins * nth * ntw;
-    let direct = h * w * k * k;
-    3 * fft < direct
+    let direct = b * h * w * k * k * ci * co;
+    // The direct path's GEMMs run nearer peak than the FFT path's pieces: ask for a 1.5x saving.
+    3 * tiling(b, ci, co, h, w, k).2 < 2 * direct
 }
 
 use super::conv::SyncPtr;
@@ -86,8 +124,7 @@ pub fn conv2d_same_fft(
     precision: crate::matmul::Precision,
 ) -> Vec<f32> {
     let p = k / 2;
-    let (fh, th, nth) = axis(h, k);
-    let (fw, tw, ntw) = axis(w, k);
+    let ((fh, th, nth), (fw, tw, ntw), _) = tiling(b, ci, co, h, w, k);
     let fwc = fw / 2 + 1;
     let nb = fh * fwc; // bins, laid out [fx][fy]
     let ntiles = b * nth * ntw;
@@ -315,7 +352,11 @@ mod tests {
             (2, 5, 3, 37, 29, 5),
             (1, 4, 2, 6, 70, 7),
             (1, 2, 3, 33, 33, 9),
+            // Enough channel pairs for narrower tiles than 32 (checked below).
+            (1, 48, 40, 10, 100, 9),
         ];
+        let (_, (fw, _, ntw), _) = tiling(1, 48, 40, 10, 100, 9);
+        assert!(fw < 32 && ntw > 1, "{fw} wide, {ntw} tiles");
         check_conv_same(&cases, 1e-5, |x, w| {
             let (b, ci, h, wd) = x.dims4().unwrap();
             let (co, _, k, _) = w.dims4().unwrap();
@@ -337,10 +378,49 @@ mod tests {
     }
 
     #[test]
+    fn tilings_cover_their_axes() {
+        for &(len, k) in &[
+            (1, 5),
+            (10, 9),
+            (24, 9),
+            (25, 9),
+            (130, 9),
+            (200, 9),
+            (384, 5),
+            (37, 7),
+        ] {
+            for (n, valid, count) in axis_choices(len, k) {
+                assert!(n <= MAX_TILE, "{len} {k}: {n}");
+                assert_eq!(
+                    valid,
+                    n - k + 1,
+                    "{len} {k}: each tile keeps its valid outputs"
+                );
+                assert!(
+                    valid * count >= len && valid * (count - 1) < len,
+                    "{len} {k}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn few_tiles_of_many_channel_pairs_take_smaller_tiles() {
+        // The authors' last ConvL: the 32-wide tiling (6 tiles, 18 x 17 bins) spends most of
+        // its work on kernel spectra; a narrower tile has fewer bins.
+        let ((fh, _, _), (fw, _, ntw), _) = tiling(1, 2048, 4296, 10, 130, 9);
+        assert_eq!(fh, 18, "one tile of the whole padded height");
+        assert!(fw < 32 && ntw > 6, "{fw} wide, {ntw} tiles");
+        // A large image of few channel pairs keeps large tiles.
+        let ((fh, _, _), (fw, _, _), _) = tiling(1, 128, 128, 200, 300, 9);
+        assert!(fh >= 24 && fw >= 24, "{fh} x {fw}");
+    }
+
+    #[test]
     fn only_large_kernels_take_the_fft_path() {
-        assert!(!worth_it(384, 128, 3));
-        assert!(!worth_it(10, 200, 1));
-        assert!(worth_it(384, 128, 9));
-        assert!(worth_it(10, 200, 9));
+        assert!(!worth_it(1, 128, 128, 384, 128, 3));
+        assert!(!worth_it(1, 1024, 2048, 10, 200, 1));
+        assert!(worth_it(1, 128, 128, 384, 128, 9));
+        assert!(worth_it(1, 1024, 2048, 10, 200, 9));
     }
 }
