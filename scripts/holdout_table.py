@@ -9,8 +9,8 @@ Next to them: the base model, the own LoRA and the best constant answer
 (learnability-smollm2-48.md, 200 examples), the 24-task generator that saw none of the added
 tasks (skill-smollm2-48/shipped-f16/), the first 48-task generator and the shipped one that
 trained on all of them (skill-smollm2-48-modulated/ and skill-smollm2-48-w8-tasks-per-step/, with
-their examples16/), and for another run than the first, the first run's holdout generator
-(holdout-fresh8-smollm2/). Recovered share = (DnD - base) / (own -
+their examples16/), and the earlier runs' holdout generators (holdout-fresh8-smollm2/, then
+holdout-fresh8-w8k4-smollm2/), those older than the run shown. Recovered share = (DnD - base) / (own -
 base), mean over the learnable tasks (own LoRA at least 20 points over the base model and the
 constant answer), with scripts/skill_summary.py's 95% bootstrap interval.
 """
@@ -26,8 +26,10 @@ RESULTS = "docs/results"
 OTHERS = {"24-task generator": f"{RESULTS}/skill-smollm2-48/shipped-f16",
           "first 48-task generator": f"{RESULTS}/skill-smollm2-48-modulated",
           "shipped generator (study H)": f"{RESULTS}/skill-smollm2-48-w8-tasks-per-step"}
-# The first run of scripts/holdout_fresh8.sh (session 20), shown beside a later run's.
-FIRST = f"{RESULTS}/holdout-fresh8-smollm2"
+# Earlier runs of scripts/holdout_fresh8.sh, each shown beside a later run's: the first
+# (session 20) and the one with the shipped recipe's additions (session 22).
+EARLIER = {"first holdout generator": f"{RESULTS}/holdout-fresh8-smollm2",
+           "w8k4 holdout generator": f"{RESULTS}/holdout-fresh8-w8k4-smollm2"}
 
 
 def learnability():
@@ -97,15 +99,19 @@ def main():
     res, train_res, held = sys.argv[1], sys.argv[2], sys.argv[3:]
     learn = learnability()
     print("Held-out tasks (system prompt / 16 prompts):\n")
-    first = {} if os.path.samefile(res, FIRST) else {"first holdout generator": FIRST}
-    table(held, {"holdout generator": res, **first, **OTHERS}, ["dnd-system", "dnd-examples"],
+    # Only runs older than this one: the ones listed after it in EARLIER.
+    names = list(EARLIER)
+    mine = [i for i, n in enumerate(names) if os.path.samefile(res, EARLIER[n])]
+    earlier = {n: EARLIER[n] for n in names[:mine[0]]} if mine else dict(EARLIER)
+    table(held, {"holdout generator": res, **earlier, **OTHERS}, ["dnd-system", "dnd-examples"],
           learn)
     trained = sorted(f[:-5] for f in (os.listdir(train_res) if os.path.isdir(train_res) else [])
                      if f.endswith(".json") and not f.endswith(".replies.json"))
     if trained:
         print("Added tasks the holdout generator trained on (system prompt):\n")
-        first = {} if first == {} else {"first holdout generator": f"{FIRST}/trained"}
-        table(trained, {"holdout generator": train_res, **first, **OTHERS}, ["dnd-system"], learn)
+        earlier = {n: f"{d}/trained" for n, d in earlier.items()}
+        table(trained, {"holdout generator": train_res, **earlier, **OTHERS}, ["dnd-system"],
+              learn)
 
 
 if __name__ == "__main__":
