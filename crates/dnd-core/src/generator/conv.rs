@@ -432,13 +432,14 @@ mod tests {
 
     #[test]
     fn matches_candle_conv2d() {
-        // 3x9 with k=9 is dispatched to the FFT path, the others to the GEMM taps.
+        // The k = 9 case (two images) is dispatched to the FFT path, the others to the GEMM taps.
         let cases = [
             (2, 3, 4, 5, 7, 3),
             (1, 5, 2, 4, 3, 5),
             (1, 2, 3, 6, 6, 1),
-            (1, 4, 4, 3, 9, 9),
+            (2, 16, 12, 20, 30, 9),
         ];
+        assert!(super::super::fftconv::worth_it(2, 16, 12, 20, 30, 9));
         check_conv_same(&cases, 1e-5, |x, w| conv2d_same(x, w).unwrap());
     }
 
@@ -482,7 +483,8 @@ mod tests {
         // the kernel given in f32 and in bf16. Rounding both operands to bf16 (8 significant
         // bits) leaves sums of random-signed products within about 1e-2 of f32.
         let dev = Device::Cpu;
-        for &(ci, co, h, w, k) in &[(5, 4, 6, 7, 3), (64, 56, 6, 9, 3), (4, 3, 20, 24, 9)] {
+        assert!(super::super::fftconv::worth_it(1, 16, 16, 20, 60, 9));
+        for &(ci, co, h, w, k) in &[(5, 4, 6, 7, 3), (64, 56, 6, 9, 3), (16, 16, 20, 60, 9)] {
             let x = Tensor::randn(0f32, 1.0, (1, ci, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
             let want = x.conv2d(&wt, k / 2, 1, 1, 1).unwrap();

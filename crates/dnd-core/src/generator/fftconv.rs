@@ -28,14 +28,14 @@ const MAX_TILE: usize = 32;
 const CHUNK_BYTES: usize = 64 << 20;
 /// Cost of a per-bin product's multiply-add relative to one of the kernel-spectra product: the
 /// per-bin products are only `2 * tiles` columns wide and run at under half the speed.
-const PRODUCT_WEIGHT: usize = 2;
+const PRODUCT_WEIGHT: f64 = 2.0;
 
 /// Tiling of one spatial axis: FFT length, valid outputs per tile, tile count.
 type Axis = (usize, usize, usize);
 
 /// The tilings of an axis of `len` outputs under a `k`-tap kernel: one tile of the whole padded
-/// axis where it fits (or where nothing else does), and tiles of every 5-smooth length between
-/// `k + 1` and [`MAX_TILE`].
+/// axis where it fits (or where nothing else does), and tiles of every 5-smooth length from
+/// `k + 1` up to [`MAX_TILE`] and shorter than that whole padded axis.
 fn axis_choices(len: usize, k: usize) -> Vec<Axis> {
     let full = len + k - 1;
     let smooth = |mut n: usize| {
@@ -57,25 +57,26 @@ fn axis_choices(len: usize, k: usize) -> Vec<Axis> {
 }
 
 /// The tiling of both axes with the least estimated work, and that work in multiply-adds. The
-/// kernel spectra cost `2 k^2` per bin and channel pair whatever the tile count, so a layer of
-/// few tiles and many channel pairs (the authors' last ConvL: 10 x 130, 2048 x 4296) is cheaper
-/// with smaller tiles (fewer bins) than with the largest.
-fn tiling(b: usize, ci: usize, co: usize, h: usize, w: usize, k: usize) -> (Axis, Axis, usize) {
-    let pairs = ci * co;
-    let mut best: Option<(Axis, Axis, usize)> = None;
+/// kernel spectra are counted as `2 k^2` per bin and channel pair whatever the tile count, so a
+/// layer of few tiles and many channel pairs (the authors' last ConvL: 10 x 130, 2048 x 4296) is
+/// cheaper with smaller tiles (fewer bins) than with the largest. In f64: the authors' layers
+/// reach 1e12.
+fn tiling(b: usize, ci: usize, co: usize, h: usize, w: usize, k: usize) -> (Axis, Axis, f64) {
+    let (pairs, k2) = ((ci * co) as f64, (k * k) as f64);
+    let mut best: Option<(Axis, Axis, f64)> = None;
     for ah in axis_choices(h, k) {
         for aw in axis_choices(w, k) {
-            let nb = ah.0 * (aw.0 / 2 + 1);
-            let tiles = b * ah.2 * aw.2;
+            let nb = (ah.0 * (aw.0 / 2 + 1)) as f64;
+            let tiles = (b * ah.2 * aw.2) as f64;
             // Counted as one k^2-deep product per bin: KernelSpectra's separable products
             // do fewer multiply-adds but of depth k and 2k, far from peak; counting those
             // picked larger tiles that decoded the authors' configuration slower (12.9 s
             // against 11.0).
-            let spectra = 2 * k * k * nb * pairs;
-            let products = PRODUCT_WEIGHT * 4 * nb * tiles * pairs;
+            let spectra = 2.0 * k2 * nb * pairs;
+            let products = PRODUCT_WEIGHT * 4.0 * nb * tiles * pairs;
             // A transform of n points: about 5 n log2 n flops, per input and output channel.
-            let log = (ah.0 * aw.0).ilog2() as usize + 1;
-            let transforms = (ci + co) * tiles * nb * 5 * log;
+            let log = ((ah.0 * aw.0) as f64).log2();
+            let transforms = (ci + co) as f64 * tiles * nb * 5.0 * log;
             let cost = spectra + products + transforms;
             if best.is_none_or(|(_, _, c)| cost < c) {
                 best = Some((ah, aw, cost));
@@ -90,9 +91,9 @@ pub fn worth_it(b: usize, ci: usize, co: usize, h: usize, w: usize, k: usize) ->
     if !(5..=MAX_TILE / 2).contains(&k) {
         return false;
     }
-    let direct = b * h * w * k * k * ci * co;
+    let direct = (b * h * w * k * k) as f64 * (ci * co) as f64;
     // The direct path's GEMMs run nearer peak than the FFT path's pieces: ask for a 1.5x saving.
-    3 * tiling(b, ci, co, h, w, k).2 < 2 * direct
+    1.5 * tiling(b, ci, co, h, w, k).2 < direct
 }
 
 use super::conv::SyncPtr;
@@ -120,7 +121,8 @@ const SPECTRA_BLOCK: usize = 512;
 
 /// The spectra of many `k x k` kernels at the bins of an `fh x fw` tile, computed separably:
 /// first along the width (each kernel row's taps to `fw / 2 + 1` complex bins), then along the
-/// height, 4.5x fewer multiply-adds than one `k^2`-deep product for k = 9. Both steps are
+/// height: for k = 9, 3.6x fewer multiply-adds than one `k^2`-deep product at fh = 18, 4x at 32
+/// (`2 k^2 fh` against `2 k^2 + 4 k fh` per width bin). Both steps are
 /// products whose long axis is the kernel pair, so they write whole rows of the planar layout
 /// the per-bin products read. Conjugated (angles `+2 pi f d / n`): PyTorch's convolution is a
 /// cross-correlation.
@@ -143,18 +145,16 @@ impl KernelSpectra {
         let mut width = vec![0f32; 2 * fwc * k];
         for fx in 0..fwc {
             for dx in 0..k {
-                let a = angle(fx, dx, fw);
-                width[(2 * fx) * k + dx] = a.cos() as f32;
-                width[(2 * fx + 1) * k + dx] = a.sin() as f32;
+                let (s, c) = angle(fx, dx, fw).sin_cos();
+                width[(2 * fx) * k + dx] = c as f32;
+                width[(2 * fx + 1) * k + dx] = s as f32;
             }
         }
         let mut height = vec![0f32; 2 * fh * 2 * k];
         for fy in 0..fh {
             for dy in 0..k {
-                let (c, s) = (
-                    angle(fy, dy, fh).cos() as f32,
-                    angle(fy, dy, fh).sin() as f32,
-                );
+                let (s, c) = angle(fy, dy, fh).sin_cos();
+                let (s, c) = (s as f32, c as f32);
                 // re = c A_re - s A_im; im = s A_re + c A_im.
                 height[(2 * fy) * 2 * k + dy] = c;
                 height[(2 * fy) * 2 * k + k + dy] = -s;
@@ -177,12 +177,15 @@ impl KernelSpectra {
         debug_assert_eq!(taps.len(), pairs * k * k);
         debug_assert_eq!(out.len(), 2 * fh * fwc * pairs);
         let dst = SyncPtr(out.as_mut_ptr());
-        let blocks = pairs.div_ceil(SPECTRA_BLOCK);
-        (0..blocks).into_par_iter().for_each_init(
-            || vec![0f32; 2 * fwc * k * SPECTRA_BLOCK],
+        // Smaller blocks where there are fewer than one per thread.
+        let block = SPECTRA_BLOCK
+            .min(pairs.div_ceil(rayon::current_num_threads()))
+            .max(1);
+        (0..pairs.div_ceil(block)).into_par_iter().for_each_init(
+            || vec![0f32; 2 * fwc * k * block],
             |rows, blk| {
-                let p0 = blk * SPECTRA_BLOCK;
-                let n = SPECTRA_BLOCK.min(pairs - p0);
+                let p0 = blk * block;
+                let n = block.min(pairs - p0);
                 // Width: for each kernel row dy, A[(fx, re|im)][dy][p] = width @ taps[p][dy][..]^T,
                 // laid out [(fx, re|im)][dy][p] (row stride k n).
                 for dy in 0..k {
@@ -447,11 +450,14 @@ mod tests {
             (2, 5, 3, 37, 29, 5),
             (1, 4, 2, 6, 70, 7),
             (1, 2, 3, 33, 33, 9),
-            // Enough channel pairs for narrower tiles than 32 (checked below).
+            // Enough channel pairs for narrower tiles than 32 (checked below); the second
+            // with one tile of an odd, prime height.
             (1, 48, 40, 10, 100, 9),
+            (1, 48, 40, 9, 100, 9),
         ];
         let (_, (fw, _, ntw), _) = tiling(1, 48, 40, 10, 100, 9);
         assert!(fw < 32 && ntw > 1, "{fw} wide, {ntw} tiles");
+        assert_eq!(tiling(1, 48, 40, 9, 100, 9).0, (17, 9, 1));
         check_conv_same(&cases, 1e-5, |x, w| {
             let (b, ci, h, wd) = x.dims4().unwrap();
             let (co, _, k, _) = w.dims4().unwrap();
@@ -550,6 +556,9 @@ mod tests {
         assert!(!worth_it(1, 128, 128, 384, 128, 3));
         assert!(!worth_it(1, 1024, 2048, 10, 200, 1));
         assert!(worth_it(1, 128, 128, 384, 128, 9));
+        // Large kernels on small images, or few channels, stay direct.
+        assert!(!worth_it(1, 64, 64, 23, 23, 9));
+        assert!(!worth_it(1, 4, 4, 3, 9, 9));
         assert!(worth_it(1, 1024, 2048, 10, 200, 9));
     }
 }
