@@ -192,26 +192,13 @@ impl KernelSpectra {
                     // SAFETY: dst (2fwc x n) at rows[dy n..], row stride k n; lhs (2fwc x k)
                     // row-major; rhs (k x n) read from taps[(p0 + p) k^2 + dy k + dx].
                     unsafe {
-                        gemm::gemm(
-                            2 * fwc,
-                            n,
-                            k,
+                        dense_lhs_product(
+                            (2 * fwc, n, k),
                             rows.as_mut_ptr().add(dy * n),
-                            1,
-                            (k * n) as isize,
-                            false,
-                            self.width.as_ptr(),
-                            1,
-                            k as isize,
+                            k * n,
+                            &self.width,
                             taps.as_ptr().add(p0 * k * k + dy * k),
-                            (k * k) as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            (k * k, 1),
                         )
                     };
                 }
@@ -221,32 +208,57 @@ impl KernelSpectra {
                     // task alone writes columns p0..p0+n); lhs (2fh x 2k) row-major; rhs
                     // (2k x n) row-major at rows[2 fx k n].
                     unsafe {
-                        gemm::gemm(
-                            2 * fh,
-                            n,
-                            2 * k,
+                        dense_lhs_product(
+                            (2 * fh, n, 2 * k),
                             dst.at(2 * fx * fh * pairs + p0),
-                            1,
-                            pairs as isize,
-                            false,
-                            self.height.as_ptr(),
-                            1,
-                            (2 * k) as isize,
+                            pairs,
+                            &self.height,
                             rows.as_ptr().add(2 * fx * k * n),
-                            1,
-                            n as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            (1, n),
                         )
                     };
                 }
             },
         );
     }
+}
+
+/// `dst (m x n) = lhs (m x k, row-major) @ rhs (k x n)`, one thread; `dst` has contiguous
+/// columns and row stride `dst_rs`, `rhs` the given (column, row) strides.
+///
+/// # Safety
+/// `dst` and `rhs` must be valid for those shapes and strides, and `dst` not read or written
+/// elsewhere meanwhile.
+unsafe fn dense_lhs_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: &[f32],
+    rhs: *const f32,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    debug_assert_eq!(lhs.len(), m * k);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.as_ptr(),
+        1,
+        k as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// `x (b, ci, h, w)` row-major, `wts (co, ci, k, k)`: returns `(b, co, h, w)`.
