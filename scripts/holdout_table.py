@@ -10,7 +10,8 @@ Next to them: the base model, the own LoRA and the best constant answer
 tasks (skill-smollm2-48/shipped-f16/), the first 48-task generator and the shipped one that
 trained on all of them (skill-smollm2-48-modulated/ and skill-smollm2-48-w8-tasks-per-step/, with
 their examples16/), and the earlier runs' holdout generators (holdout-fresh8-smollm2/, then
-holdout-fresh8-w8k4-smollm2/), those older than the run shown. Recovered share = (DnD - base) / (own -
+holdout-fresh8-w8k4-smollm2/): for one of those two, the ones before it; for any other
+RES_DIR, both. Recovered share = (DnD - base) / (own -
 base), mean over the learnable tasks (own LoRA at least 20 points over the base model and the
 constant answer), with scripts/skill_summary.py's 95% bootstrap interval.
 """
@@ -99,7 +100,8 @@ def main():
     res, train_res, held = sys.argv[1], sys.argv[2], sys.argv[3:]
     learn = learnability()
     print("Held-out tasks (system prompt / 16 prompts):\n")
-    # Only runs older than this one: the ones listed after it in EARLIER.
+    # A run in EARLIER is shown beside the ones listed before it; any other run (runs/...)
+    # beside all of them.
     names = list(EARLIER)
     mine = [i for i, n in enumerate(names) if os.path.samefile(res, EARLIER[n])]
     earlier = {n: EARLIER[n] for n in names[:mine[0]]} if mine else dict(EARLIER)
