@@ -25,9 +25,10 @@ pub struct Args {
     /// their data are the same as in a full run.
     #[arg(long)]
     count: Option<usize>,
-    /// Which tasks: `skills` (four families of distinct tasks) or `params` (templates
+    /// Which tasks: `skills` (four families of distinct tasks), `params` (templates
     /// instantiated with many parameter values their instructions state: add_K, times_K,
-    /// word_K, wrap_NAME, label_A_B).
+    /// word_K, wrap_NAME, label_A_B) or `compose` (one field of a purchase record in one answer
+    /// form, every pairing: city_upper, item_quote, ...).
     #[arg(long, value_enum, default_value = "skills")]
     suite: SuiteArg,
     /// Train each skill task under eight system-prompt wordings instead of two (its two and
@@ -42,6 +43,7 @@ pub struct Args {
 enum SuiteArg {
     Skills,
     Params,
+    Compose,
 }
 
 /// Writes the task files and says how many.
@@ -49,6 +51,7 @@ pub fn run(args: Args) -> Result<()> {
     let suite = match args.suite {
         SuiteArg::Skills => Suite::Skills,
         SuiteArg::Params => Suite::Params,
+        SuiteArg::Compose => Suite::Compose,
     };
     let entries = write_tasks(
         &args.out,

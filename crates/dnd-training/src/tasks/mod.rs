@@ -21,8 +21,10 @@ use serde::Serialize;
 use super::data::Example;
 use dnd_core::error::{DndError, Result};
 
+mod compose;
 mod params;
 mod wordings;
+pub use compose::{compose_tasks, HELD_OUT as COMPOSE_HELD_OUT};
 pub use params::param_tasks;
 
 /// A set of tasks `dnd tasks` writes.
@@ -33,6 +35,8 @@ pub enum Suite {
     Skills,
     /// Templates instantiated with many parameter values ([`param_tasks`]).
     Params,
+    /// One field of a record in one answer form, every pairing ([`compose_tasks`]).
+    Compose,
 }
 
 impl Suite {
@@ -41,6 +45,7 @@ impl Suite {
         match self {
             Self::Skills => all_tasks(),
             Self::Params => param_tasks(),
+            Self::Compose => compose_tasks(),
         }
     }
 }
@@ -1140,6 +1145,103 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn compositional_tasks_answer_their_field_in_their_form() {
+        let specs = compose_tasks();
+        assert_eq!(specs.len(), 7 * 5 - 2);
+        check_suite(&specs);
+        // Undo each form, then check the value against the prompt and the field's word list.
+        let unshape = |form: &str, r: &str| -> String {
+            match form {
+                "plain" | "upper" => r.to_string(),
+                "paren" => r
+                    .strip_prefix('(')
+                    .unwrap()
+                    .strip_suffix(')')
+                    .unwrap()
+                    .into(),
+                "quote" => r
+                    .strip_prefix('"')
+                    .unwrap()
+                    .strip_suffix('"')
+                    .unwrap()
+                    .into(),
+                "prefix" => r.strip_prefix("Answer: ").unwrap().into(),
+                _ => panic!("unknown form {form}"),
+            }
+        };
+        let mut rng = StdRng::seed_from_u64(9);
+        for spec in &specs {
+            let (field, form) = spec.name.split_once('_').unwrap();
+            assert_eq!(spec.family, form);
+            for _ in 0..20 {
+                let (p, r) = spec.example(&mut rng);
+                let v = unshape(form, &r);
+                if form == "upper" {
+                    assert_eq!(v, v.to_uppercase(), "{}: {r}", spec.name);
+                }
+                let words: Vec<String> = p
+                    .split(|c: char| c.is_whitespace() || c == ',' || c == '.')
+                    .map(|w| w.to_uppercase())
+                    .collect();
+                let plural = format!("{}S", v.to_uppercase());
+                assert!(
+                    words.contains(&v.to_uppercase())
+                        || (field == "item" && words.contains(&plural)),
+                    "{}: {v} not in {p}",
+                    spec.name
+                );
+                let known = |list: &[&str]| list.iter().any(|w| w.eq_ignore_ascii_case(&v));
+                match field {
+                    "name" => assert!(known(NAMES)),
+                    "city" => assert!(known(CITIES)),
+                    "day" => assert!(known(WEEKDAYS)),
+                    "color" => assert!(known(COLORS)),
+                    "item" => assert!(known(NOUNS)),
+                    "count" => assert!((2..=9).contains(&v.parse::<u32>().unwrap())),
+                    "price" => assert!(v.strip_prefix('$').unwrap().parse::<u32>().is_ok()),
+                    _ => panic!("unknown field {field}"),
+                }
+            }
+        }
+        // Every field with every form except upper case of the two numbers.
+        assert!(!specs.iter().any(|s| s.name == "price_upper"));
+        assert!(specs.iter().any(|s| s.name == "item_quote"));
+    }
+
+    #[test]
+    fn compositional_holdout_leaves_every_part_trained_elsewhere() {
+        let specs = compose_tasks();
+        let held: HashSet<&str> = COMPOSE_HELD_OUT.iter().copied().collect();
+        assert_eq!(held.len(), 7);
+        let split = |n: &str| {
+            n.split_once('_')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        };
+        let trained: Vec<(String, String)> = specs
+            .iter()
+            .filter(|s| !held.contains(s.name.as_str()))
+            .map(|s| split(&s.name).unwrap())
+            .collect();
+        let mut fields = HashSet::new();
+        for name in COMPOSE_HELD_OUT {
+            assert!(specs.iter().any(|s| s.name == name), "{name} is a task");
+            let (field, form) = split(name).unwrap();
+            assert_ne!(form, "plain");
+            assert!(fields.insert(field.clone()), "one per field");
+            // Its field with another form, and its form with another field, are trained.
+            assert!(
+                trained.iter().filter(|(f, _)| *f == field).count() >= 2,
+                "{name}"
+            );
+            assert!(
+                trained.iter().filter(|(_, g)| *g == form).count() >= 3,
+                "{name}"
+            );
+        }
+        assert_eq!(fields.len(), 7);
     }
 
     /// Distinct, verifiable, seeded examples; the test split only under the unseen paraphrase;
