@@ -8,7 +8,9 @@
 #
 # Environment: STEPS (60), BATCH (4), LR (1e-3), LIMIT (test examples, 200), TASKS
 # (space-separated names; default all), TASK_COUNT (the first N tasks of `dnd tasks` when the
-# data folder is first written; default all 48: the shipped skills generator used 24), OUT (runs/learnability/MODEL), DND (the dnd binary).
+# data folder is first written; default all 48: the shipped skills generator used 24), SUITE
+# (`dnd tasks --suite`: skills, params or compose; default skills), OUT (runs/learnability/MODEL),
+# DND (the dnd binary).
 # Writes OUT/summary.md: task, family, base and LoRA accuracy with intervals, the base model's
 # lenient accuracy (the answer anywhere in its reply), the constant answer, the gain.
 set -euo pipefail
@@ -27,7 +29,8 @@ if [ -z "${DND:-}" ]; then
   (cd "$root" && cargo build --manifest-path crates/Cargo.toml --bin dnd --quiet)
 fi
 mkdir -p "$out/data" "$out/ckpt" "$out/results"
-[ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0 ${TASK_COUNT:+--count "$TASK_COUNT"}
+[ -f "$out/data/tasks.json" ] || "$dnd" tasks --out "$out/data" --seed 0 --suite "${SUITE:-skills}" \
+  ${TASK_COUNT:+--count "$TASK_COUNT"}
 tasks="${TASKS:-$(python3 -c 'import json,sys; print(" ".join(t["name"] for t in json.load(open(sys.argv[1]))))' "$out/data/tasks.json")}"
 for t in $tasks; do
   last=$(printf "%s/ckpt/%s/step-%05d" "$out" "$t" "$STEPS")
