@@ -54,7 +54,10 @@ if [ "$wordings" -ne "$([ ${#more[@]} -gt 0 ] && echo 8 || echo 2)" ]; then
   echo "$data has $wordings system wordings per task, against MORE_WORDINGS=${MORE_WORDINGS:-}" >&2
   exit 1
 fi
-names=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$data/tasks.json")
+task_names() { # the names in a tasks.json, space-separated
+  python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$1"
+}
+names=$(task_names "$data/tasks.json")
 added=$(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))[24:]))" "$data/tasks.json")
 targs=()
 for t in $names; do
@@ -64,7 +67,7 @@ done
 if [ -n "${WITH_PARAMS:-}" ]; then
   pdata="$out/data-params"
   [ -f "$pdata/tasks.json" ] || "$dnd" tasks --suite params --out "$pdata" --seed 0
-  for t in $(python3 -c "import json,sys; print(' '.join(t['name'] for t in json.load(open(sys.argv[1]))))" "$pdata/tasks.json"); do
+  for t in $(task_names "$pdata/tasks.json"); do
     [ "$t" = add_10 ] && continue # plus_ten under another name
     targs+=(--task "$t=$pdata/${t}_train.json")
   done
